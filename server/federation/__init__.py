@@ -1,0 +1,3 @@
+"""② aggregate: the Flower ``ServerApp`` and LoRA-aware strategies."""
+
+__all__: list[str] = []

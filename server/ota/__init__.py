@@ -1,0 +1,3 @@
+"""④ publish: the OTA update service (FastAPI + SQLAlchemy + TUF repository). No torch."""
+
+__all__: list[str] = []
