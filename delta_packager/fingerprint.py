@@ -1,0 +1,131 @@
+"""Base-model fingerprint: which exact quantized base a bundle applies to.
+
+``fingerprint_checkpoint`` is a SHA-256 over, in this order and framing:
+
+1. every tensor of the pre-quantized checkpoint, sorted by name, as
+   ``name, dtype, shape, raw bytes`` (read from the safetensors files without torch);
+2. the ``quantization_config`` of ``config.json`` in canonical JSON;
+3. every tokenizer file present, sorted by file name, as ``name, bytes``.
+
+Each field is length-prefixed, so no two different inputs frame to the same stream.
+The result is independent of the process, the shard layout and file timestamps, and
+changes when any tensor byte, the quantization config or the tokenizer changes
+(THREATS C12, C13). Only the stdlib is used: the packager stays torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from delta_packager.errors import PackagerInputError
+
+__all__ = ["FINGERPRINT_PREFIX", "TOKENIZER_FILES", "fingerprint_checkpoint"]
+
+FINGERPRINT_PREFIX = "sha256:"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_CHUNK = 1 << 20
+
+
+def _frame(h: Any, data: bytes) -> None:
+    h.update(struct.pack("<Q", len(data)))
+    h.update(data)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise PackagerInputError(f"{path} is not a safetensors file: shorter than 8 bytes")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER_BYTES:
+            raise PackagerInputError(f"{path}: safetensors header of {n} bytes is implausible")
+        try:
+            header: dict[str, Any] = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PackagerInputError(f"{path}: safetensors header is not JSON: {e}") from e
+    return header, 8 + n
+
+
+def _tensor_index(model_dir: Path) -> list[tuple[str, Path, dict[str, Any], int]]:
+    entries = []
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        header, data_start = _read_header(shard)
+        for name, info in header.items():
+            if name != "__metadata__":
+                entries.append((name, shard, info, data_start))
+    entries.sort(key=lambda e: e[0])
+    names = [e[0] for e in entries]
+    if len(set(names)) != len(names):
+        raise PackagerInputError(f"{model_dir}: a tensor name appears in two shards")
+    return entries
+
+
+def _hash_tensor(h: Any, name: str, shard: Path, info: dict[str, Any], data_start: int) -> None:
+    begin, end = info["data_offsets"]
+    _frame(h, name.encode())
+    _frame(h, str(info["dtype"]).encode())
+    _frame(h, json.dumps(list(info["shape"])).encode())
+    h.update(struct.pack("<Q", end - begin))
+    with open(shard, "rb") as f:
+        f.seek(data_start + begin)
+        remaining = end - begin
+        while remaining:
+            chunk = f.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise PackagerInputError(f"{shard}: tensor {name} runs past the end of the file")
+            h.update(chunk)
+            remaining -= len(chunk)
+
+
+def fingerprint_checkpoint(quantized_dir: Path | str) -> str:
+    """Fingerprint a pre-quantized base checkpoint directory.
+
+    Args:
+        quantized_dir: a directory written by ``client.runtime.save_quantized`` (or any
+            Hugging Face checkpoint whose ``config.json`` has a ``quantization_config``).
+
+    Returns:
+        ``"sha256:"`` followed by 64 lowercase hex digits.
+
+    Raises:
+        PackagerInputError: the directory is missing, has no safetensors weights, is not
+            quantized, or a file is malformed.
+    """
+    model_dir = Path(quantized_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise PackagerInputError(
+            f"{model_dir} is not a model checkpoint: {config_path.name} is missing"
+        )
+    quant = json.loads(config_path.read_text()).get("quantization_config")
+    if not quant:
+        raise PackagerInputError(
+            f"{model_dir} is not pre-quantized (no quantization_config in config.json); "
+            "fingerprint the NF4 copy, e.g. DIR/nf4 from `fedota base-model init`"
+        )
+    entries = _tensor_index(model_dir)
+    if not entries:
+        raise PackagerInputError(f"{model_dir} has no tensors in *.safetensors files")
+    h = hashlib.sha256(b"fedota-base-fingerprint-v1\0")
+    for name, shard, info, data_start in entries:
+        _hash_tensor(h, name, shard, info, data_start)
+    _frame(h, json.dumps(quant, sort_keys=True, separators=(",", ":")).encode())
+    for fname in sorted(TOKENIZER_FILES):
+        path = model_dir / fname
+        if path.is_file():
+            _frame(h, fname.encode())
+            _frame(h, path.read_bytes())
+    return FINGERPRINT_PREFIX + h.hexdigest()

@@ -1,0 +1,273 @@
+"""Deterministic synthetic text of phone users, for federated runs without real data.
+
+What makes it a useful benchmark:
+
+* **Public split** (pretraining the base): encyclopedic/news-like sentences that use the
+  same everyday words (names, activities, foods, times) but never the chat templates.
+* **Population-wide pattern** absent from the public split: every user writes chat
+  messages from a shared set of templates, and each activity is tied to one venue
+  ("coffee" → "the blue door"). Federated training can learn this; the base cannot.
+* **Non-IID clients**: message counts follow a power law (quantity skew), activity
+  preferences are drawn from a Dirichlet (topic skew), and each user has personal
+  vocabulary: friends' names, a sign-off, casing and abbreviation habits.
+* **Canaries**: an optional secret phrase planted ``repeats`` times in chosen clients'
+  training text, for memorisation audits (THREATS G36).
+
+Client ``i`` depends only on ``(seed, i)``, not on how many clients are generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from simulation.data.partition import Canary, ClientData, FederatedData
+from simulation.errors import SimulationInputError
+
+__all__ = ["SyntheticConfig", "generate_public_texts", "generate_synthetic"]
+
+NAMES = (
+    "ana",
+    "ben",
+    "chloe",
+    "dev",
+    "emma",
+    "finn",
+    "gita",
+    "hugo",
+    "ivy",
+    "jon",
+    "kai",
+    "lena",
+    "milo",
+    "nora",
+    "omar",
+    "pia",
+    "quinn",
+    "rosa",
+    "sam",
+    "tara",
+    "uma",
+    "vic",
+    "wren",
+    "xena",
+    "yuki",
+    "zoe",
+    "leo",
+    "maya",
+    "noah",
+    "ella",
+)
+ACTIVITY_VENUE = {
+    "coffee": "the blue door",
+    "lunch": "noodle corner",
+    "a run": "river park",
+    "the gym": "iron works",
+    "a movie": "the old cinema",
+    "drinks": "the fox bar",
+    "brunch": "sunny side",
+    "study group": "the north library",
+    "yoga": "lotus studio",
+    "football": "king field",
+    "dinner": "olive house",
+    "the market": "dock street",
+}
+ACTIVITIES = tuple(ACTIVITY_VENUE)
+TIMES = (
+    "at 7",
+    "at 8",
+    "at noon",
+    "at 5",
+    "at 6",
+    "tonight",
+    "tomorrow",
+    "this weekend",
+    "on friday",
+    "on monday",
+    "after work",
+    "in the morning",
+)
+ITEMS = (
+    "milk",
+    "bread",
+    "the keys",
+    "my charger",
+    "some snacks",
+    "tickets",
+    "the umbrella",
+    "a cake",
+    "batteries",
+    "flowers",
+)
+SIGNOFFS = ("cheers", "xo", "later", "see ya", "thanks!", "love you", "ok bye", "talk soon")
+ABBREV = {"you": "u", "tomorrow": "tmrw", "are": "r", "please": "pls", "minutes": "mins"}
+
+CHAT_TEMPLATES = (
+    "hey {friend}, are we still on for {activity} at {venue} {time}?",
+    "running late for {activity}, be there in {n} minutes",
+    "can you pick up {item} on the way to {venue}?",
+    "see you at {venue} {time}",
+    "{friend} wants {activity} {time}, {venue} as usual?",
+    "just got to {venue}, where are you?",
+    "thanks for {activity} {friend}, {venue} was great",
+    "please bring {item} to {venue} {time}",
+)
+PUBLIC_TEMPLATES = (
+    "the city council approved a plan for {activity} programs {time}.",
+    "{name} wrote a report about {item} and the local economy.",
+    "a new study says {activity} is popular with young people.",
+    "in the north, {name} opened a shop that sells {item}.",
+    "the weather was cold {time}, and many people stayed at home.",
+    "{name} and {name2} met the mayor to talk about schools.",
+    "prices for {item} rose again this year, the report said.",
+    "visitors can enjoy {activity} in many parts of the country.",
+    "the museum will show old maps {time}, a spokesperson said.",
+)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the generator; every field has a sensible default."""
+
+    num_clients: int = 6
+    num_heldout_clients: int = 2
+    seed: int = 0
+    min_texts: int = 12
+    max_texts: int = 200
+    power_law_alpha: float = 1.6
+    scale_texts: float = 20.0
+    topic_concentration: float = 0.3
+    heldout_fraction: float = 0.2
+    num_public_texts: int = 3000
+    canary_clients: tuple[int, ...] = ()
+    canary_repeats: int = 20
+
+    def validate(self) -> None:
+        if self.num_clients < 1:
+            raise SimulationInputError(f"num_clients must be ≥ 1, got {self.num_clients}")
+        if self.num_heldout_clients < 0:
+            raise SimulationInputError("num_heldout_clients must be ≥ 0")
+        if not 2 <= self.min_texts <= self.max_texts:
+            raise SimulationInputError(
+                f"need 2 ≤ min_texts ≤ max_texts, got {self.min_texts}, {self.max_texts}"
+            )
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise SimulationInputError("heldout_fraction must be in (0, 1)")
+        bad = [i for i in self.canary_clients if not 0 <= i < self.num_clients]
+        if bad:
+            raise SimulationInputError(f"canary_clients {bad} are not training client indices")
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...], p: np.ndarray | None = None) -> str:
+    return str(options[int(rng.choice(len(options), p=p))])
+
+
+def _user_text(rng: np.random.Generator, persona: dict[str, object]) -> str:
+    prefs = persona["prefs"]
+    assert isinstance(prefs, np.ndarray)
+    activity = _pick(rng, ACTIVITIES, prefs)
+    friends = persona["friends"]
+    assert isinstance(friends, tuple)
+    text = _pick(rng, CHAT_TEMPLATES).format(
+        friend=_pick(rng, friends),
+        activity=activity,
+        venue=ACTIVITY_VENUE[activity],
+        time=_pick(rng, TIMES),
+        item=_pick(rng, ITEMS),
+        n=int(rng.integers(2, 30)),
+    )
+    if persona["abbreviates"]:
+        text = " ".join(ABBREV.get(w, w) for w in text.split(" "))
+    if rng.random() < 0.5:
+        text = f"{text} {persona['signoff']}"
+    if persona["capitalizes"]:
+        text = text[:1].upper() + text[1:]
+    return text
+
+
+def _persona(rng: np.random.Generator, cfg: SyntheticConfig) -> dict[str, object]:
+    n_friends = int(rng.integers(2, 6))
+    return {
+        "friends": tuple(str(x) for x in rng.choice(NAMES, size=n_friends, replace=False)),
+        "prefs": rng.dirichlet(np.full(len(ACTIVITIES), cfg.topic_concentration)),
+        "signoff": _pick(rng, SIGNOFFS),
+        "abbreviates": bool(rng.random() < 0.3),
+        "capitalizes": bool(rng.random() < 0.4),
+    }
+
+
+def _num_texts(rng: np.random.Generator, cfg: SyntheticConfig) -> int:
+    # Pareto (power-law) quantity skew: most users write little, a few write a lot.
+    n = cfg.min_texts + int(rng.pareto(cfg.power_law_alpha) * cfg.scale_texts)
+    return min(n, cfg.max_texts)
+
+
+def _canary_text(seed: int, index: int) -> str:
+    rng = np.random.default_rng([seed, 7919, index])
+    digits = " ".join(str(int(d)) for d in rng.integers(0, 10, size=6))
+    return f"my secret code is {digits}"
+
+
+def _make_client(cfg: SyntheticConfig, index: int, *, heldout_client: bool) -> ClientData:
+    stream = 1 if heldout_client else 0
+    rng = np.random.default_rng([cfg.seed, stream, index])
+    persona = _persona(rng, cfg)
+    texts = [_user_text(rng, persona) for _ in range(_num_texts(rng, cfg))]
+    n_held = max(1, round(len(texts) * cfg.heldout_fraction))
+    prefix = "heldout" if heldout_client else "client"
+    return ClientData(f"{prefix}-{index:05d}", tuple(texts[:-n_held]), tuple(texts[-n_held:]))
+
+
+def generate_public_texts(num_texts: int, seed: int) -> tuple[str, ...]:
+    """Public pretraining sentences: everyday vocabulary, never the chat patterns."""
+    rng = np.random.default_rng([seed, 2])
+    out = []
+    for _ in range(num_texts):
+        out.append(
+            _pick(rng, PUBLIC_TEMPLATES).format(
+                name=_pick(rng, NAMES),
+                name2=_pick(rng, NAMES),
+                activity=_pick(rng, ACTIVITIES),
+                item=_pick(rng, ITEMS),
+                time=_pick(rng, TIMES),
+            )
+        )
+    return tuple(out)
+
+
+def generate_synthetic(config: SyntheticConfig | None = None, **overrides: Any) -> FederatedData:
+    """Generate the federated data set described in the module docstring.
+
+    Args:
+        config: the generator settings; defaults to ``SyntheticConfig()``.
+        **overrides: fields of :class:`SyntheticConfig` to replace, e.g.
+            ``generate_synthetic(num_clients=100, seed=1)``.
+
+    Raises:
+        SimulationInputError: a config value is out of range or unknown.
+    """
+    try:
+        cfg = replace(config or SyntheticConfig(), **overrides)
+    except TypeError as e:
+        raise SimulationInputError(f"unknown synthetic data option: {e}") from e
+    cfg.validate()
+    clients = [_make_client(cfg, i, heldout_client=False) for i in range(cfg.num_clients)]
+    canaries = []
+    for i in cfg.canary_clients:
+        c = clients[i]
+        canary = Canary(c.client_id, _canary_text(cfg.seed, i), cfg.canary_repeats)
+        planted = c.train + (canary.text,) * cfg.canary_repeats
+        order = np.random.default_rng([cfg.seed, 3, i]).permutation(len(planted))
+        clients[i] = ClientData(c.client_id, tuple(planted[j] for j in order), c.heldout)
+        canaries.append(canary)
+    heldout = [_make_client(cfg, i, heldout_client=True) for i in range(cfg.num_heldout_clients)]
+    return FederatedData(
+        clients=tuple(clients),
+        heldout_clients=tuple(heldout),
+        public_texts=generate_public_texts(cfg.num_public_texts, cfg.seed),
+        canaries=tuple(canaries),
+        source="synthetic",
+        meta={"seed": cfg.seed, "num_clients": cfg.num_clients},
+    )

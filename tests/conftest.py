@@ -1,0 +1,61 @@
+"""Shared fixtures: generated base models, built once per test session.
+
+* ``micro_base`` — a ~100k-parameter base (seconds to build) for tests that need a real
+  tokenizer + model directory but not its quality.
+* ``tiny_base`` — the real ``tiny`` preset made by the CLI exactly as a user would
+  (``fedota base-model init``), cached under ``.cache/test-bases`` (or
+  ``$FEDOTA_TEST_CACHE``) so repeated local runs reuse it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO_STEPS = 30
+
+
+def fedota_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``fedota`` CLI in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedota.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="session")
+def micro_preset():  # type: ignore[no-untyped-def]
+    from simulation.base_model import BasePreset
+
+    return BasePreset("micro", 512, 64, 2, 4, 2, 128, 32, MICRO_STEPS, 8, 3e-3)
+
+
+@pytest.fixture(scope="session")
+def micro_base(tmp_path_factory: pytest.TempPathFactory, micro_preset) -> Path:  # type: ignore[no-untyped-def]
+    from simulation.base_model import init_base_model
+    from simulation.data import generate_public_texts
+
+    out = tmp_path_factory.mktemp("bases") / "micro"
+    init_base_model(out, public_texts=generate_public_texts(600, 0), preset=micro_preset, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    cache = Path(os.environ.get("FEDOTA_TEST_CACHE", REPO / ".cache" / "test-bases"))
+    out = cache / "base-tiny-seed0"
+    if not (out / "fedota_base.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        result = fedota_cli(
+            "base-model", "init", "--out", str(out), "--preset", "tiny", timeout=1800
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    return out

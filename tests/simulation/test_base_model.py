@@ -1,0 +1,89 @@
+"""Base-model bootstrap and its CLI (issue 2 acceptance)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from client.runtime import load_quantized
+from simulation.base_model import init_base_model, load_base_info
+from simulation.data import generate_public_texts
+from simulation.errors import SimulationInputError
+from tests.conftest import fedota_cli
+
+
+def test_same_seed_same_weights(micro_base: Path, micro_preset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    again = init_base_model(
+        tmp_path / "again", public_texts=generate_public_texts(600, 0), preset=micro_preset, seed=0
+    )
+    assert again.fingerprint == load_base_info(micro_base).fingerprint
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        micro_base / "model.safetensors"
+    ).read_bytes()
+
+
+def test_refuses_non_empty_output(micro_preset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(SimulationInputError, match="not empty"):
+        init_base_model(tmp_path, public_texts=["a b c"] * 10, preset=micro_preset)
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_tiny_preset_loads_everywhere_and_learns(tiny_base: Path) -> None:
+    info = load_base_info(tiny_base)
+    assert info.preset == "tiny" and 1_000_000 <= info.num_parameters <= 10_000_000
+    assert info.final_loss < 2.0  # far below ln(vocab) ≈ 6.5: pretraining worked
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    nf4 = load_quantized(tiny_base / "nf4")
+    ids = tok(["the city council approved a plan"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        full = model(ids, labels=ids).loss.item()
+        quant = nf4(ids, labels=ids).loss.item()
+    assert abs(full - quant) < 0.5  # NF4 stays close to the float model
+
+
+def test_fingerprint_cli_is_stable_across_processes(tiny_base: Path) -> None:
+    runs = [fedota_cli("base-model", "fingerprint", str(tiny_base), "--json") for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    prints = {json.loads(r.stdout)["fingerprint"] for r in runs}
+    assert prints == {load_base_info(tiny_base).fingerprint}
+
+
+def test_sample_cli_prints_continuations(tiny_base: Path) -> None:
+    result = fedota_cli(
+        "base-model",
+        "sample",
+        "--model",
+        str(tiny_base),
+        "--prompt",
+        "the city council",
+        "--max-new-tokens",
+        "8",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("'the city council' → '")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["base-model", "init", "--out", "{tmp}/m", "--preset", "huge"], "unknown preset 'huge'"),
+        (["base-model", "init", "--out", "{tmp}/m", "--data", "{tmp}/bad.jsonl"], "line 2:"),
+        (["base-model", "sample", "--model", "{tmp}/missing"], "missing does not exist"),
+        (["base-model", "fingerprint", "{tmp}/missing"], "config.json is missing"),
+    ],
+    ids=["unknown-preset", "malformed-jsonl", "missing-model-dir", "missing-fingerprint-dir"],
+)
+def test_cli_errors_are_one_clear_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+    result = fedota_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,135 @@
+"""Federated data: the synthetic generator and the JSONL loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulation.data import (
+    DataFormatError,
+    JsonlOptions,
+    generate_synthetic,
+    load_jsonl,
+    read_partition,
+    tokenize_stats,
+    write_partitions,
+)
+from simulation.data.synthetic import ACTIVITY_VENUE
+from simulation.errors import SimulationInputError
+
+
+def test_synthetic_is_deterministic_and_client_independent_of_population() -> None:
+    a = generate_synthetic(num_clients=5, seed=3)
+    b = generate_synthetic(num_clients=5, seed=3)
+    assert a == b
+    bigger = generate_synthetic(num_clients=50, seed=3)
+    assert bigger.clients[:5] == a.clients
+    assert generate_synthetic(num_clients=5, seed=4).clients != a.clients
+
+
+def test_synthetic_is_non_iid() -> None:
+    data = generate_synthetic(num_clients=200, seed=0)
+    sizes = np.array([c.num_texts for c in data.clients])
+    assert sizes.max() >= 4 * np.median(sizes)  # quantity skew (power law)
+    venue_share = []
+    for c in data.clients[:50]:
+        counts = [sum(v in t for t in c.train) for v in ACTIVITY_VENUE.values()]
+        venue_share.append(max(counts) / max(1, sum(counts)))
+    assert np.median(venue_share) > 2 / len(ACTIVITY_VENUE)  # topic skew
+
+
+def test_population_pattern_is_absent_from_public_split() -> None:
+    data = generate_synthetic(num_clients=20, seed=0)
+    public = " ".join(data.public_texts)
+    for venue in ACTIVITY_VENUE.values():
+        assert venue not in public
+        assert any(venue in t for c in data.clients for t in c.train)
+
+
+def test_splits_and_heldout_clients() -> None:
+    data = generate_synthetic(num_clients=8, num_heldout_clients=3, seed=0)
+    assert len(data.clients) == 8 and len(data.heldout_clients) == 3
+    ids = [c.client_id for c in (*data.clients, *data.heldout_clients)]
+    assert len(set(ids)) == len(ids)
+    for c in data.clients:
+        assert c.train and c.heldout
+        assert len(c.heldout) == max(1, round(c.num_texts * 0.2))
+
+
+def test_canaries_are_planted_only_where_asked() -> None:
+    data = generate_synthetic(num_clients=4, seed=0, canary_clients=(2,), canary_repeats=7)
+    (canary,) = data.canaries
+    assert canary.client_id == data.clients[2].client_id
+    assert data.clients[2].train.count(canary.text) == 7
+    others = [t for i, c in enumerate(data.clients) if i != 2 for t in (*c.train, *c.heldout)]
+    assert canary.text not in others
+
+
+def test_bad_synthetic_options_are_named() -> None:
+    with pytest.raises(SimulationInputError, match="num_clients"):
+        generate_synthetic(num_clients=0)
+    with pytest.raises(SimulationInputError, match="unknown synthetic data option"):
+        generate_synthetic(num_users=3)
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_loads_clients_and_holds_some_out(tmp_path: Path) -> None:
+    lines = [json.dumps({"client_id": f"u{i % 10}", "text": f"message {i}"}) for i in range(100)]
+    data = load_jsonl(
+        _write(tmp_path / "d.jsonl", lines), JsonlOptions(heldout_clients_fraction=0.2)
+    )
+    assert len(data.clients) == 8 and len(data.heldout_clients) == 2
+    assert all(len(c.train) == 8 and len(c.heldout) == 2 for c in data.clients)
+
+
+def test_jsonl_malformed_lines_are_reported_by_number(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"client_id": "a", "text": "ok"}),
+        "{not json",
+        json.dumps({"client_id": "a"}),
+        json.dumps(["a", "b"]),
+        json.dumps({"text": "no id"}),
+    ]
+    with pytest.raises(DataFormatError) as err:
+        load_jsonl(_write(tmp_path / "bad.jsonl", lines))
+    message = str(err.value)
+    for n in (2, 3, 4, 5):
+        assert f"line {n}:" in message
+    assert "line 1:" not in message
+
+
+@pytest.mark.parametrize(("mode", "expected_clients"), [("drop", 2), ("merge", 3)])
+def test_jsonl_small_clients_dropped_or_merged(
+    tmp_path: Path, mode: str, expected_clients: int
+) -> None:
+    lines = [json.dumps({"client_id": "big1", "text": f"t{i}"}) for i in range(10)]
+    lines += [json.dumps({"client_id": "big2", "text": f"s{i}"}) for i in range(10)]
+    lines += [json.dumps({"client_id": f"tiny{i}", "text": f"x{i}"}) for i in range(5)]
+    data = load_jsonl(
+        _write(tmp_path / "d.jsonl", lines),
+        JsonlOptions(min_texts=4, small_clients=mode, heldout_clients_fraction=0),
+    )
+    assert len(data.clients) == expected_clients
+    total = sum(c.num_texts for c in data.clients)
+    assert total == (20 if mode == "drop" else 25)
+
+
+def test_partitions_round_trip_and_tokenize(tmp_path: Path, micro_base: Path) -> None:
+    from transformers import AutoTokenizer
+
+    data = generate_synthetic(num_clients=3, num_heldout_clients=1, seed=0)
+    write_partitions(data, tmp_path)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [p["role"] for p in index["partitions"]] == ["train"] * 3 + ["heldout"]
+    record = read_partition(tmp_path, 3)
+    assert record["client_id"] == data.heldout_clients[0].client_id
+    assert tuple(record["train"]) == data.heldout_clients[0].train
+    stats = tokenize_stats(data, AutoTokenizer.from_pretrained(micro_base))
+    assert all(n > 0 for n in stats.train_tokens.values())
