@@ -4,6 +4,7 @@
 saves/loads pre-quantized checkpoints, so a phone never materialises fp16 weights.
 """
 
+from client.runtime.budget import BudgetTooSmallError, MemoryPlan, plan_memory
 from client.runtime.quantized import (
     QuantizedModelError,
     is_prequantized,
@@ -12,12 +13,29 @@ from client.runtime.quantized import (
     quantize_checkpoint,
     save_quantized,
 )
+from client.runtime.runtime import (
+    POLICIES,
+    AdapterSpec,
+    EvalStats,
+    Generation,
+    QuantizedRuntime,
+    RequestTooLargeError,
+)
 
 __all__ = [
+    "POLICIES",
+    "AdapterSpec",
+    "BudgetTooSmallError",
+    "EvalStats",
+    "Generation",
+    "MemoryPlan",
     "QuantizedModelError",
+    "QuantizedRuntime",
+    "RequestTooLargeError",
     "is_prequantized",
     "load_quantized",
     "nf4_config",
+    "plan_memory",
     "quantize_checkpoint",
     "save_quantized",
 ]

@@ -1,0 +1,146 @@
+"""The memory-budgeted runtime: THREATS H39–H41, hot-swap and streaming."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.runtime import AdapterSpec, BudgetTooSmallError, QuantizedRuntime
+from client.runtime.budget import footprint_from_checkpoint, plan_memory
+from client.runtime.runtime import RequestTooLargeError
+
+MIB = 1 << 20
+WORDS = ["hey", "ana", "coffee", "at", "the", "blue", "door", "city", "council", "plan"]
+
+
+def _budget_for(nf4: Path, kv_tokens: int) -> int:
+    """The smallest budget whose plan gives at least ``kv_tokens`` of cache."""
+    fp = footprint_from_checkpoint(nf4)
+    budget = 16 * MIB
+    while True:
+        try:
+            if plan_memory(fp, budget, adapter_bytes=10 * MIB).kv_capacity_tokens >= kv_tokens:
+                return budget
+        except BudgetTooSmallError:
+            pass
+        budget += MIB // 4
+
+
+@pytest.fixture(scope="module")
+def nf4(micro_base: Path) -> Path:
+    return micro_base / "nf4"
+
+
+@pytest.fixture(scope="module")
+def small_runtime(nf4: Path) -> QuantizedRuntime:
+    return QuantizedRuntime(
+        nf4,
+        budget_bytes=_budget_for(nf4, 48),
+        policy="sliding-window",
+        adapter_reserve_bytes=10 * MIB,
+    )
+
+
+def test_budget_below_weights_is_refused_up_front(nf4: Path) -> None:
+    with pytest.raises(BudgetTooSmallError) as err:
+        QuantizedRuntime(nf4, budget_bytes=1 * MIB)
+    assert err.value.needed_bytes > 1 * MIB
+    assert f"at least {-(-err.value.needed_bytes // MIB)} MiB" in str(err.value)
+
+
+@pytest.mark.parametrize("policy", ["refuse", "truncate", "sliding-window"])
+def test_request_longer_than_cache_follows_policy(nf4: Path, policy: str) -> None:
+    rt = QuantizedRuntime(
+        nf4, budget_bytes=_budget_for(nf4, 48), policy=policy, adapter_reserve_bytes=10 * MIB
+    )
+    prompt = " ".join(WORDS * 12)
+    n_prompt = len(rt.tokenizer(prompt)["input_ids"])
+    assert n_prompt > rt.capacity
+    if policy == "refuse":
+        with pytest.raises(RequestTooLargeError, match=f"allows {rt.capacity}"):
+            rt.generate(prompt, 8)
+        return
+    g = rt.generate(prompt, rt.capacity + 10)
+    assert g.policy_applied == policy and g.prompt_tokens == n_prompt
+    assert g.max_cache_tokens <= rt.capacity
+    if policy == "sliding-window":  # keeps generating past the cache size
+        eos_stop = g.new_tokens < rt.capacity + 10
+        assert eos_stop or g.new_tokens == rt.capacity + 10
+    else:
+        assert g.new_tokens <= rt.capacity - 1
+
+
+def test_peak_added_memory_never_exceeds_budget(nf4: Path) -> None:
+    rng = random.Random(0)
+    for kv_tokens in (32, 160):
+        budget = _budget_for(nf4, kv_tokens)
+        rt = QuantizedRuntime(nf4, budget_bytes=budget, adapter_reserve_bytes=10 * MIB)
+        assert rt.load_peak_added_bytes <= budget
+        peaks = []
+        for _ in range(12):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 300)))
+            g = rt.generate(prompt, rng.randint(1, 40))
+            assert g.peak_added_bytes <= budget, (kv_tokens, g)
+            peaks.append(g.peak_added_bytes)
+        assert max(peaks) > 0  # the meter really measured something
+        del rt
+
+
+def _random_adapter(rt: QuantizedRuntime, spec: AdapterSpec, seed: int) -> dict[str, np.ndarray]:
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    shadow = AutoModelForCausalLM.from_config(rt.model.config)
+    peft = get_peft_model(
+        shadow, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules="all-linear")
+    )
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: (torch.randn(v.shape, generator=gen) * 0.5).numpy()
+        for k, v in get_peft_model_state_dict(peft).items()
+    }
+
+
+def test_hot_swap_changes_outputs_without_touching_the_base(
+    small_runtime: QuantizedRuntime,
+) -> None:
+    rt = small_runtime
+    base_weight = next(p for n, p in rt.model.named_parameters() if "q_proj" in n)
+    before = base_weight.detach().clone()
+    prompt = "hey ana, are we"
+    plain = rt.generate(prompt, 12).text
+    spec = AdapterSpec(rank=4, alpha=8.0)
+    rt.set_adapter(_random_adapter(rt, spec, 1), spec, version=1)
+    first = rt.generate(prompt, 12).text
+    seconds = rt.set_adapter(_random_adapter(rt, spec, 2), spec, version=2)
+    second = rt.generate(prompt, 12).text
+    assert first != plain and second != first and rt.adapter_version == 2
+    assert seconds < 1.0
+    rt.set_adapter(None)
+    assert rt.generate(prompt, 12).text == plain
+    assert torch.equal(base_weight.detach(), before)
+
+
+def test_adapter_of_wrong_shape_is_rejected(small_runtime: QuantizedRuntime) -> None:
+    from client.errors import ClientInputError
+
+    state = _random_adapter(small_runtime, AdapterSpec(rank=4, alpha=8.0), 3)
+    with pytest.raises(ClientInputError, match="does not match rank 2"):
+        small_runtime.set_adapter(state, AdapterSpec(rank=2, alpha=4.0))
+
+
+def test_stream_yields_the_same_text_as_generate(small_runtime: QuantizedRuntime) -> None:
+    small_runtime.set_adapter(None)
+    pieces = list(small_runtime.stream("the city council", 16))
+    assert len(pieces) > 1
+    assert "".join(pieces) == small_runtime.generate("the city council", 16).text
+
+
+def test_evaluate_reports_loss_and_accuracy(small_runtime: QuantizedRuntime) -> None:
+    small_runtime.set_adapter(None)
+    stats = small_runtime.evaluate(["the city council approved a plan for coffee programs."])
+    assert stats.num_tokens > 5 and 0 < stats.loss < 10 and 0 <= stats.accuracy <= 1
