@@ -1,9 +1,246 @@
-"""``fedota`` subcommands owned by ``server``. Heavy imports stay inside the commands."""
+"""``fedota`` subcommands owned by ``server``. Heavy imports stay inside the commands.
+
+* ``fedota serve`` — run the OTA update server (secrets come from ``FEDOTA_OTA_*``
+  environment variables, never from the command line).
+* ``fedota db upgrade`` — migrate the OTA server's database.
+* ``fedota publish BUNDLE... --server URL`` — upload bundles and publish their release.
+* ``fedota rollout create|pause|resume|cancel|status`` — staged rollouts.
+
+Exit codes follow ``fedota.cli``: 2 bad input, 3 rejected by the server, 4 unreachable.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import typer
+
+db_app = typer.Typer(help="The OTA server's database.", no_args_is_help=True)
+rollout_app = typer.Typer(
+    help="Staged rollouts on an OTA server (operator key).", no_args_is_help=True
+)
+
+_SERVER = typer.Option(..., "--server", help="Base URL of the OTA server.")
+_OPERATOR_ENV = typer.Option(
+    "FEDOTA_OPERATOR_KEY", "--key-env", help="Environment variable holding the operator key."
+)
+
+
+def _key_from(env_name: str) -> str:
+    from server.errors import ServerInputError
+
+    key = os.environ.get(env_name)
+    if not key:
+        raise ServerInputError(f"environment variable {env_name} is not set; export the role key")
+    return key
+
+
+def serve(
+    database_url: str = typer.Option(
+        ..., "--database-url", help="sqlite:///PATH or postgresql+psycopg://..."
+    ),
+    storage: Path = typer.Option(..., "--storage", help="Directory for bundle blobs."),
+    trusted_root: Path = typer.Option(..., "--trusted-root", help="The trusted TUF root.json."),
+    snapshot_key: Path = typer.Option(..., "--snapshot-key", help="Online snapshot key (PEM)."),
+    timestamp_key: Path = typer.Option(..., "--timestamp-key", help="Online timestamp key (PEM)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+    workers: int = typer.Option(1, "--workers", min=1),
+    migrate: bool = typer.Option(False, "--migrate", help="Upgrade the database first."),
+    dev: bool = typer.Option(False, "--dev", help="Allow fixed development secrets."),
+    json_logs: bool = typer.Option(True, "--json-logs/--text-logs"),
+) -> None:
+    """Run the OTA update server (role keys from FEDOTA_OTA_ADMIN_KEY etc.)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.errors import ServerInputError
+    from server.ota.app import create_app
+    from server.ota.database import make_engine, upgrade
+    from server.ota.observability import configure_json_logging
+    from server.ota.settings import OtaSettings
+
+    values = {
+        "database_url": database_url,
+        "storage_dir": str(storage.resolve()),
+        "trusted_root": str(trusted_root.resolve()),
+        "snapshot_key": str(snapshot_key.resolve()),
+        "timestamp_key": str(timestamp_key.resolve()),
+        "dev_mode": "true" if dev else "false",
+    }
+    for name, value in values.items():  # workers read the same settings from the environment
+        os.environ[f"FEDOTA_OTA_{name.upper()}"] = value
+    try:
+        settings = OtaSettings()  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ServerInputError(f"invalid server settings: {exc.errors()[0]['msg']}") from exc
+    if json_logs:
+        configure_json_logging()
+    if migrate:
+        engine = make_engine(database_url)
+        upgrade(engine)
+        engine.dispose()
+    app = create_app(settings)  # fails fast, with one line, on an unmigrated database
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_config=None)
+    else:
+        uvicorn.run(
+            "server.ota.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=None,
+        )
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    database_url: str = typer.Option(..., "--database-url"),
+    revision: str = typer.Option("head", "--revision"),
+) -> None:
+    """Migrate the OTA server's database to REVISION (default: the newest)."""
+    from server.ota.database import current_revision, make_engine, upgrade
+
+    engine = make_engine(database_url)
+    upgrade(engine, revision)
+    typer.echo(f"database at revision {current_revision(engine)}")
+    engine.dispose()
+
+
+def publish(
+    bundles: list[Path] = typer.Argument(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="Bundle file(s) the release adds (none: re-publish metadata only).",
+    ),
+    server: str = _SERVER,
+    metadata: Path = typer.Option(
+        None, "--metadata", help="Signed targets.json (default: KEYS/metadata/targets.json)."
+    ),
+    keys: Path = typer.Option(Path("keys"), "--keys", help="Release pipeline KEYS dir."),
+    key_env: str = typer.Option("FEDOTA_PUBLISHER_KEY", "--key-env"),
+) -> None:
+    """Upload BUNDLE(s) and publish the release their signed targets metadata describes."""
+    from server.errors import ServerInputError
+    from server.ota.remote import OtaRemote
+
+    path = metadata or keys / "metadata" / "targets.json"
+    if not path.is_file():
+        raise ServerInputError(
+            f"no signed targets metadata at {path}; run `fedota package` first or pass --metadata"
+        )
+    remote = OtaRemote(server, _key_from(key_env))
+    try:
+        for bundle in bundles or []:
+            remote.upload_bundle(bundle)
+        release = remote.publish(path.read_bytes())
+    finally:
+        remote.close()
+    typer.echo(
+        f"published release v{release['version']} "
+        f"({len(release['targets'])} bundle(s), snapshot v{release['snapshot_version']})"
+    )
+
+
+def _rollout_call(server: str, key_env: str, method: str, path: str, **kwargs: Any) -> Any:
+    from server.ota.remote import OtaRemote
+
+    remote = OtaRemote(server, _key_from(key_env))
+    try:
+        return remote.request(method, path, **kwargs)
+    finally:
+        remote.close()
+
+
+def _summary(rollout: dict[str, Any]) -> str:
+    stage = rollout["stage_index"]
+    stats = " ".join(
+        f"{s['percent']}%:{s['installed']}ok/{s['failed']}fail" for s in rollout["stage_stats"]
+    )
+    reason = f" ({rollout['pause_reason']})" if rollout.get("pause_reason") else ""
+    return (
+        f"rollout {rollout['id']} v{rollout['to_version']} {rollout['state']}{reason} "
+        f"stage {stage + 1}/{len(rollout['stages'])} [{stats}]"
+    )
+
+
+@rollout_app.command("create")
+def rollout_create(
+    version: int = typer.Option(..., "--version", help="Adapter version to roll out."),
+    base: str = typer.Option(..., "--base", help="Base fingerprint sha256:..."),
+    stages: str = typer.Option("1,10,50,100", "--stages", help="Percent stages."),
+    max_failure_rate: float = typer.Option(0.2, "--max-failure-rate"),
+    min_reports: int = typer.Option(10, "--min-reports"),
+    server: str = _SERVER,
+    key_env: str = _OPERATOR_ENV,
+) -> None:
+    """Start a staged rollout."""
+    from server.errors import ServerInputError
+
+    try:
+        percents = [int(p) for p in stages.split(",")]
+    except ValueError as exc:
+        raise ServerInputError(
+            f"--stages {stages!r} is not a comma-separated list of integers like 1,10,50,100"
+        ) from exc
+    body = {
+        "base_fingerprint": base,
+        "to_version": version,
+        "stages": percents,
+        "max_failure_rate": max_failure_rate,
+        "min_reports": min_reports,
+    }
+    typer.echo(_summary(_rollout_call(server, key_env, "POST", "/v1/rollouts", json=body)))
+
+
+def _action(action: str) -> Any:
+    def command(
+        rollout_id: int = typer.Argument(..., help="Rollout id."),
+        server: str = _SERVER,
+        key_env: str = _OPERATOR_ENV,
+    ) -> None:
+        result = _rollout_call(server, key_env, "POST", f"/v1/rollouts/{rollout_id}/{action}")
+        typer.echo(_summary(result))
+
+    command.__doc__ = f"{action.capitalize()} a rollout."
+    return command
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout_id: int = typer.Argument(None, help="Rollout id (default: the whole fleet)."),
+    server: str = _SERVER,
+    key_env: str = _OPERATOR_ENV,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show one rollout, or the fleet: versions installed and every rollout."""
+    path = f"/v1/rollouts/{rollout_id}" if rollout_id is not None else "/v1/fleet"
+    result = _rollout_call(server, key_env, "GET", path)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    elif rollout_id is not None:
+        typer.echo(_summary(result))
+    else:
+        for row in result["installed"]:
+            typer.echo(
+                f"{row['base_fingerprint'][:19]}… v{row['version']}: {row['devices']} devices"
+            )
+        for rollout in result["rollouts"]:
+            typer.echo(_summary(rollout))
+
+
+for _name in ("pause", "resume", "cancel"):
+    rollout_app.command(_name)(_action(_name))
 
 
 def register(app: typer.Typer) -> None:
     """Mount this package's commands on the root ``fedota`` app."""
+    app.command("serve")(serve)
+    app.command("publish")(publish)
+    app.add_typer(db_app, name="db")
+    app.add_typer(rollout_app, name="rollout")

@@ -217,7 +217,7 @@ class QuantizedRuntime:
             self._peft = get_peft_model(self.model, _lora_config(spec))
             self._peft.eval()
             self._spec = spec
-        result = set_peft_model_state_dict(self._peft, tensors)
+        result: Any = set_peft_model_state_dict(self._peft, tensors)
         expected = {k for k in self._peft.state_dict() if ".lora_" in k}
         missing = [k for k in result.missing_keys if k in expected]
         if result.unexpected_keys or missing:
