@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from client.errors import ClientError, ClientInputError
 from client.runtime.budget import (
@@ -103,7 +103,7 @@ def _lora_config(spec: AdapterSpec) -> Any:
 
     return LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=cast(int, spec.alpha),  # PEFT annotates int but scales by any number
         lora_dropout=0.0,
         target_modules=list(spec.target_modules) if spec.target_modules else "all-linear",
         bias="none",
