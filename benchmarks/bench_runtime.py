@@ -9,8 +9,8 @@ polluted by the others:
 
 For every configuration: peak memory added (peak RSS minus RSS after importing the
 libraries), median tokens/s per request over the same prompts of varied length, and
-budget violations (requests whose measured peak exceeded the budget). Then the time to apply an update:
-hot-swapping a LoRA adapter vs reloading the model with it.
+budget violations (requests whose measured peak exceeded the budget). Then the time to
+apply an update: hot-swapping a LoRA adapter vs reloading the model with it.
 
 Models: the project's tiny base, and (unless ``--quick``) a Qwen2.5-0.5B-shaped model
 with random weights (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1 << 20
-WORDS = (
+_TEXT = (
     "hey ana are we still on for coffee at the blue door tonight the city council "
     "approved a plan for new schools running late see you at river park"
-).split(" ")
+)
+WORDS = tuple(_TEXT.split(" "))
 QWEN_SHAPE = dict(
     hidden_size=896,
     num_hidden_layers=24,
