@@ -29,7 +29,7 @@ EXIT_NO_UPDATE = 10
 EXIT_REJECTED = 3
 
 device_app = typer.Typer(
-    help="On-device update agent: enroll, update, status.", no_args_is_help=True
+    help="On-device agent: enroll, update, status, infer.", no_args_is_help=True
 )
 _STATE = typer.Option(..., "--state", help="The device's state directory.")
 
@@ -193,6 +193,78 @@ def status(
                 f"{value.get('epsilon_spent')} of budget {value.get('epsilon_budget')}"
             )
         typer.echo(f"{key}: {value}")
+
+
+@device_app.command("infer")
+def infer(
+    state: Path = _STATE,
+    prompt: list[str] = typer.Option(..., "--prompt", help="Prompt text (repeatable)."),
+    budget_mb: int = typer.Option(
+        None, "--budget-mb", min=1, help="Memory budget; default: the enrolled budget."
+    ),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, max=4096),
+    policy: str = typer.Option(
+        "sliding-window",
+        "--policy",
+        help="When a request exceeds the cache: sliding-window | truncate | refuse.",
+    ),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt."),
+) -> None:
+    """Run the active adapter on the NF4 base within the memory budget, streaming text."""
+    from client.runtime import AdapterSpec, QuantizedRuntime
+    from client.update.errors import DeviceStateError
+    from client.update.state import DeviceState
+
+    device = DeviceState(state)
+    config = device.read_config()
+    budget = budget_mb * 2**20 if budget_mb else config.memory_budget_bytes
+    active = device.active()
+    adapter = device.read_active()
+    reserve = None if adapter is None else sum(int(a.nbytes) for a in adapter.tensors.values())
+    runtime = QuantizedRuntime(
+        config.base_dir, budget_bytes=budget, policy=policy, adapter_reserve_bytes=reserve
+    )
+    if adapter is not None and active is not None:
+        shape = device.read_adapter_config(active.slot)
+        if shape is None:
+            raise DeviceStateError(
+                f"slot {active.slot} does not record its LoRA shape; run "
+                "`fedota device update` to restage the adapter"
+            )
+        spec = AdapterSpec(
+            int(shape["rank"]), float(shape["alpha"]), tuple(shape["target_modules"]) or None
+        )
+        runtime.set_adapter(dict(adapter.tensors), spec, version=adapter.version)
+    for text in prompt:
+        if as_json:
+            g = runtime.generate(text, max_new_tokens, temperature=temperature)
+            typer.echo(
+                json.dumps(
+                    {
+                        "prompt": text,
+                        **g.__dict__,
+                        "budget_bytes": budget,
+                        "adapter_version": runtime.adapter_version,
+                    }
+                )
+            )
+            continue
+        typer.echo(text, nl=False)
+        g = runtime.generate(
+            text,
+            max_new_tokens,
+            temperature=temperature,
+            on_text=lambda piece: typer.echo(piece, nl=False),
+        )
+        typer.echo("")
+        typer.echo(
+            f"[{g.new_tokens} tokens, {g.new_tokens / max(g.seconds, 1e-9):.1f} tok/s, peak "
+            f"{g.peak_added_bytes / 2**20:.1f} of {budget / 2**20:.0f} MiB, adapter "
+            f"v{runtime.adapter_version if runtime.adapter_version is not None else '-'}"
+            f"{', policy ' + g.policy_applied if g.policy_applied else ''}]",
+            err=True,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,420 @@
+"""The update agent: ``check → download → verify → stage → health check → commit or
+roll back → report``, one persisted state machine (``STATE/journal.json``).
+
+``check_and_update`` reads top to bottom. Journal steps and what a restart does:
+
+=============  ===============================================================
+``idle``       nothing in flight
+``download``   partial file kept; the next run resumes it
+``staged``     new adapter complete in the inactive slot: re-verify, health check
+``health``     a check was running (``attempts`` counts them); after
+               ``crash_loop_limit`` starts without an answer: roll back
+``commit``     health passed: (re)swap the pointer, raise the floor, report
+``committed``  reported; only cleanup is left
+``rollback``   reported; only cleanup is left
+=============  ===============================================================
+
+The active pointer is swapped exactly once, after the health check passed, so a kill
+anywhere leaves exactly the old or exactly the new adapter active (THREATS E20).
+``hook(step)`` is called at every named step (crash tests kill the process there).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import httpx
+from tuf.api.metadata import TargetFile
+
+from client.update import api
+from client.update.download import download
+from client.update.errors import DeviceStateError, UpdateRejectedError, UpdateTransientError
+from client.update.health import HealthChecker, HealthReport
+from client.update.state import ActivePointer, DeviceConfig, DeviceState, StepHook
+from client.update.telemetry import TelemetryQueue
+from client.update.transport import Retrier
+from client.update.verify import (
+    VerifiedBundle,
+    payload_url,
+    refresh_metadata,
+    reject_reason,
+    select_target,
+    verify_payload,
+)
+from delta_packager.apply import apply_bundle
+from delta_packager.errors import BundleRejectedError, PackagerError
+from delta_packager.fingerprint import fingerprint_checkpoint
+
+__all__ = ["CRASH_LOOP_LIMIT", "UpdateOutcome", "check_and_update"]
+
+logger = logging.getLogger(__name__)
+CRASH_LOOP_LIMIT = 3
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    """How a run ended: ``updated``, ``no_update`` or ``rolled_back``."""
+
+    status: str
+    version: int | None
+    reason: str = ""
+    health: HealthReport | None = None
+
+
+def _no_hook(step: str) -> None:
+    del step
+
+
+@dataclass(frozen=True)
+class _Run:
+    state: DeviceState
+    config: DeviceConfig
+    http: httpx.Client
+    retrier: Retrier
+    checker: HealthChecker
+    hook: StepHook
+    crash_loop_limit: int
+
+    @property
+    def queue(self) -> TelemetryQueue:
+        return TelemetryQueue(self.state.telemetry_dir)
+
+    def report(self) -> api.DeviceReport:
+        active = self.state.active()
+        return api.DeviceReport(
+            base_fingerprint=self.config.base_fingerprint,
+            installed_version=active.version if active else None,
+            memory_budget_bytes=self.config.memory_budget_bytes,
+        )
+
+    def flush_telemetry(self) -> None:
+        def post(event: dict[str, Any]) -> bool:
+            return api.post_event(
+                self.http,
+                self.retrier,
+                device_id=self.config.device_id,
+                token=self.config.token,
+                event=event,
+            )
+
+        self.queue.flush(post)
+
+    def event(self, kind: str, version: int, **detail: Any) -> None:
+        active = self.state.active()
+        self.queue.enqueue(
+            kind,
+            version=version,
+            installed_version=active.version if active else None,
+            detail=detail,
+        )
+
+
+def check_and_update(
+    state: DeviceState,
+    *,
+    checker: HealthChecker,
+    http: httpx.Client | None = None,
+    retrier: Retrier | None = None,
+    hook: StepHook | None = None,
+    crash_loop_limit: int = CRASH_LOOP_LIMIT,
+) -> UpdateOutcome:
+    """Run one update cycle on the device whose state lives in ``state``.
+
+    Args:
+        state: The device state directory.
+        checker: Health check a staged adapter must pass before it is committed.
+        http: HTTP client (default: one for the enrolled server URL).
+        retrier: Retry policy and budget for the whole run.
+        hook: Called with each step name (tests).
+        crash_loop_limit: Health-check starts without an answer before rolling back.
+
+    Returns:
+        The outcome (``updated``, ``no_update`` or ``rolled_back`` with the report).
+
+    Raises:
+        UpdateBusyError: another updater runs on this device.
+        UpdateRejectedError: the offered release was refused (reason code attached).
+        UpdateTransientError: network/server trouble or disk full; nothing was applied.
+        DeviceStateError: the state directory is not enrolled or is corrupt.
+    """
+    with state.lock():
+        state.clean_stale()
+        config = _current_base(state.read_config())
+        own_http = http is None
+        client = http or httpx.Client(base_url=config.server_url, timeout=30.0)
+        try:
+            run = _Run(
+                state,
+                config,
+                client,
+                retrier or Retrier(),
+                checker,
+                hook or _no_hook,
+                crash_loop_limit,
+            )
+            resumed = _recover(run)
+            try:
+                run.flush_telemetry()
+            except UpdateTransientError as e:
+                logger.info("telemetry not flushed: %s", e)
+            return resumed or _cycle(run)
+        except OSError as e:  # the device's own storage failed (full, read-only, gone)
+            raise UpdateTransientError(
+                f"device storage error in {state.root}: {e}; the active adapter is exactly "
+                "the old or the new one: free space or fix the disk and retry"
+            ) from e
+        finally:
+            if own_http:
+                client.close()
+
+
+def _current_base(config: DeviceConfig) -> DeviceConfig:
+    """The config with the fingerprint of the base actually on disk (C12, C13)."""
+    try:
+        fingerprint = fingerprint_checkpoint(config.base_dir)
+    except PackagerError as e:
+        raise DeviceStateError(
+            f"cannot fingerprint the device's base model at {config.base_dir}: {e}"
+        ) from e
+    if fingerprint != config.base_fingerprint:
+        logger.warning(
+            "base model at %s changed since enrollment: now %s", config.base_dir, fingerprint
+        )
+    return replace(config, base_fingerprint=fingerprint)
+
+
+def _cycle(run: _Run) -> UpdateOutcome:
+    state, config = run.state, run.config
+    offer = api.check_for_update(
+        run.http, run.retrier, device_id=config.device_id, token=config.token, report=run.report()
+    )
+    if offer is None:
+        if state.journal().get("step") == "download":  # no longer offered: drop the partial
+            for stale in state.downloads_dir.glob("*"):
+                stale.unlink(missing_ok=True)
+            state.write_journal({"step": "idle"})
+        return UpdateOutcome("no_update", run.report().installed_version)
+    active = state.active()
+    try:
+        updater = refresh_metadata(
+            tuf_dir=state.tuf_dir, server_url=config.server_url, http=run.http, retrier=run.retrier
+        )
+        target = select_target(
+            updater,
+            offer.path,
+            base_fingerprint=config.base_fingerprint,
+            release_floor=state.release_floor(),
+            installed_version=active.version if active else None,
+        )
+    except UpdateRejectedError as e:
+        _report_rejection(run, offer.to_version, e)
+        raise
+    version = int(target.custom["fedota"]["to_version"])
+    journal: dict[str, Any] = {
+        "step": "download",
+        "version": version,
+        "target": _target_json(target),
+    }
+    state.write_journal(journal)
+    started = time.monotonic()
+    bundle_path = state.downloads_dir / target.hashes["sha256"]
+    for stale in state.downloads_dir.glob("*"):
+        if not stale.name.startswith(bundle_path.name):
+            stale.unlink(missing_ok=True)  # a partial of a release no longer offered
+    try:
+        stats = download(
+            run.http,
+            run.retrier,
+            url=payload_url(config.server_url, target),
+            dest=bundle_path,
+            length=target.length,
+            hook=run.hook,
+        )
+    except UpdateRejectedError as e:
+        _cleanup(run, target)
+        _report_rejection(run, version, e)
+        raise
+    except OSError as e:
+        _cleanup(run, target)
+        raise UpdateTransientError(
+            f"writing the download failed ({e}); space was reclaimed, the old adapter "
+            "stays active: free some space and try again"
+        ) from e
+    timings = {"download_s": round(time.monotonic() - started, 3), "bytes": stats.received_bytes}
+    run.hook("verify")
+    try:
+        verified = verify_payload(bundle_path, target)
+    except UpdateRejectedError as e:
+        bundle_path.unlink(missing_ok=True)
+        state.write_journal({"step": "idle"})
+        _report_rejection(run, version, e)
+        raise
+    return _stage_and_commit(run, verified, journal, timings)
+
+
+def _stage_and_commit(
+    run: _Run, verified: VerifiedBundle, journal: dict[str, Any], timings: dict[str, Any]
+) -> UpdateOutcome:
+    state = run.state
+    version = verified.bundle.manifest.to_version
+    run.hook("stage")
+    try:
+        new = apply_bundle(
+            state.read_active(), verified.bundle, base_fingerprint=run.config.base_fingerprint
+        )
+    except BundleRejectedError as e:
+        rejection = UpdateRejectedError(str(e), reason=reject_reason(e))
+        _cleanup(run, verified.target)
+        _report_rejection(run, version, rejection)
+        raise rejection from e
+    slot = state.inactive_slot()
+    try:
+        config = verified.bundle.manifest.adapter_config
+        state.write_slot(
+            slot,
+            new,
+            hook=run.hook,
+            adapter_config={
+                "rank": config.rank,
+                "alpha": config.alpha,
+                "target_modules": list(config.target_modules),
+                "ffa": config.ffa,
+            },
+        )
+    except OSError as e:
+        _cleanup(run, verified.target)
+        reason = "disk_full" if e.errno == errno.ENOSPC else "stage_failed"
+        run.event("failed", version, reason=reason, **timings)
+        _try_flush(run)
+        raise UpdateTransientError(
+            f"staging version {version} failed ({e}); space was reclaimed and the old "
+            "adapter stays active: free some space and try again"
+        ) from e
+    state.write_journal({**journal, "step": "staged", "slot": slot, "attempts": 0})
+    return _health_then_commit(run, verified, slot, timings)
+
+
+def _health_then_commit(
+    run: _Run, verified: VerifiedBundle, slot: str, timings: dict[str, Any]
+) -> UpdateOutcome:
+    state = run.state
+    journal = state.journal()
+    attempts = int(journal.get("attempts", 0)) + 1
+    state.write_journal({**journal, "step": "health", "attempts": attempts})
+    run.hook("health_check")
+    manifest = verified.bundle.manifest
+    report = run.checker.check(state.read_slot(slot), manifest)
+    if not report.ok:
+        return _roll_back(run, verified.target, manifest.to_version, report.reason, report)
+    state.write_journal({**state.journal(), "step": "commit", "health": asdict(report)})
+    return _commit(run, verified.target, slot, report, timings)
+
+
+def _commit(
+    run: _Run, target: TargetFile, slot: str, report: HealthReport | None, timings: dict[str, Any]
+) -> UpdateOutcome:
+    state = run.state
+    fedota = target.custom["fedota"]
+    version, counter = int(fedota["to_version"]), int(fedota["release_counter"])
+    state.set_active(ActivePointer(slot, version, counter), hook=run.hook)
+    run.hook("commit")
+    state.raise_floor(counter)
+    run.event("installed", version, **timings, loss=report.measured_loss if report else None)
+    state.write_journal({**state.journal(), "step": "committed"})
+    _cleanup(run, target)
+    _try_flush(run)
+    logger.info("committed adapter version %d in slot %s", version, slot)
+    return UpdateOutcome("updated", version, "ok", report)
+
+
+def _roll_back(
+    run: _Run, target: TargetFile, version: int, reason: str, report: HealthReport | None
+) -> UpdateOutcome:
+    logger.warning("rolling back version %d: %s", version, reason)
+    run.state.write_journal({**run.state.journal(), "step": "rollback", "reason": reason})
+    measured = asdict(report) if report else {}
+    run.event(
+        "failed",
+        version,
+        reason="health_check",
+        why=reason[:200],
+        **{k: measured.get(k) for k in ("measured_loss", "expected_loss", "peak_bytes")},
+    )
+    _cleanup(run, target)
+    _try_flush(run)
+    return UpdateOutcome("rolled_back", version, reason, report)
+
+
+def _cleanup(run: _Run, target: TargetFile) -> None:
+    """Drop the staged slot unless it became active, the download, and the journal."""
+    state = run.state
+    run.hook("cleanup")
+    journal = state.journal()
+    active = state.active()
+    staged = journal.get("slot")
+    if staged in ("a", "b") and (active is None or active.slot != staged):
+        state.wipe_slot(staged)
+    sha = target.hashes.get("sha256", "")
+    for path in state.downloads_dir.glob(f"{sha}*"):
+        path.unlink(missing_ok=True)
+    state.write_journal({"step": "idle"})
+
+
+def _report_rejection(run: _Run, version: int, error: UpdateRejectedError) -> None:
+    run.event("failed", version, reason=error.reason, why=str(error)[:300])
+    _try_flush(run)
+
+
+def _try_flush(run: _Run) -> None:
+    try:
+        run.flush_telemetry()
+    except UpdateTransientError as e:
+        logger.info("telemetry queued: %s", e)
+
+
+def _target_json(target: TargetFile) -> dict[str, Any]:
+    return {"path": target.path, **target.to_dict()}
+
+
+def _recover(run: _Run) -> UpdateOutcome | None:
+    """Finish or undo what a killed run left (see the table in the module docstring)."""
+    state = run.state
+    journal = state.journal()
+    step = journal.get("step", "idle")
+    if step in ("idle", "download"):
+        return None  # a partial download simply resumes
+    try:
+        raw = dict(journal["target"])
+        path = raw.pop("path")
+        target = TargetFile.from_dict(raw, path)
+        slot = str(journal["slot"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeviceStateError(f"journal.json is malformed ({e}); delete it to start over") from e
+    version = int(journal["version"])
+    logger.warning("recovering an interrupted update to version %d (step %s)", version, step)
+    active = state.active()
+    if step == "rollback":  # killed while cleaning up after a rollback (already reported)
+        _cleanup(run, target)
+        return UpdateOutcome("rolled_back", version, str(journal.get("reason", "")))
+    if active is not None and active.version == version and active.slot == slot:
+        # Killed after the pointer swap: the new adapter is active; finish the commit.
+        run.hook("commit")
+        state.raise_floor(active.release_counter)
+        if step != "committed":
+            run.event("installed", version, recovered=True)
+        _cleanup(run, target)
+        return UpdateOutcome("updated", version, "recovered after restart")
+    if step == "commit":
+        return _commit(run, target, slot, None, {"recovered": True})
+    if step == "health" and int(journal.get("attempts", 0)) >= run.crash_loop_limit:
+        reason = f"crash loop: health check started {journal['attempts']} times without finishing"
+        return _roll_back(run, target, version, reason, None)
+    try:
+        verified = verify_payload(state.downloads_dir / target.hashes["sha256"], target)
+    except (UpdateRejectedError, OSError) as e:
+        return _roll_back(run, target, version, f"staged bundle unusable after restart: {e}", None)
+    return _health_then_commit(run, verified, slot, {"recovered": True})

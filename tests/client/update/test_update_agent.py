@@ -1,0 +1,42 @@
+"""The agent end to end against the fake server: install, delta, no update, report."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import World, measured_losses
+
+from client.update import check_and_update
+
+
+def run(world: World, **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("checker", measured_losses({}))
+    kw.setdefault("retrier", world.retrier())
+    return check_and_update(world.state, **kw)
+
+
+def test_full_then_delta_then_no_update_and_events_reported(world: World) -> None:
+    v1 = world.pipeline.next_version()
+    world.pipeline.publish(v1)
+    world.pipeline.offer(v1)
+    out = run(world)
+    assert (out.status, out.version) == ("updated", 1)
+    active = world.state.read_active()
+    assert active is not None and active.version == 1
+    for name, arr in v1.tensors.items():
+        np.testing.assert_array_equal(active.tensors[name], arr)
+
+    v2 = world.pipeline.next_version()
+    world.pipeline.publish(v2)
+    world.pipeline.offer(v2)
+    assert run(world).status == "updated"
+    active = world.state.read_active()
+    assert active is not None and active.version == 2 and world.state.release_floor() == 2
+    for name, arr in v2.tensors.items():  # closed loop: bit-identical to the packager
+        np.testing.assert_array_equal(active.tensors[name], arr)
+
+    world.pipeline.offer(None)
+    assert run(world).status == "no_update"
+    installed = [e for e in world.ota.events.values() if e["type"] == "installed"]
+    assert sorted(e["version"] for e in installed) == [1, 2]
+    assert world.state.journal() == {"step": "idle"}
+    assert not list(world.state.downloads_dir.glob("*"))

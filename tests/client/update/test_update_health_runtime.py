@@ -1,0 +1,96 @@
+"""E22 with the real quantized runtime: golden-prompt loss under the memory budget.
+
+The device's base is the ``micro`` NF4 checkpoint; ``default_checker`` (what the CLI
+uses) runs the provisioned golden prompts through ``client.runtime.QuantizedRuntime``.
+The expected loss in the manifest is measured the way a release pipeline would: the
+same prompts, the same runtime, the good adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FakeClock
+from update_fakes import FakeOta, Pipeline, enroll_device
+
+from client.update import check_and_update, default_checker
+from client.update.health import GOLDEN_FILE, runtime_measure
+from client.update.transport import Retrier
+from delta_packager.apply import AdapterState
+from delta_packager.fingerprint import fingerprint_checkpoint
+from delta_packager.format import parse_bundle
+
+pytestmark = pytest.mark.slow
+GOLDEN = ["hey ana, are we still on for coffee at the blue door", "the city council plan"]
+
+
+def lora(nf4: Path, *, b_scale: float, seed: int) -> dict[str, np.ndarray]:
+    """Rank-4 LoRA on q_proj and v_proj of every layer, PEFT state-dict names."""
+    cfg = json.loads((nf4 / "config.json").read_text())
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    outs = {"q_proj": hidden, "v_proj": cfg["num_key_value_heads"] * head_dim}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(layers):
+        for module, width in outs.items():
+            stem = f"base_model.model.model.layers.{i}.self_attn.{module}"
+            out[f"{stem}.lora_A.weight"] = rng.normal(size=(4, hidden)).astype(np.float32)
+            b = rng.normal(size=(width, 4)) * b_scale
+            out[f"{stem}.lora_B.weight"] = b.astype(np.float32)
+    return out
+
+
+@pytest.fixture
+def device(tmp_path: Path, micro_base: Path) -> Iterator[tuple[FakeOta, Pipeline, Path]]:
+    nf4 = micro_base / "nf4"
+    ota = FakeOta()
+    pipeline = Pipeline(tmp_path, ota, fingerprint_checkpoint(nf4))
+    try:
+        yield ota, pipeline, nf4
+    finally:
+        ota.close()
+
+
+def test_e22_runtime_health_check_commits_good_and_rolls_back_bad(
+    tmp_path: Path, device: tuple[FakeOta, Pipeline, Path]
+) -> None:
+    ota, pipeline, nf4 = device
+    state = enroll_device(tmp_path / "dev", ota, pipeline.keys, nf4, pipeline.fp)
+    (state.root / GOLDEN_FILE).write_text(json.dumps(GOLDEN))
+    budget = state.read_config().memory_budget_bytes
+
+    good = lora(nf4, b_scale=0.001, seed=1)
+    pipeline.adapter = good
+    draft = pipeline.next_version(loss=0.0)  # the release pipeline measures the loss:
+    manifest = parse_bundle(draft.data).manifest
+    exact = AdapterState(1, 1, pipeline.fp, draft.tensors)
+    expected = runtime_measure(nf4, budget_bytes=budget, texts=GOLDEN)(exact, manifest).loss
+    pipeline.state = None
+    pipeline.adapter = good
+    v1 = pipeline.next_version(loss=expected)
+    pipeline.publish(v1)
+    pipeline.offer(v1)
+    retrier = Retrier(clock=FakeClock())
+    outcome = check_and_update(state, checker=default_checker(state), retrier=retrier)
+    assert outcome.status == "updated", outcome.reason
+    assert outcome.health is not None and outcome.health.peak_bytes is not None
+    assert abs(outcome.health.measured_loss - expected) < 1e-3  # type: ignore[operator]
+    assert 0 < outcome.health.peak_bytes <= budget
+
+    pipeline.adapter = lora(nf4, b_scale=5.0, seed=2)  # a broken adapter, same claimed loss
+    v2 = pipeline.next_version(loss=expected)
+    pipeline.publish(v2)
+    pipeline.offer(v2)
+    outcome = check_and_update(state, checker=default_checker(state), retrier=retrier)
+    assert outcome.status == "rolled_back", outcome.reason
+    assert outcome.health is not None and outcome.health.measured_loss is not None
+    assert outcome.health.measured_loss > expected * 1.05 + 0.05
+    active = state.active()
+    assert active is not None and active.version == 1
+    failed = [e for e in ota.events.values() if e["type"] == "failed"]
+    assert failed and f'"measured_loss":{outcome.health.measured_loss}' in failed[-1]["detail"]

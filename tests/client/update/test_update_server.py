@@ -1,0 +1,232 @@
+"""The agent and ``fedota device ...`` against a real ``fedota serve`` on loopback.
+
+The release goes through the real pipeline: ``delta_packager`` bundles and TUF keys,
+``fedota publish``, ``fedota rollout create``; the device enrolls with the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import measured_losses
+from update_fakes import CONFIG, make_base
+
+from client.update import check_and_update
+from client.update.state import DeviceState
+from delta_packager.manifest import Provenance
+from delta_packager.package import PackagerState, build_bundle, package_version
+from delta_packager.trust import init_keys, release
+
+pytestmark = pytest.mark.slow
+SECRETS = {
+    "FEDOTA_OTA_ADMIN_KEY": "admin-key-0123456789abcdef",
+    "FEDOTA_OTA_OPERATOR_KEY": "operator-key-0123456789abcdef",
+    "FEDOTA_OTA_PUBLISHER_KEY": "publisher-key-0123456789abcdef",
+    "FEDOTA_OTA_ENROLLMENT_SECRET": "enroll-secret-0123456789abcdef",
+}
+
+
+def fedota(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedota.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Live:
+    url: str
+    keys: Path
+    env: dict[str, str]
+    tmp: Path
+    fp: str
+    base: Path
+    proc: subprocess.Popen[bytes]
+    packager: PackagerState | None = None
+
+    def release(self, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        adapter = {
+            f"layers.0.self_attn.{m}.lora_{ab}.weight": rng.normal(
+                size=(4, 32) if ab == "A" else (32, 4)
+            ).astype(np.float32)
+            for m in ("q_proj", "v_proj")
+            for ab in ("A", "B")
+        }
+        result = package_version(
+            adapter,
+            previous=self.packager,
+            base_fingerprint=self.fp,
+            adapter_config=CONFIG,
+            provenance=Provenance(eval_metrics={"loss": 1.0}),
+        )
+        self.packager = result.state
+        version = result.state.latest_version
+        path = self.tmp / f"adapter-v{version}.fedota"
+        path.write_bytes(result.bundle_bytes)
+        paths = [path]
+        if version > 1:  # the server also wants a full bundle of every version
+            paths.append(self.tmp / f"adapter-v{version}-full.fedota")
+            paths[1].write_bytes(build_bundle(result.state, from_version=None))
+        release(paths, self.keys)
+        published = fedota(
+            "publish",
+            *map(str, paths),
+            "--keys",
+            str(self.keys),
+            "--server",
+            self.url,
+            env=self.env,
+        )
+        assert published.returncode == 0, published.stderr
+        rollout = fedota(
+            "rollout",
+            "create",
+            "--version",
+            str(version),
+            "--base",
+            self.fp,
+            "--stages",
+            "100",
+            "--server",
+            self.url,
+            env=self.env,
+        )
+        assert rollout.returncode == 0, rollout.stderr
+        return dict(result.state.current.tensors)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    keys = tmp_path / "KEYS"
+    init_keys(keys)
+    port = free_port()
+    env = {
+        **os.environ,
+        **SECRETS,
+        "FEDOTA_PUBLISHER_KEY": SECRETS["FEDOTA_OTA_PUBLISHER_KEY"],
+        "FEDOTA_OPERATOR_KEY": SECRETS["FEDOTA_OTA_OPERATOR_KEY"],
+        "FEDOTA_ENROLLMENT_SECRET": SECRETS["FEDOTA_OTA_ENROLLMENT_SECRET"],
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedota.cli",
+            "serve",
+            "--database-url",
+            f"sqlite:///{tmp_path / 'ota.db'}",
+            "--storage",
+            str(tmp_path / "storage"),
+            "--trusted-root",
+            str(keys / "root.json"),
+            "--snapshot-key",
+            str(keys / "private/snapshot.pem"),
+            "--timestamp-key",
+            str(keys / "private/timestamp.pem"),
+            "--port",
+            str(port),
+            "--migrate",
+            "--text-logs",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(proc.stderr.read().decode()[-3000:] if proc.stderr else "")
+        time.sleep(0.2)
+    base = tmp_path / "base"
+    fp = make_base(base)
+    try:
+        yield Live(url, keys, env, tmp_path, fp, base, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_enroll_update_status_and_exit_codes_against_fedota_serve(live: Live) -> None:
+    state = live.tmp / "device"
+    enrolled = fedota(
+        "device",
+        "enroll",
+        "--server",
+        live.url,
+        "--state",
+        str(state),
+        "--root",
+        str(live.keys / "1.root.json"),
+        "--base",
+        str(live.base),
+        env=live.env,
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    device = DeviceState(state)
+
+    nothing = fedota("device", "update", "--state", str(state), env=live.env)
+    assert nothing.returncode == 10, nothing.stderr  # no release yet
+
+    v1 = live.release(seed=1)
+    outcome = check_and_update(device, checker=measured_losses({}))
+    assert (outcome.status, outcome.version) == ("updated", 1)
+    active = device.read_active()
+    assert active is not None
+    assert all(np.array_equal(active.tensors[k], v) for k, v in v1.items())
+
+    live.release(seed=2)
+    # The CLI's default checker has no runtime measurement yet: it fails closed.
+    rolled = fedota("device", "update", "--state", str(state), env=live.env)
+    assert rolled.returncode == 3, rolled.stderr
+    assert "rolled back" in rolled.stderr and "failing closed" in rolled.stderr
+
+    status = fedota("device", "status", "--state", str(state), "--json", env=live.env)
+    info = json.loads(status.stdout)
+    assert info["active_version"] == 1 and info["base_fingerprint"] == live.fp
+    assert info["release_floor"] == 1 and info["pending_telemetry"] == 0
+
+    token = json.loads((state / "device.json").read_text())["token"]
+    assignment = httpx.get(
+        f"{live.url}/v1/devices/{info['device_id']}/assignment",
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()
+    assert assignment["installed_version"] == 1 and assignment["failed_versions"] == [2]
+    again = fedota("device", "update", "--state", str(state), env=live.env)
+    assert again.returncode == 10, again.stderr  # a failed version is not re-offered
+
+    with device.lock():
+        busy = fedota("device", "update", "--state", str(state), env=live.env)
+    assert busy.returncode == 4 and "another fedota update" in busy.stderr
+
+    live.proc.terminate()
+    live.proc.wait(timeout=30)
+    down = fedota("device", "update", "--state", str(state), "--retry-budget-s", "1", env=live.env)
+    assert down.returncode == 4 and "retry budget" in down.stderr

@@ -1,0 +1,36 @@
+"""A real updater process for the crash tests: SIGKILLs itself at a named step.
+
+Usage: python updater_proc.py STATE_DIR KILL_STEP [LOSS]   (LOSS: measured golden loss)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from client.update import check_and_update
+from client.update.health import GoldenLossChecker, Measurement
+
+
+def main() -> None:
+    from client.update.state import DeviceState
+
+    state_dir, kill_step = sys.argv[1], sys.argv[2]
+    loss = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+
+    def hook(step: str) -> None:
+        if step == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checker = GoldenLossChecker(
+        measure=lambda adapter, manifest: Measurement(loss=loss, peak_bytes=1000),
+        budget_bytes=2**30,
+    )
+    outcome = check_and_update(DeviceState(Path(state_dir)), checker=checker, hook=hook)
+    sys.stdout.write(f"{outcome.status}\n")
+
+
+if __name__ == "__main__":
+    main()
