@@ -73,12 +73,12 @@ def serve(
     }
     for name, value in values.items():  # workers read the same settings from the environment
         os.environ[f"FEDOTA_OTA_{name.upper()}"] = value
+    if json_logs:
+        configure_json_logging()
     try:
         settings = OtaSettings()  # type: ignore[call-arg]
     except ValidationError as exc:
         raise ServerInputError(f"invalid server settings: {exc.errors()[0]['msg']}") from exc
-    if json_logs:
-        configure_json_logging()
     if migrate:
         engine = make_engine(database_url)
         upgrade(engine)
@@ -226,6 +226,10 @@ def rollout_status(
     elif rollout_id is not None:
         typer.echo(_summary(result))
     else:
+        if not result["installed"]:
+            typer.echo("no devices enrolled")
+        if not result["rollouts"]:
+            typer.echo("no rollouts")
         for row in result["installed"]:
             typer.echo(
                 f"{row['base_fingerprint'][:19]}… v{row['version']}: {row['devices']} devices"

@@ -1,0 +1,175 @@
+"""④ publish: the OTA update service as a FastAPI app.
+
+Routes are thin: they parse (pydantic), call one domain function, and shape the answer.
+Every domain error becomes JSON ``{"error", "detail"}`` with its status in one handler.
+The app refuses to be built on an unmigrated database (see :mod:`server.ota.database`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.ota import routes_devices, routes_operator, routes_publish, routes_tuf
+from server.ota.errors import (
+    AuthenticationError,
+    OtaError,
+    OverloadedError,
+    RangeNotSatisfiableError,
+)
+from server.ota.models import RolloutRow
+from server.ota.observability import OpsMiddleware, RolloutStateCollector
+from server.ota.schemas import ErrorOut, HealthOut
+from server.ota.services import Services, build_services
+from server.ota.settings import OtaSettings
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 416, 503)}
+_METADATA_BYTES = 4 * 1024 * 1024
+
+
+def create_app(settings: OtaSettings | None = None, *, services: Services | None = None) -> FastAPI:
+    """Build the app (from the environment when ``settings`` is None).
+
+    Raises:
+        DatabaseNotMigratedError: the database is not at the head revision.
+        OtaConfigError: missing secrets, unusable keys or trusted root.
+    """
+    if services is None:
+        services = build_services(settings or OtaSettings())  # type: ignore[call-arg]
+    app = FastAPI(
+        title="fedota OTA update server",
+        version="1",
+        lifespan=_lifespan,
+        responses=_ERRORS,  # type: ignore[arg-type]
+    )
+    app.state.services = services
+    for module in (routes_devices, routes_operator, routes_publish, routes_tuf):
+        app.include_router(module.router)
+    app.add_exception_handler(OtaError, _handle_domain_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _handle_http_error)  # type: ignore[arg-type]
+    app.add_api_route("/healthz", _healthz, methods=["GET"], tags=["ops"])
+    app.add_api_route("/readyz", _readyz, methods=["GET"], tags=["ops"])
+    app.add_api_route(
+        "/metrics",
+        _metrics,
+        methods=["GET"],
+        tags=["ops"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "metrics"}},
+    )
+    services.metrics.add_collector(RolloutStateCollector(lambda: _rollout_states(services)))
+    settings = services.settings
+
+    def body_limit(path: str) -> int:
+        if path.startswith("/v1/blobs/"):
+            return settings.max_blob_bytes
+        if path in ("/v1/releases", "/v1/tuf/root"):
+            return _METADATA_BYTES
+        return settings.max_body_bytes
+
+    app.add_middleware(
+        OpsMiddleware,  # type: ignore[arg-type]
+        metrics=services.metrics,
+        max_in_flight=settings.max_concurrent_requests,
+        retry_after_s=settings.retry_after_s,
+        body_limit=body_limit,
+    )
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (each worker reads ``FEDOTA_OTA_*``)."""
+    return create_app()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    services: Services = app.state.services
+    task = asyncio.create_task(_keep_fresh(services))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        services.db.dispose()
+
+
+async def _keep_fresh(services: Services) -> None:
+    """Re-sign timestamp/snapshot before they expire, even when nobody asks for them."""
+    while True:
+        try:
+            await run_in_threadpool(services.repo.refresh)
+        except Exception:  # keep the loop alive; the next round retries
+            logger.exception("refreshing TUF metadata failed")
+        await asyncio.sleep(services.settings.refresh_interval_s)
+
+
+def _handle_domain_error(request: Request, exc: OtaError) -> JSONResponse:
+    headers: dict[str, str] = {}
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, OverloadedError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+        request.app.state.services.metrics.shed.inc()
+    if isinstance(exc, RangeNotSatisfiableError):
+        headers["Content-Range"] = f"bytes */{exc.length}"
+    if exc.http_status >= 500 and not isinstance(exc, OverloadedError):
+        logger.error("server error on %s: %s", request.url.path, exc)
+    return JSONResponse(
+        {"error": type(exc).__name__, "detail": str(exc)},
+        status_code=exc.http_status,
+        headers=headers,
+    )
+
+
+def _handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Framework-raised errors (unparsable body, 404 route, 405) in the same shape.
+    return JSONResponse(
+        {"error": "HTTPError", "detail": str(exc.detail)},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def _rollout_states(services: Services) -> dict[str, int]:
+    with services.db.read() as session:
+        rows = session.execute(select(RolloutRow.state, func.count()).group_by(RolloutRow.state))
+        return {state: count for state, count in rows}
+
+
+def _healthz() -> HealthOut:
+    """Liveness: the process answers."""
+    return HealthOut(status="ok")
+
+
+def _readyz(request: Request) -> HealthOut:
+    """Readiness: the database answers."""
+    services: Services = request.app.state.services
+    try:
+        with services.db.read() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:
+        raise OverloadedError(
+            f"database unavailable: {type(exc).__name__}",
+            retry_after_s=services.settings.retry_after_s,
+        ) from exc
+    return HealthOut(status="ready")
+
+
+def _metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    registry = request.app.state.services.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

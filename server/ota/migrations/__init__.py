@@ -1,0 +1,1 @@
+"""Alembic migrations of the OTA service (shipped inside the wheel)."""

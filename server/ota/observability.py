@@ -1,0 +1,223 @@
+"""Operations edge: Prometheus metrics, JSON logs, body limits and load shedding.
+
+One pure-ASGI middleware (cheaper than ``BaseHTTPMiddleware``) does, per request:
+shed load with ``503`` + ``Retry-After`` beyond ``max_concurrent_requests`` in flight,
+refuse bodies over the route's byte limit with ``413`` (declared ``Content-Length``
+and the bytes actually streamed both count), time the request by route template,
+and write one structured log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.ota.errors import PayloadTooLargeError
+
+logger = logging.getLogger("server.ota.access")
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "fedota_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ["method", "route", "status"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.checks = Counter(
+            "fedota_update_checks", "Update checks by result.", ["result"], registry=self.registry
+        )
+        self.downloads = Counter(
+            "fedota_downloads",
+            "Bundle download responses by status.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.download_bytes = Counter(
+            "fedota_download_bytes", "Bundle bytes sent.", registry=self.registry
+        )
+        self.shed = Counter(
+            "fedota_overload_rejections",
+            "Requests refused with 503 under overload.",
+            registry=self.registry,
+        )
+
+    def add_collector(self, collector: Collector) -> None:
+        """Register a scrape-time collector (e.g. rollout states read from the database)."""
+        self.registry.register(collector)
+
+
+class RolloutStateCollector(Collector):
+    """``fedota_rollouts{state}``: read from the database at scrape time, so every worker
+    reports the same, durable numbers."""
+
+    def __init__(self, count_by_state: Callable[[], dict[str, int]]) -> None:
+        self._count = count_by_state
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("fedota_rollouts", "Rollouts by state.", labels=["state"])
+        counts = self._count()
+        for state in ("active", "paused", "cancelled"):
+            family.add_metric([state], counts.get(state, 0))
+        yield family
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line; extra fields given via ``extra={"fields": {...}}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_json_logging(level: int = logging.INFO) -> None:
+    """Send every log record to stderr as JSON (used by ``fedota serve``)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class OpsMiddleware:
+    """Load shedding, body limits, metrics and access logs (see module docstring)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_in_flight: int,
+        retry_after_s: int,
+        body_limit: Callable[[str], int],
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.body_limit = body_limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        if self.in_flight >= self.max_in_flight:
+            self.metrics.shed.inc()
+            await _send_error(
+                send,
+                503,
+                "overloaded",
+                "server is busy; retry after the delay",
+                [(b"retry-after", str(self.retry_after_s).encode())],
+            )
+            return
+        limit = self.body_limit(scope["path"])
+        declared = _content_length(scope)
+        if declared is not None and (declared < 0 or declared > limit):
+            status = 413 if declared > limit else 400
+            await _send_error(
+                send,
+                status,
+                "body_rejected",
+                f"request body of {declared} bytes; the limit here is {limit}",
+            )
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        finally:
+            self.in_flight -= 1
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.request_seconds.labels(scope["method"], template, str(status)).observe(
+                elapsed
+            )
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "request",
+                    extra={
+                        "fields": {
+                            "request_id": uuid.uuid4().hex[:16],
+                            "method": scope["method"],
+                            "route": template,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1e3, 2),
+                        }
+                    },
+                )
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return None
+
+
+async def _send_error(
+    send: Send,
+    status: int,
+    error: str,
+    detail: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

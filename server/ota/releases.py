@@ -1,0 +1,164 @@
+"""④ publish: accept a release (signed targets metadata + the bundles it names).
+
+Bundles are uploaded first, content-addressed (``PUT /v1/blobs/{sha256}``); the
+release then names them. A release is accepted only if its targets metadata verifies
+against the trusted root, is newer than the current one, every target follows the
+bundle contract, and every target's bytes are stored with exactly the signed length
+and hashes. All of it — release row, target rows, targets/snapshot/timestamp metadata —
+commits in one transaction, so devices never see a half-published release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from server.ota.blobs import FileBlobStore, hash_file
+from server.ota.database import Database
+from server.ota.domain import BundleTarget, parse_bundle_target
+from server.ota.errors import ReleaseRejectedError
+from server.ota.models import BlobRow, ReleaseRow, TargetRow, bump_generation, utcnow
+from server.ota.tuf_repo import TufRepository
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishedRelease:
+    """What a successful publish produced."""
+
+    version: int
+    snapshot_version: int
+    targets: tuple[BundleTarget, ...]
+
+
+def record_blob(db: Database, sha256: str, length: int) -> None:
+    """Remember a stored blob (idempotent: uploading the same bytes twice is fine)."""
+    values = {"sha256": sha256, "length": length, "created_at": utcnow()}
+    with db.write() as session:
+        insert = pg_insert if db.is_postgres else sqlite_insert
+        session.execute(insert(BlobRow).values(**values).on_conflict_do_nothing())
+
+
+def publish_release(
+    db: Database, repo: TufRepository, blobs: FileBlobStore, targets_bytes: bytes
+) -> PublishedRelease:
+    """Verify and publish a release.
+
+    Returns:
+        The published release.
+
+    Raises:
+        ReleaseRejectedError: signature, contract, missing bundle or hash mismatch.
+        ConflictError: the targets version is not newer than the published one.
+    """
+    with db.write() as session:
+        repo.lock(session)
+        targets_md = repo.verify_targets(session, targets_bytes)
+        bundles = tuple(
+            parse_bundle_target(path, info.length, info.hashes, info.custom)
+            for path, info in sorted(targets_md.signed.targets.items())
+        )
+        for bundle in bundles:
+            _check_bytes(session, blobs, bundle)
+        version = targets_md.signed.version
+        session.add(
+            ReleaseRow(
+                version=version,
+                targets_sha256=hashlib.sha256(targets_bytes).hexdigest(),
+                published_at=utcnow(),
+            )
+        )
+        session.add_all(_target_row(version, b) for b in bundles)
+        session.flush()
+        snapshot_version = repo.publish_targets(session, targets_md, targets_bytes)
+        bump_generation(session)
+    logger.info("published release v%d with %d bundle(s)", version, len(bundles))
+    return PublishedRelease(version=version, snapshot_version=snapshot_version, targets=bundles)
+
+
+def _check_bytes(session: Session, blobs: FileBlobStore, bundle: BundleTarget) -> None:
+    row = session.get(BlobRow, bundle.sha256)
+    if row is None or not blobs.exists(bundle.sha256):
+        raise ReleaseRejectedError(
+            f"bundle for {bundle.path} (sha256 {bundle.sha256}) was not uploaded; "
+            f"PUT it to /v1/blobs/{bundle.sha256} first"
+        )
+    if row.length != bundle.length:
+        raise ReleaseRejectedError(
+            f"{bundle.path}: stored bundle has {row.length} bytes, metadata says {bundle.length}"
+        )
+    others = [name for name in bundle.hashes if name != "sha256"]
+    if others:
+        actual = hash_file(blobs.path_of(bundle.sha256), others)
+        for name in others:
+            if actual[name] != bundle.hashes[name]:
+                raise ReleaseRejectedError(f"{bundle.path}: {name} of the stored bytes differs")
+
+
+def _target_row(version: int, bundle: BundleTarget) -> TargetRow:
+    return TargetRow(
+        release_version=version,
+        path=bundle.path,
+        url_path=bundle.url_path,
+        blob_sha256=bundle.sha256,
+        length=bundle.length,
+        hashes=bundle.hashes,
+        kind=bundle.kind,
+        from_version=bundle.from_version,
+        to_version=bundle.to_version,
+        base_fingerprint=bundle.base_fingerprint,
+        release_counter=bundle.release_counter,
+        uncompressed_bytes=bundle.uncompressed_bytes,
+    )
+
+
+def latest_release_version(session: Session) -> int | None:
+    """Version of the newest published release (None before the first)."""
+    return session.scalar(select(func.max(ReleaseRow.version)))
+
+
+def current_targets(session: Session, base_fingerprint: str, to_version: int) -> list[BundleTarget]:
+    """Bundles of the newest release for one base fingerprint and target version."""
+    latest = latest_release_version(session)
+    if latest is None:
+        return []
+    rows = session.scalars(
+        select(TargetRow).where(
+            TargetRow.release_version == latest,
+            TargetRow.base_fingerprint == base_fingerprint,
+            TargetRow.to_version == to_version,
+        )
+    )
+    return [bundle_of(row) for row in rows]
+
+
+def bundle_of(row: TargetRow) -> BundleTarget:
+    """A target row (ORM object or Core row) as a domain value."""
+    return BundleTarget(
+        path=row.path,
+        length=row.length,
+        hashes=dict(row.hashes),
+        kind=row.kind,
+        from_version=row.from_version,
+        to_version=row.to_version,
+        base_fingerprint=row.base_fingerprint,
+        release_counter=row.release_counter,
+        uncompressed_bytes=row.uncompressed_bytes,
+    )
+
+
+def blob_for_url(session: Session, url_path: str) -> tuple[str, int] | None:
+    """(sha256, length) of the blob served at ``/tuf/targets/<url_path>``, if any."""
+    row = session.execute(
+        select(TargetRow.blob_sha256, TargetRow.length)
+        .where(TargetRow.url_path == url_path)
+        .limit(1)
+    ).first()
+    return (row[0], row[1]) if row else None

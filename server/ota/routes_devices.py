@@ -1,0 +1,101 @@
+"""Routes devices call: enroll, check for an update, report outcomes, read own state."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Path, Request, status
+from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from server.ota import devices, telemetry
+from server.ota.auth import (
+    Caller,
+    bearer,
+    bearer_token,
+    require_device,
+    require_device_or_operator,
+)
+from server.ota.errors import NotFoundError
+from server.ota.models import DeviceRow, DeviceVersionRow
+from server.ota.rollouts import assigned_version
+from server.ota.schemas import (
+    DEVICE_ID_PATTERN,
+    AssignmentOut,
+    CheckOut,
+    DeviceReportIn,
+    EnrollIn,
+    EnrollOut,
+    TargetOut,
+    TelemetryIn,
+    TelemetryOut,
+)
+from server.ota.services import services_of
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def enroll(body: EnrollIn, request: Request) -> EnrollOut:
+    """Enroll a device with the fleet's enrollment secret; returns its token once."""
+    services = services_of(request)
+    devices.check_enrollment_secret(
+        body.enrollment_secret, services.settings.secret("enrollment_secret")
+    )
+    enrollment = devices.enroll(services.db, body.to_domain())
+    return EnrollOut(device_id=enrollment.device_id, token=enrollment.token)
+
+
+@router.post("/{device_id}/check")
+async def check(
+    body: DeviceReportIn,
+    request: Request,
+    device_id: str = Path(pattern=DEVICE_ID_PATTERN),
+    credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+) -> CheckOut:
+    """Report current state; get the bundle that moves this device to its assigned version.
+
+    The hot path: authentication and the decision share one worker-thread hop and one
+    database connection.
+    """
+    services = services_of(request)
+    target = await run_in_threadpool(
+        services.checker.check, bearer_token(credentials), device_id, body.to_domain()
+    )
+    services.metrics.checks.labels("offered" if target else "none").inc()
+    return CheckOut(update=TargetOut.of(target) if target else None)
+
+
+@router.post("/{device_id}/events")
+def report_event(
+    body: TelemetryIn, request: Request, caller: Caller = Depends(require_device)
+) -> TelemetryOut:
+    """Report an install outcome; a repeated event id is accepted and stored once."""
+    assert caller.device_id is not None
+    stored = telemetry.record_event(services_of(request).db, caller.device_id, body.to_domain())
+    return TelemetryOut(stored=stored)
+
+
+@router.get("/{device_id}/assignment")
+def read_assignment(
+    request: Request,
+    device_id: str = Path(pattern=DEVICE_ID_PATTERN),
+    caller: Caller = Depends(require_device_or_operator),
+) -> AssignmentOut:
+    """What the server believes about this device and what it is assigned."""
+    with services_of(request).db.read() as session:
+        row = session.get(DeviceRow, device_id)
+        if row is None:
+            raise NotFoundError(f"no device {device_id}")
+        failed = session.scalars(
+            select(DeviceVersionRow.version)
+            .where(DeviceVersionRow.device_id == device_id, DeviceVersionRow.status == "failed")
+            .order_by(DeviceVersionRow.version)
+        ).all()
+        return AssignmentOut(
+            device_id=row.id,
+            base_fingerprint=row.base_fingerprint,
+            installed_version=row.installed_version,
+            assigned_version=assigned_version(session, row.id, row.base_fingerprint),
+            failed_versions=list(failed),
+            revoked=row.revoked_at is not None,
+        )

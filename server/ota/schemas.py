@@ -1,0 +1,225 @@
+"""HTTP request and response bodies (pydantic lives here and in settings only).
+
+Every field is bounded (lengths, ranges, list sizes), so hostile bodies become 422s at
+the edge and never reach the database as values it cannot store.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.ota.domain import (
+    BundleTarget,
+    DeviceCapabilities,
+    DeviceReport,
+    RolloutSpec,
+    RolloutView,
+    TelemetryEvent,
+)
+
+MAX_VERSION = 2**31 - 1
+FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
+DEVICE_ID_PATTERN = r"^[0-9a-f]{32}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# Free text that is stored: no NUL (PostgreSQL text cannot hold it) and no other C0
+# control characters except tab and newline.
+TEXT_PATTERN = r"^[^\x00-\x08\x0b-\x1f\x7f]*$"
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CapabilitiesIn(_In):
+    supports_delta: bool = True
+    format_versions: list[int] = Field(default=[1], min_length=1, max_length=8)
+    runtime: str = Field(default="", max_length=64, pattern=TEXT_PATTERN)
+
+
+class DeviceReportIn(_In):
+    base_fingerprint: str = Field(pattern=FINGERPRINT_PATTERN)
+    installed_version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
+    capabilities: CapabilitiesIn = Field(default_factory=CapabilitiesIn)
+    memory_budget_bytes: int = Field(ge=0, le=2**62)
+
+    def to_domain(self) -> DeviceReport:
+        return DeviceReport(
+            base_fingerprint=self.base_fingerprint,
+            installed_version=self.installed_version,
+            capabilities=DeviceCapabilities(
+                supports_delta=self.capabilities.supports_delta,
+                format_versions=tuple(self.capabilities.format_versions),
+                runtime=self.capabilities.runtime,
+            ),
+            memory_budget_bytes=self.memory_budget_bytes,
+        )
+
+
+class EnrollIn(DeviceReportIn):
+    enrollment_secret: str = Field(min_length=1, max_length=256)
+
+
+class EnrollOut(BaseModel):
+    device_id: str
+    token: str
+
+
+class TargetOut(BaseModel):
+    path: str
+    url: str = Field(description="Relative URL of the immutable, content-addressed bundle.")
+    length: int
+    hashes: dict[str, str]
+    kind: Literal["full", "delta"]
+    from_version: int | None
+    to_version: int
+    base_fingerprint: str
+    release_counter: int
+    uncompressed_bytes: int
+
+    @classmethod
+    def of(cls, target: BundleTarget) -> TargetOut:
+        return cls(
+            path=target.path,
+            url=f"/tuf/targets/{target.url_path}",
+            length=target.length,
+            hashes=target.hashes,
+            kind="full" if target.kind == "full" else "delta",
+            from_version=target.from_version,
+            to_version=target.to_version,
+            base_fingerprint=target.base_fingerprint,
+            release_counter=target.release_counter,
+            uncompressed_bytes=target.uncompressed_bytes,
+        )
+
+
+class CheckOut(BaseModel):
+    update: TargetOut | None
+
+
+class AssignmentOut(BaseModel):
+    device_id: str
+    base_fingerprint: str
+    installed_version: int | None
+    assigned_version: int | None
+    failed_versions: list[int]
+    revoked: bool
+
+
+class TelemetryIn(_In):
+    event_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    seq: int = Field(ge=0, le=2**53)
+    type: Literal["installed", "failed"]
+    version: int = Field(ge=1, le=MAX_VERSION)
+    installed_version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
+    detail: str = Field(default="", max_length=500, pattern=TEXT_PATTERN)
+
+    def to_domain(self) -> TelemetryEvent:
+        return TelemetryEvent(
+            event_id=self.event_id,
+            seq=self.seq,
+            type=self.type,
+            version=self.version,
+            installed_version=self.installed_version,
+            detail=self.detail,
+        )
+
+
+class TelemetryOut(BaseModel):
+    stored: bool = Field(description="False when this event id was already stored.")
+
+
+class RolloutIn(_In):
+    base_fingerprint: str = Field(pattern=FINGERPRINT_PATTERN)
+    to_version: int = Field(ge=1, le=MAX_VERSION)
+    stages: list[int] = Field(default=[1, 10, 50, 100], min_length=1, max_length=20)
+    max_failure_rate: float = Field(default=0.2, ge=0.0, le=1.0)
+    min_reports: int = Field(default=10, ge=1, le=1_000_000)
+
+    def to_domain(self) -> RolloutSpec:
+        return RolloutSpec(
+            base_fingerprint=self.base_fingerprint,
+            to_version=self.to_version,
+            stages=tuple(self.stages),
+            max_failure_rate=self.max_failure_rate,
+            min_reports=self.min_reports,
+        )
+
+
+class StageOut(BaseModel):
+    percent: int
+    installed: int
+    failed: int
+
+
+class RolloutOut(BaseModel):
+    id: int
+    base_fingerprint: str
+    to_version: int
+    stages: list[int]
+    stage_index: int
+    state: Literal["active", "paused", "cancelled"]
+    pause_reason: str | None
+    max_failure_rate: float
+    min_reports: int
+    stage_stats: list[StageOut]
+
+    @classmethod
+    def of(cls, view: RolloutView) -> RolloutOut:
+        return cls(
+            id=view.id,
+            base_fingerprint=view.base_fingerprint,
+            to_version=view.to_version,
+            stages=list(view.stages),
+            stage_index=view.stage_index,
+            state=view.state,  # type: ignore[arg-type]
+            pause_reason=view.pause_reason,
+            max_failure_rate=view.max_failure_rate,
+            min_reports=view.min_reports,
+            stage_stats=[
+                StageOut(percent=s.percent, installed=s.installed, failed=s.failed)
+                for s in view.stage_stats
+            ],
+        )
+
+
+class RolloutEventOut(BaseModel):
+    action: str
+    stage_index: int
+    detail: str
+
+
+class InstalledVersionOut(BaseModel):
+    base_fingerprint: str
+    version: int | None
+    devices: int
+
+
+class FleetOut(BaseModel):
+    installed: list[InstalledVersionOut]
+    rollouts: list[RolloutOut]
+
+
+class BlobOut(BaseModel):
+    sha256: str
+    length: int
+
+
+class ReleaseOut(BaseModel):
+    version: int
+    snapshot_version: int
+    targets: list[TargetOut]
+
+
+class RootOut(BaseModel):
+    version: int
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="Machine-readable error class.")
+    detail: str = Field(description="What was wrong and what to do.")
+
+
+class HealthOut(BaseModel):
+    status: str

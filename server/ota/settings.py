@@ -1,0 +1,79 @@
+"""Settings of the OTA service, parsed once at the edge (environment or CLI).
+
+Secrets (role keys, enrollment secret) have no defaults: the service refuses to start
+without them unless ``dev_mode`` is set explicitly, in which case fixed, loudly logged
+development values are used. Nothing deeper than this module reads the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "FEDOTA_OTA_"
+_SECRET_FIELDS = ("admin_key", "operator_key", "publisher_key", "enrollment_secret")
+_MIN_SECRET_CHARS = 16
+
+
+class OtaSettings(BaseSettings):
+    """Configuration of one OTA server process.
+
+    Every field can be given as an environment variable ``FEDOTA_OTA_<FIELD>``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    database_url: str = Field(
+        description="SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...)"
+    )
+    storage_dir: Path = Field(description="Directory for content-addressed blobs.")
+    trusted_root: Path = Field(description="The trusted TUF root.json (offline-signed).")
+    snapshot_key: Path = Field(description="PKCS#8 PEM of the online snapshot key.")
+    timestamp_key: Path = Field(description="PKCS#8 PEM of the online timestamp key.")
+
+    dev_mode: bool = False
+    admin_key: SecretStr | None = None
+    operator_key: SecretStr | None = None
+    publisher_key: SecretStr | None = None
+    enrollment_secret: SecretStr | None = None
+
+    timestamp_expiry_s: int = Field(default=86_400, ge=60)
+    snapshot_expiry_s: int = Field(default=7 * 86_400, ge=120)
+    refresh_interval_s: float = Field(default=60.0, gt=0)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_blob_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_concurrent_downloads: int = Field(default=64, ge=1)
+    max_concurrent_requests: int = Field(default=512, ge=1)
+    retry_after_s: int = Field(default=2, ge=1)
+    db_pool_size: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _require_secrets(self) -> OtaSettings:
+        missing = [name for name in _SECRET_FIELDS if getattr(self, name) is None]
+        if missing and not self.dev_mode:
+            names = ", ".join(ENV_PREFIX + n.upper() for n in missing)
+            raise ValueError(
+                f"missing secrets: {names}; set them (at least {_MIN_SECRET_CHARS} characters "
+                "each), or pass --dev for throwaway development values"
+            )
+        for name in _SECRET_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                logger.warning("dev mode: using a fixed development value for %s", name)
+                object.__setattr__(self, name, SecretStr(f"dev-{name.replace('_', '-')}-0000"))
+            elif len(value.get_secret_value()) < _MIN_SECRET_CHARS:
+                raise ValueError(
+                    f"{ENV_PREFIX}{name.upper()} is shorter than {_MIN_SECRET_CHARS} characters"
+                )
+        return self
+
+    def secret(self, name: str) -> str:
+        """The plain value of secret ``name`` (validated non-empty above)."""
+        value = getattr(self, name)
+        assert isinstance(value, SecretStr)
+        return value.get_secret_value()
