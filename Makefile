@@ -39,7 +39,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 pytest: setup postgres
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q
 
 test: lint typecheck pytest
 

@@ -1,0 +1,184 @@
+"""Typed, validated settings and results of stage ① train (on-device LoRA + DP-SGD).
+
+Invariants: every settings object is frozen and validated in ``__post_init__``, so a
+trainer never sees an out-of-range value; units are in the names (``_bytes``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from client.train.errors import TrainConfigError
+
+__all__ = ["DPSettings", "EvalResult", "LoraSettings", "TrainResult", "TrainSettings"]
+
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+TRAIN_STATUSES = ("ok", "budget_exhausted", "no_data")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise TrainConfigError(message)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Shape of the LoRA adapter every client of a federation shares.
+
+    Attributes:
+        rank: LoRA rank r.
+        alpha: LoRA scaling numerator (scale = alpha / rank).
+        dropout: dropout on the LoRA input; keep 0.0 under DP (it is per-sample noise
+            that Opacus does not account for, and it slows memorisation audits).
+        target_modules: module names to adapt; None means every linear projection
+            except the output head (PEFT's ``"all-linear"``).
+        ffa: FFA-LoRA (Sun et al., ICLR 2024): A frozen at a seeded init that every
+            client reproduces from ``init_seed``; only B is trained and exchanged.
+        init_seed: seed of the LoRA A initialisation (identical on every client).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    ffa: bool = False
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, f"LoRA alpha must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        _require(
+            self.target_modules is None or len(self.target_modules) > 0,
+            "target_modules must be None (all linear projections) or a non-empty tuple",
+        )
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Record-level DP-SGD (Opacus) settings for one device.
+
+    Attributes:
+        enabled: train with DP-SGD (Poisson sampling, per-sample clipping, noise).
+        noise_multiplier: sigma; if None it is derived from ``target_epsilon``.
+        target_epsilon: total epsilon that ``TrainSettings.planned_rounds`` identical
+            rounds should reach; used only when ``noise_multiplier`` is None.
+        delta: the delta of every epsilon reported.
+        max_grad_norm: per-sample clipping bound C.
+        accountant: ``"prv"`` (tight) or ``"rdp"``.
+        epsilon_budget: the device's cap on epsilon over all rounds (privacy ledger).
+        grad_sample_mode: ``"hooks"`` (per-sample gradients) or ``"ghost"`` (Opacus
+            fast gradient clipping: per-sample norms only, two backward passes).
+    """
+
+    enabled: bool = False
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    epsilon_budget: float | None = None
+    grad_sample_mode: str = "hooks"
+
+    def __post_init__(self) -> None:
+        _require(self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}")
+        _require(
+            self.grad_sample_mode in GRAD_SAMPLE_MODES,
+            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}",
+        )
+        _require(0.0 < self.delta < 1.0, f"delta must be in (0, 1), got {self.delta}")
+        _require(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        for name in ("noise_multiplier", "target_epsilon", "epsilon_budget"):
+            value = getattr(self, name)
+            _require(
+                value is None or (math.isfinite(value) and value > 0),
+                f"{name} must be a positive finite number or None, got {value}",
+            )
+        _require(
+            not self.enabled or (self.noise_multiplier is None) != (self.target_epsilon is None),
+            "with DP enabled give exactly one of noise_multiplier or target_epsilon",
+        )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One local training round.
+
+    Attributes:
+        local_steps: optimizer steps (logical batches) per round.
+        learning_rate: AdamW learning rate of the LoRA parameters.
+        batch_size: logical batch size (expected batch size under Poisson sampling);
+            None lets the trainer choose (8, at most the number of blocks).
+        seq_len: tokens per packed block; None lets the memory planner choose.
+        memory_budget_bytes: training memory the device grants on top of the
+            interpreter; None means unbounded.
+        seed: seed of sampling, shuffling and DP noise.
+        planned_rounds: rounds this device expects to train; spreads
+            ``DPSettings.target_epsilon`` over them.
+    """
+
+    local_steps: int = 10
+    learning_rate: float = 5e-3
+    batch_size: int | None = None
+    seq_len: int | None = None
+    memory_budget_bytes: int | None = None
+    seed: int = 0
+    planned_rounds: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
+        _require(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            f"learning_rate must be > 0, got {self.learning_rate}",
+        )
+        _require(self.batch_size is None or self.batch_size >= 1, "batch_size must be >= 1")
+        _require(self.seq_len is None or self.seq_len >= 2, "seq_len must be >= 2")
+        _require(
+            self.memory_budget_bytes is None or self.memory_budget_bytes > 0,
+            "memory_budget_bytes must be > 0",
+        )
+        _require(self.planned_rounds >= 1, "planned_rounds must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :meth:`LocalTrainer.train` produced.
+
+    ``epsilon`` is the ledger's total after this round (None without DP);
+    ``adapter`` holds only the exchanged tensors (see ``trainable_names``).
+    """
+
+    status: str
+    adapter: dict[str, torch.Tensor]
+    num_examples: int
+    steps: int
+    train_loss: float
+    epsilon: float | None
+    noise_multiplier: float | None
+    batch_size: int
+    seq_len: int
+    message: str = ""
+    delta: float | None = None
+    sample_rate: float | None = None
+    max_grad_norm: float | None = None
+    physical_batch_size: int = 0
+    estimated_peak_bytes: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in TRAIN_STATUSES:
+            raise TrainConfigError(f"status must be one of {TRAIN_STATUSES}, got {self.status}")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out next-token metrics: mean loss (nats/token), perplexity, top-1 accuracy."""
+
+    loss: float
+    perplexity: float
+    accuracy: float
+    num_tokens: int
