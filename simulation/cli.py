@@ -131,7 +131,12 @@ def simulate(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same run."),
     out: Path = typer.Option(Path("runs/simulate"), "--out", help="Output directory."),
-    local_steps: int = typer.Option(10, "--local-steps", min=1, help="Steps per client round."),
+    local_steps: int | None = typer.Option(
+        None,
+        "--local-steps",
+        min=1,
+        help="Steps per client round (default: 3 with record-level DP, else 10).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
 ) -> None:
     """Federated LoRA fine-tuning of the NF4 base on simulated phones; writes OUT/summary.json."""
@@ -142,6 +147,12 @@ def simulate(
 
     if dp_mode not in ("record", "user"):
         raise SimulationInputError(f"--dp-mode {dp_mode!r} is not one of: record, user")
+    import logging
+
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # Flower logs at DEBUG through its own handler; keep it out of ours (fedota -v
+        # shows everything).
+        logging.getLogger("flwr").propagate = False
     console = Console(stderr=True)
     cfg = FederatedConfig(
         out_dir=out,

@@ -1,0 +1,253 @@
+"""② aggregate: strategy wrappers that add validation and central DP to ``LoraStrategy``.
+
+* :class:`UpdateValidation` drops replies whose update is non-finite, has an L2 norm
+  above a bound or has the wrong tensors, and logs each rejection (THREATS G32);
+* :class:`CentralDP` replaces the weighted mean by DP-FedAvg (clip, sum, Gaussian
+  noise, fixed denominator ``q·N``) and keeps the user-level accountant. The noise is
+  drawn from a generator seeded by ``(seed, round)`` so a resumed run reproduces it.
+
+Compose as ``UpdateValidation(CentralDP(LoraStrategy(...)))`` so that DP only ever sees
+validated updates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server.federation.accountant import UserLevelAccountant, calibrate_noise_multiplier
+from server.federation.aggregate import (
+    add_delta,
+    clip_delta,
+    delta_norm,
+    is_finite,
+    noised_sum_delta,
+    subtract,
+)
+from server.federation.records import TrainReply, decode_train_reply, numpy_to_arrays
+from server.federation.strategy import Population
+
+__all__ = ["CentralDP", "UpdateValidation"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Wrapper(Strategy):
+    """Delegates everything to ``inner``; subclasses override what they change."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # sample_rate, global_adapter, min_clients…
+        return getattr(self.inner, name)
+
+    @property
+    def population(self) -> Population:
+        """The population of the innermost strategy (set once nodes are discovered)."""
+        return self.inner.population  # type: ignore[no-any-return]
+
+    @population.setter
+    def population(self, value: Population) -> None:
+        self.inner.population = value
+
+    def summary(self) -> None:
+        """Log the configuration."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_train(server_round, arrays, config, grid)  # type: ignore[no-any-return]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.aggregate_train(server_round, replies)  # type: ignore[no-any-return]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)  # type: ignore[no-any-return]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate to the wrapped strategy."""
+        return self.inner.aggregate_evaluate(server_round, replies)  # type: ignore[no-any-return]
+
+    def state(self) -> dict[str, Any]:
+        """State of the wrapped strategy."""
+        return {"inner": self.inner.state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state` output."""
+        self.inner.load_state(state.get("inner", {}))
+
+
+class UpdateValidation(_Wrapper):
+    """Exclude non-finite, oversized or malformed client updates before aggregation.
+
+    Args:
+        inner: the strategy that aggregates what passes.
+        max_update_norm: largest accepted L2 norm of ``adapter - global`` (0: no bound).
+    """
+
+    def __init__(self, inner: Any, *, max_update_norm: float) -> None:
+        super().__init__(inner)
+        self.max_update_norm = max_update_norm
+
+    def check(self, reply: TrainReply) -> str | None:
+        """Why ``reply`` must be excluded, or ``None`` when it is acceptable."""
+        if reply.status != "ok" or reply.adapter is None:
+            return None  # not an update: counted as "did not train", not as rejected
+        unknown = sorted(set(reply.adapter) - set(self.inner.global_adapter))
+        if unknown:
+            return f"unknown tensors {unknown[:3]}"
+        try:
+            delta = subtract(reply.adapter, self.inner.global_adapter)
+        except ValueError as e:
+            return str(e)
+        if not is_finite(delta):
+            return "update contains NaN or Inf"
+        norm = delta_norm(delta)
+        if self.max_update_norm > 0 and norm > self.max_update_norm:
+            return f"update norm {norm:.4g} exceeds bound {self.max_update_norm:.4g}"
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop invalid updates (logged), aggregate the rest with the wrapped strategy."""
+        kept, rejected = [], 0
+        for msg in replies:
+            reason = self.check(decode_train_reply(msg))
+            if reason is None:
+                kept.append(msg)
+                continue
+            rejected += 1
+            logger.warning(
+                "round %d: rejected update from node %d: %s",
+                server_round,
+                msg.metadata.src_node_id,
+                reason,
+            )
+        arrays, metrics = self.inner.aggregate_train(server_round, kept)
+        metrics = metrics if metrics is not None else MetricRecord()
+        metrics["clients-rejected"] = rejected
+        return arrays, metrics
+
+
+class CentralDP(_Wrapper):
+    """User-level DP-FedAvg: clip each update, add Gaussian noise, track ε.
+
+    Args:
+        inner: a ``LoraStrategy`` (or wrapper of one) with ``sampling="poisson"``.
+        clip: L2 bound on each client's update.
+        noise_multiplier: σ; ``None`` calibrates it from ``target_epsilon``.
+        target_epsilon: the user-level ε the whole run may spend.
+        num_rounds: rounds planned (for calibration).
+        delta: δ of the guarantee.
+        seed: seeds the noise (per round, so resume reproduces it).
+
+    Raises:
+        ValueError: the wrapped strategy does not sample with Poisson sampling.
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        clip: float,
+        noise_multiplier: float | None,
+        target_epsilon: float,
+        num_rounds: int,
+        delta: float,
+        seed: int,
+    ) -> None:
+        super().__init__(inner)
+        if inner.sampling != "poisson":
+            raise ValueError("user-level DP accounting assumes Poisson client sampling")
+        self.clip = clip
+        self.noise_multiplier = noise_multiplier
+        self.target_epsilon = target_epsilon
+        self.num_rounds = num_rounds
+        self.seed = seed
+        self.accountant = UserLevelAccountant(delta=delta)
+
+    def resolve_noise(self) -> float:
+        """σ, calibrated on first use from the sampling rate actually in force."""
+        if self.noise_multiplier is None:
+            self.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=self.target_epsilon,
+                sample_rate=self.inner.sample_rate,
+                rounds=self.num_rounds,
+                delta=self.accountant.delta,
+            )
+            logger.info(
+                "user-level DP: σ=%.4f for ε=%.3g over %d rounds at q=%.4f",
+                self.noise_multiplier,
+                self.target_epsilon,
+                self.num_rounds,
+                self.inner.sample_rate,
+            )
+        return self.noise_multiplier
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP-FedAvg aggregate of the (already validated) replies."""
+        replies = list(replies)
+        sigma = self.resolve_noise()
+        _, metrics = self.inner.aggregate_train(server_round, replies)
+        metrics = metrics if metrics is not None else MetricRecord()
+        contrib = self.inner.contributions(decode_train_reply(m) for m in replies)
+        clipped, clipped_count = {}, 0
+        for cid in sorted(contrib):
+            clipped[cid], norm = clip_delta(contrib[cid].delta, self.clip)
+            clipped_count += norm > self.clip
+        q = self.inner.sample_rate
+        # Composed whether or not the update is applied: the sampling happened.
+        eps = self.accountant.record_round(sample_rate=q, noise_multiplier=sigma)
+        metrics["user-epsilon"] = eps
+        metrics["user-noise-multiplier"] = sigma
+        metrics["clients-clipped"] = int(clipped_count)
+        if len(contrib) < max(self.inner.min_clients, 1):
+            metrics["round-applied"] = 0
+            return None, metrics
+        glob = self.inner.global_adapter
+        template = next(iter(contrib.values())).delta
+        noisy = noised_sum_delta(
+            clipped,
+            template=template,
+            clip=self.clip,
+            noise_multiplier=sigma,
+            expected_clients=q * len(self.inner.population.train),
+            rng=np.random.default_rng([self.seed, server_round, 0xD9]),
+        )
+        metrics["round-applied"] = 1
+        return numpy_to_arrays(add_delta(glob, noisy)), metrics
+
+    def state(self) -> dict[str, Any]:
+        """Wrapped state plus the accountant and σ."""
+        return {
+            "inner": self.inner.state(),
+            "accountant": self.accountant.state(),
+            "noise_multiplier": self.noise_multiplier,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state` output."""
+        self.inner.load_state(state.get("inner", {}))
+        if "accountant" in state:
+            self.accountant = UserLevelAccountant.from_state(state["accountant"])
+        if state.get("noise_multiplier") is not None:
+            self.noise_multiplier = float(state["noise_multiplier"])

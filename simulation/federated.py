@@ -1,0 +1,290 @@
+"""Run a whole federated fine-tuning on Flower's simulation engine (Ray) on one machine.
+
+Reads top to bottom: data → partitions on disk → base model → apps → simulate →
+``DIR/summary.json``. The same ``ServerApp`` / ``ClientApp`` run under ``flwr run``
+against a SuperLink; here they get their run config as overrides, because
+``run_simulation`` does not read ``pyproject.toml``.
+
+Invariants:
+* Deterministic for a seed: client sampling and central noise depend on
+  ``(seed, round)``, each client's local seed on ``(seed, round, client id)``, every
+  Ray actor runs torch with one thread, and aggregation sums in client-id order.
+* ``DIR/checkpoints`` holds the server's checkpoints; ``resume=True`` continues from
+  the last completed round. The summary is rebuilt from the checkpointed history, so a
+  resumed run reports every round.
+* ``on_round_end`` (e.g. the OTA publisher of a later stage) is called once per
+  completed round, never again for a round a resumed run skips.
+* The phones' privacy ledgers (``DIR/devices``) are not rolled back on resume: a round
+  that was in flight when the server died is charged again when it is repeated. The
+  reported record-level ε can therefore exceed an uninterrupted run's — never the
+  reverse — while adapters and metrics match it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simulation.errors import SimulationInputError
+
+__all__ = ["FederatedConfig", "FederatedSummary", "RoundCallback", "run_federated"]
+
+logger = logging.getLogger(__name__)
+
+RoundCallback = Callable[[Any], None]  # receives server.federation.rounds.RoundResult
+CHECKPOINTS = "checkpoints"
+PARTITIONS = "partitions"
+DEVICES = "devices"
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Everything one federated simulation needs; validated on construction.
+
+    Attributes:
+        out_dir: where partitions, device state, checkpoints and ``summary.json`` go.
+        num_clients: training clients (synthetic data) — JSONL data brings its own.
+        clients_per_round: clients per round (expected number under user-level DP).
+        rounds: federated rounds.
+        dp_mode: ``none``, ``record`` (Opacus on each phone) or ``user`` (central).
+        target_epsilon: ε target (record: per phone over all rounds; user: the run).
+        aggregation: ``fedavg`` or ``ffa``; ``None`` = ``ffa`` with DP, else ``fedavg``.
+        data_file: JSONL with ``client_id`` and ``text``; ``None`` = synthetic data.
+        base_model: a Hugging Face causal-LM directory; ``None`` = the cached tiny base.
+        cache_dir: where the generated base model is cached.
+        seed: seeds data, base, sampling, training and noise.
+        num_heldout_clients: synthetic clients that only ever evaluate.
+        min_clients: fewest usable updates for a round to count.
+        local_steps: optimizer steps per client per round (``None``: mode default).
+        learning_rate: client learning rate (``None``: mode default).
+        lora_rank: LoRA rank (``None``: mode default).
+        batch_size: client logical batch size (``None``: mode default or the trainer's).
+        seq_len: tokens per training/evaluation block (``None``: mode default or the
+            trainer's).
+        delta: δ of every ε reported.
+        max_grad_norm: per-example clip of record-level DP-SGD.
+        user_clip: per-client update clip of user-level DP.
+        max_update_norm: updates above this L2 norm are rejected.
+        num_cpus: CPUs Ray may use; one client runs per CPU.
+        resume: continue from ``out_dir/checkpoints`` instead of refusing to overwrite.
+        extra: further run-config keys passed to both apps verbatim.
+    """
+
+    out_dir: Path
+    num_clients: int = 6
+    clients_per_round: int = 3
+    rounds: int = 3
+    dp_mode: str = "record"
+    target_epsilon: float = 8.0
+    aggregation: str | None = None
+    data_file: Path | None = None
+    base_model: Path | None = None
+    cache_dir: Path = Path(".cache/fedota")
+    seed: int = 0
+    num_heldout_clients: int = 2
+    min_clients: int = 2
+    local_steps: int | None = None
+    learning_rate: float | None = None
+    lora_rank: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    user_clip: float = 1.0
+    max_update_norm: float = 100.0
+    num_cpus: int = 2
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_clients < 1 or self.rounds < 1 or self.clients_per_round < 1:
+            problems.append("--clients, --rounds and --clients-per-round must be ≥ 1")
+        if self.dp_mode not in ("none", "record", "user"):
+            problems.append(f"--dp-mode {self.dp_mode!r} is not one of record, user")
+        if self.aggregation not in (None, "fedavg", "ffa"):
+            problems.append(f"--aggregation {self.aggregation!r} is not fedavg or ffa")
+        if self.dp_mode != "none" and not self.target_epsilon > 0:
+            problems.append(f"--target-epsilon {self.target_epsilon} must be > 0")
+        if self.data_file is not None and not Path(self.data_file).is_file():
+            problems.append(f"--data {self.data_file} is not a file")
+        if self.base_model is not None and not Path(self.base_model).is_dir():
+            problems.append(f"--base-model {self.base_model} is not a directory")
+        if problems:
+            raise SimulationInputError("; ".join(problems))
+
+    def client_hyperparameters(self) -> dict[str, Any]:
+        """Client training settings: explicit values, else the defaults of the DP mode.
+
+        Record-level DP-SGD wants fewer, larger and shorter steps than plain training:
+        each device holds little text, so fewer compositions, bigger batches, shorter
+        blocks (more examples) and a smaller rank (less noise in total) matter more than
+        step count. Picked on the default synthetic data and the tiny base (seed 0);
+        see benchmarks/bench_federated.py.
+        """
+        record = self.dp_mode == "record"
+        defaults: dict[str, Any] = (
+            {
+                "local-steps": 3,
+                "learning-rate": 1e-2,
+                "lora-rank": 4,
+                "batch-size": 16,
+                "seq-len": 32,
+            }
+            if record
+            else {"local-steps": 10, "learning-rate": 5e-3, "lora-rank": 8}
+        )
+        chosen = {
+            "local-steps": self.local_steps,
+            "learning-rate": self.learning_rate,
+            "lora-rank": self.lora_rank,
+            "batch-size": self.batch_size,
+            "seq-len": self.seq_len,
+        }
+        out = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
+        out["lora-alpha"] = 2.0 * out["lora-rank"]
+        return out
+
+    @property
+    def resolved_aggregation(self) -> str:
+        """The aggregation actually used (``ffa`` is the default under DP)."""
+        return self.aggregation or ("fedavg" if self.dp_mode == "none" else "ffa")
+
+
+@dataclass(frozen=True)
+class FederatedSummary:
+    """The machine-readable result of a run (what ``summary.json`` holds)."""
+
+    data: dict[str, Any]
+    path: Path
+
+
+def _prepare_data(cfg: FederatedConfig) -> tuple[Path, int, int]:
+    from simulation.data import SyntheticConfig, generate_synthetic, load_jsonl, write_partitions
+
+    if cfg.data_file is not None:
+        data = load_jsonl(cfg.data_file)
+    else:
+        data = generate_synthetic(
+            SyntheticConfig(
+                num_clients=cfg.num_clients,
+                num_heldout_clients=cfg.num_heldout_clients,
+                seed=cfg.seed,
+            )
+        )
+    out = write_partitions(data, cfg.out_dir / PARTITIONS)
+    return out, len(data.clients), len(data.heldout_clients)
+
+
+def _run_config(cfg: FederatedConfig, base: Path, parts: Path, nodes: int) -> dict[str, Any]:
+    return {
+        "num-server-rounds": cfg.rounds,
+        "clients-per-round": cfg.clients_per_round,
+        "min-clients": cfg.min_clients,
+        "aggregation": cfg.resolved_aggregation,
+        "dp-mode": cfg.dp_mode,
+        "target-epsilon": cfg.target_epsilon,
+        "delta": cfg.delta,
+        "max-grad-norm": cfg.max_grad_norm,
+        "user-clip": cfg.user_clip,
+        "max-update-norm": cfg.max_update_norm,
+        **cfg.client_hyperparameters(),
+        "seed": cfg.seed,
+        "num-nodes": nodes,
+        "base-model": str(base),
+        "data-dir": str(parts),
+        "state-dir": str(cfg.out_dir / DEVICES),
+        "checkpoint-dir": str(cfg.out_dir / CHECKPOINTS),
+        **cfg.extra,
+    }
+
+
+def _backend_config(cfg: FederatedConfig) -> dict[str, Any]:
+    # A 2-core box: one client per CPU, a small object store, no dashboard, quiet logs.
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": max(1, cfg.num_cpus),
+            "num_gpus": 0,
+            "object_store_memory": 100 * 2**20,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        },
+    }
+
+
+def _single_threaded() -> None:
+    # Ray actors inherit the environment: one BLAS/torch thread per client keeps
+    # results bit-reproducible and stops 2 cores being oversubscribed.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def run_federated(
+    cfg: FederatedConfig, *, on_round_end: RoundCallback | None = None
+) -> FederatedSummary:
+    """Simulate the federation described by ``cfg`` and write ``summary.json``.
+
+    Args:
+        cfg: the run's settings.
+        on_round_end: called with each completed round's
+            :class:`~server.federation.rounds.RoundResult` (round 0 = baseline).
+
+    Returns:
+        The summary, also written to ``cfg.out_dir / "summary.json"``.
+
+    Raises:
+        SimulationInputError: ``out_dir`` already holds a run and ``resume`` is off,
+            or the data or base model cannot be used.
+        RuntimeError: the simulation itself failed (the cause is chained).
+    """
+    from flwr.simulation import run_simulation
+
+    from client.client_app import make_client_app
+    from server.federation.checkpoint import load_latest
+    from server.federation.server_app import make_server_app
+    from simulation.base_model import ensure_base_model
+    from simulation.report import build_summary, write_summary
+
+    ckpt_dir = cfg.out_dir / CHECKPOINTS
+    if (ckpt_dir / "LATEST").exists() and not cfg.resume:
+        raise SimulationInputError(
+            f"{cfg.out_dir} already holds a federated run; pass --resume to continue it "
+            "or choose a new --out"
+        )
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    parts, num_train, num_heldout = _prepare_data(cfg)
+    base = cfg.base_model or ensure_base_model(cfg.cache_dir, preset="tiny", seed=cfg.seed)
+    run_config = _run_config(cfg, Path(base), parts, num_train + num_heldout)
+    _single_threaded()
+    logger.info(
+        "simulating %d clients (+%d held out) for %d rounds", num_train, num_heldout, cfg.rounds
+    )
+    run_simulation(
+        server_app=make_server_app(run_config, on_round_end=on_round_end),
+        client_app=make_client_app(run_config),
+        num_supernodes=num_train + num_heldout,
+        backend_config=_backend_config(cfg),  # type: ignore[arg-type]
+    )
+    ckpt = load_latest(ckpt_dir)
+    if ckpt is None or ckpt.round < cfg.rounds:
+        done = -1 if ckpt is None else ckpt.round
+        raise RuntimeError(
+            f"the simulation stopped after round {done} of {cfg.rounds}; see the log above, "
+            "then rerun with --resume to continue"
+        )
+    data = build_summary(
+        history=ckpt.state["history"],
+        run_config=run_config,
+        num_clients=num_train,
+        num_heldout_clients=num_heldout,
+        elapsed_s=time.monotonic() - started,
+    )
+    return FederatedSummary(data=data, path=write_summary(cfg.out_dir, data))

@@ -1,0 +1,63 @@
+"""The real ``ClientApp`` (real NF4 trainer, micro base) driven by the real server
+orchestrator over a loopback grid: the record contract, FFA upload, the privacy
+ledger, and held-out clients that evaluate but never train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fed_fakes import LoopbackGrid
+
+from client.client_app import make_client_app
+from server.federation.config import FederationConfig
+from server.federation.rounds import RoundResult, run_federation
+from server.federation.server_app import build_strategy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def partitions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from simulation.data import SyntheticConfig, generate_synthetic, write_partitions
+
+    data = generate_synthetic(
+        SyntheticConfig(num_clients=3, num_heldout_clients=1, seed=0, max_texts=40)
+    )
+    return write_partitions(data, tmp_path_factory.mktemp("parts"))
+
+
+def test_one_record_dp_ffa_round_with_real_phones(
+    tmp_path: Path, micro_base: Path, partitions: Path
+) -> None:
+    overrides = {
+        "base-model": str(micro_base),
+        "data-dir": str(partitions),
+        "state-dir": str(tmp_path / "devices"),
+        "aggregation": "ffa",
+        "dp-mode": "record",
+        "target-epsilon": 8.0,
+        "local-steps": 2,
+        "num-server-rounds": 1,
+    }
+    app = make_client_app(overrides)
+    grid = LoopbackGrid({50 + 3 * i: (app, {"partition-id": i}) for i in range(4)})
+    cfg = FederationConfig(num_rounds=1, clients_per_round=3, min_clients=2, dp_mode="record")
+    results: list[RoundResult] = []
+    history = run_federation(grid, cfg, build_strategy(cfg), on_round_end=results.append)
+
+    trained = history[1]["train"]
+    assert trained["clients-trained"] == 3 and trained["round-applied"] == 1
+    assert 0 < trained["record-epsilon"] <= 8.0
+    # FFA: the global adapter (and every upload) holds lora_B only; A is the shared seed
+    assert results[1].global_adapter and all(".lora_B." in k for k in results[1].global_adapter)
+    # each training phone persisted its ledger; the held-out phone never trained
+    index = json.loads((partitions / "index.json").read_text())["partitions"]
+    heldout = [p["client_id"] for p in index if p["role"] == "heldout"]
+    ledgers = {p.parent.name for p in (tmp_path / "devices").rglob("*.json")}
+    assert len(ledgers) == 3 and not ledgers & set(heldout)
+    assert ("train", 50 + 3 * 3) not in grid.calls
+    ev = history[1]["evaluate"]
+    assert ev["clients-nodes"] == 3 and ev["heldout-nodes"] == 1
+    assert ev["clients-tokens"] > 0 and ev["heldout-tokens"] > 0

@@ -1,0 +1,225 @@
+"""The server orchestrator against numpy phones on a loopback grid.
+
+Covers THREATS G32 (bad updates excluded and logged), G33 (dropouts down to a
+minimum), G34 (resume after a crash = uninterrupted run), user-level DP and the
+round-0 / per-round evaluation split into clients' held-out text and held-out clients.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fed_fakes import fake_phone_app, make_grid, population_target
+
+from server.federation.config import FederationConfig
+from server.federation.rounds import RoundResult, run_federation
+from server.federation.server_app import build_strategy
+
+
+def run(
+    cfg: FederationConfig,
+    *,
+    ffa: bool = True,
+    num_train: int = 6,
+    misbehave: dict[str, Any] | None = None,
+    node_offset: int = 1000,
+    on_round_end: Any = None,
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    grid = make_grid(
+        fake_phone_app(ffa=ffa, misbehave=misbehave), num_train=num_train, node_offset=node_offset
+    )
+    last: dict[str, np.ndarray] = {}
+
+    def keep(result: RoundResult) -> None:
+        last.clear()
+        last.update(result.global_adapter)
+        if on_round_end:
+            on_round_end(result)
+
+    history = run_federation(grid, cfg, build_strategy(cfg), on_round_end=keep)
+    return history, last
+
+
+def without_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**h, "elapsed_s": 0} for h in history]
+
+
+def cfg(**kw: Any) -> FederationConfig:
+    base: dict[str, Any] = dict(
+        num_rounds=3,
+        clients_per_round=3,
+        min_clients=2,
+        aggregation="ffa",
+        dp_mode="none",
+        max_update_norm=50.0,
+    )
+    base.update(kw)
+    return FederationConfig(**base)
+
+
+def test_rounds_train_evaluate_and_improve_on_both_populations() -> None:
+    history, _final = run(cfg())
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert history[0]["train"] == {}  # round 0 = evaluation of the initial adapter
+    for h in history[1:]:
+        assert h["train"]["clients-sampled"] == 3
+        assert h["train"]["clients-trained"] == 3
+        assert h["train"]["round-applied"] == 1
+    losses = [h["evaluate"]["clients-loss"] for h in history]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.5 * losses[0]
+    assert history[-1]["evaluate"]["heldout-nodes"] == 1
+    assert history[-1]["evaluate"]["clients-nodes"] == 6
+    assert "heldout-perplexity" in history[-1]["evaluate"]
+
+
+def test_ffa_keeps_a_frozen_and_uploads_half_of_fedavg() -> None:
+    h_ffa, g_ffa = run(cfg(aggregation="ffa"), ffa=True)
+    h_avg, g_avg = run(cfg(aggregation="fedavg"), ffa=False)
+    from fed_fakes import initial_adapter
+
+    init = initial_adapter()
+    for k in init:
+        if "lora_A" in k:
+            np.testing.assert_array_equal(g_ffa[k], init[k])
+            assert not np.array_equal(g_avg[k], init[k])
+    assert h_ffa[1]["train"]["upload-bytes"] * 2 == pytest.approx(
+        h_avg[1]["train"]["upload-bytes"], rel=0.05
+    )
+
+
+def test_sampling_is_seeded_and_independent_of_node_ids() -> None:
+    a, ga = run(cfg(seed=3), node_offset=1000)
+    b, gb = run(cfg(seed=3), node_offset=5000)
+    assert without_time(a) == without_time(b)
+    for k in ga:
+        np.testing.assert_array_equal(ga[k], gb[k])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda a: {k: np.full_like(v, np.nan) for k, v in a.items()}, id="nan"),
+        pytest.param(lambda a: {k: np.full_like(v, np.inf) for k, v in a.items()}, id="inf"),
+        pytest.param(lambda a: {k: v * 1e4 for k, v in a.items()}, id="huge-norm"),
+        pytest.param(
+            lambda a: {**a, "extra.lora_B.weight": np.ones(2, np.float32)}, id="unknown-tensor"
+        ),
+    ],
+)
+def test_g32_bad_updates_are_excluded_and_logged(bad: Any, caplog: Any) -> None:
+    everyone_bad = {f"c{i}": bad for i in range(6) if i != 0 and i % 2 == 0}
+    with caplog.at_level(logging.WARNING, logger="server.federation"):
+        history, final = run(cfg(clients_per_round=6, min_clients=1), misbehave=everyone_bad)
+    assert all(np.isfinite(v).all() for v in final.values())
+    assert all(np.abs(v).max() < 10 for v in final.values())
+    for h in history[1:]:
+        assert h["train"]["clients-rejected"] == 2
+        assert h["train"]["round-applied"] == 1
+    assert "rejected update" in caplog.text
+
+
+def test_g33_round_completes_with_the_clients_that_remain() -> None:
+    drop = {f"c{i}": (lambda a: None) for i in (1, 3)}
+    history, _ = run(cfg(clients_per_round=6, min_clients=3), misbehave=drop)
+    for h in history[1:]:
+        assert h["train"]["clients-trained"] == 4
+        assert h["train"]["clients-failed"] == 2
+        assert h["train"]["round-applied"] == 1
+    assert history[-1]["evaluate"]["clients-loss"] < history[0]["evaluate"]["clients-loss"]
+
+
+def test_g33_below_the_minimum_the_global_adapter_is_unchanged() -> None:
+    drop = {f"c{i}": (lambda a: None) for i in range(1, 6)}
+    history, _ = run(cfg(clients_per_round=6, min_clients=2), misbehave=drop)
+    for h in history[1:]:
+        assert h["train"]["clients-trained"] == 1
+        assert h["train"]["round-applied"] == 0
+    assert history[-1]["evaluate"] == history[0]["evaluate"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after(round_number: int) -> Any:
+    def hook(result: RoundResult) -> None:
+        if result.round == round_number:
+            raise Crash(f"killed after round {round_number}")
+
+    return hook
+
+
+@pytest.mark.parametrize("dp_mode", ["none", "user"])
+def test_g34_resume_after_a_crash_matches_an_uninterrupted_run(
+    tmp_path: Path, dp_mode: str
+) -> None:
+    kw: dict[str, Any] = dict(
+        num_rounds=4, dp_mode=dp_mode, seed=7, user_clip=0.5, clients_per_round=3, min_clients=1
+    )
+    full_history, full = run(cfg(**kw, checkpoint_dir=tmp_path / "full"))
+
+    ckpt = tmp_path / "crashy"
+    with pytest.raises(Crash):
+        run(cfg(**kw, checkpoint_dir=ckpt), on_round_end=crash_after(2))
+    seen: list[int] = []
+    resumed_history, resumed = run(
+        cfg(**kw, checkpoint_dir=ckpt),
+        node_offset=9000,
+        on_round_end=lambda r: seen.append(r.round),
+    )
+    assert seen == [3, 4]  # rounds 0-2 are not re-run (nor re-published)
+    assert without_time(resumed_history) == without_time(full_history)
+    for k in full:
+        np.testing.assert_array_equal(resumed[k], full[k])
+    if dp_mode == "user":
+        assert (
+            resumed_history[-1]["train"]["user-epsilon"]
+            == full_history[-1]["train"]["user-epsilon"]
+        )
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path) -> None:
+    from server.errors import ServerInputError
+
+    run(cfg(num_rounds=1, checkpoint_dir=tmp_path))
+    with pytest.raises(ServerInputError, match="checkpoint"):
+        run(cfg(num_rounds=2, checkpoint_dir=tmp_path, aggregation="fedavg"), ffa=False)
+
+
+def test_user_level_dp_spends_at_most_the_target_and_adds_noise() -> None:
+    history, final = run(
+        cfg(dp_mode="user", target_epsilon=8.0, user_clip=1.0, num_rounds=3), num_train=6
+    )
+    eps = [h["train"]["user-epsilon"] for h in history[1:]]
+    assert 0 < eps[0] < eps[1] < eps[2] <= 8.0 + 1e-6
+    assert history[1]["train"]["user-noise-multiplier"] > 0
+    _plain_history, plain = run(cfg(num_rounds=3))
+    diff = sum(float(np.abs(final[k] - plain[k]).sum()) for k in final)
+    assert diff > 1e-3
+
+
+def test_user_level_dp_mean_is_unbiased_with_many_clients() -> None:
+    """With a large population the DP update tracks the clipped mean (σ·C/(qN) → 0)."""
+    c = cfg(
+        dp_mode="user",
+        user_noise_multiplier=1.0,
+        user_clip=5.0,
+        clients_per_round=60,
+        num_rounds=1,
+        min_clients=1,
+    )
+    history, final = run(c, num_train=120)
+    tgt = population_target(120)
+    start_err = sum(float(np.sum(tgt[k] ** 2)) for k in tgt if "lora_B" in k)
+    err = sum(float(np.sum((final[k] - tgt[k]) ** 2)) for k in tgt if "lora_B" in k)
+    assert err < start_err  # moved towards the population optimum despite the noise
+    assert history[1]["train"]["clients-sampled"] > 30  # Poisson, q = 0.5
+
+
+def test_record_level_epsilon_is_the_max_reported_by_clients() -> None:
+    history, _ = run(cfg(clients_per_round=6))
+    assert history[-1]["train"]["record-epsilon"] == pytest.approx(0.5 * 5)
