@@ -1,5 +1,5 @@
 # fedota — the two commands the README opens with:
-#   make demo   set everything up, then run the main job
+#   make demo   set everything up, then run the main job (`fedota simulate` on defaults)
 #   make test   set everything up, then run lint, type checks and the whole test suite
 .PHONY: setup demo test lint typecheck pytest postgres clean
 
@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedota-installed
-OUT    ?= runs/demo
+OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Until `fedota simulate` lands, the main job bootstraps the base model and samples it.
 demo: setup
-	@if [ -f $(OUT)/base/fedota_base.json ]; then echo "reusing $(OUT)/base"; \
-	  else $(BIN)/fedota base-model init --out $(OUT)/base --preset tiny; fi
-	$(BIN)/fedota base-model sample --model $(OUT)/base --prompt "the city council" --prompt "hey ana, are we"
+	$(BIN)/fedota simulate --out $(OUT)
 
 # PostgreSQL server binaries for the database tests (Debian's package; tests start
 # their own throwaway cluster). Installed only when missing and when we may.
