@@ -198,7 +198,46 @@ def simulate(
     )
 
 
+adapter_app = typer.Typer(
+    help="Turn a federated run's global adapter into a deployable PEFT adapter.",
+    no_args_is_help=True,
+)
+
+
+@adapter_app.command("export")
+def adapter_export(
+    run: Path = typer.Option(
+        ..., "--run", help="A `fedota simulate --out` dir, or a server checkpoint dir."
+    ),
+    base_model: Path = typer.Option(..., "--base-model", help="The base the run trained on."),
+    out: Path = typer.Option(..., "--out", help="New PEFT adapter directory."),
+    rank: int = typer.Option(None, "--rank", min=1, help="LoRA rank (default: from summary)."),
+    alpha: float = typer.Option(None, "--alpha", help="LoRA alpha (default: 2 × rank)."),
+    seed: int = typer.Option(None, "--seed", help="The run's seed (FFA's shared A init)."),
+    ffa: bool = typer.Option(None, "--ffa/--no-ffa", help="Trained with FFA-LoRA?"),
+) -> None:
+    """Write the newest global adapter of RUN, with FFA's frozen A rebuilt, as a PEFT
+    adapter directory for `fedota package --new`."""
+    from simulation.export import LoraShape, export_adapter, latest_global, lora_shape_of_run
+
+    global_path, _ = latest_global(run)
+    if None in (rank, seed, ffa):
+        known = lora_shape_of_run(run)
+        rank = known.rank if rank is None else rank
+        seed = known.init_seed if seed is None else seed
+        ffa = known.ffa if ffa is None else ffa
+        alpha = known.alpha if alpha is None else alpha
+    shape = LoraShape(rank, float(alpha if alpha is not None else 2 * rank), seed, bool(ffa))
+    result = export_adapter(global_path, base_model, out, shape)
+    typer.echo(
+        f"adapter from {global_path} (round {result.round}) written to {out}: "
+        f"{result.num_tensors} tensors, rank {shape.rank}, alpha {shape.alpha:g}, "
+        f"{'FFA' if shape.ffa else 'fedavg'}"
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Mount this package's commands on the root ``fedota`` app."""
     app.add_typer(base_model_app, name="base-model")
+    app.add_typer(adapter_app, name="adapter")
     app.command("simulate")(simulate)

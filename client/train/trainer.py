@@ -91,6 +91,18 @@ class LocalTrainer:
         self.slots.load(None)
         return self.slots.export()
 
+    def full_adapter(self, adapter: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Every LoRA tensor a device needs for an exchanged adapter (A and B).
+
+        Under FFA-LoRA only B is exchanged; the frozen A is the shared seeded init, which
+        this rebuilds, so the result can be packaged and run by the inference runtime.
+
+        Raises:
+            AdapterMismatchError: the adapter does not match this base/LoRA layout.
+        """
+        self.slots.load(adapter)
+        return {n: p.detach().to("cpu").clone() for n, p in self.slots.params.items()}
+
     def base_digest(self) -> str:
         """SHA-256 of the quantized base (everything but LoRA); constant for the trainer's life."""
         return base_digest(self.model)
