@@ -26,6 +26,8 @@ from delta_packager.errors import PackagerInputError
 __all__ = ["FINGERPRINT_PREFIX", "TOKENIZER_FILES", "fingerprint_checkpoint"]
 
 FINGERPRINT_PREFIX = "sha256:"
+#: The files that make up a Hugging Face tokenizer: hashed into the fingerprint, and
+#: copied next to every pre-quantized checkpoint so it is self-contained.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -34,6 +36,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "chat_template.jinja",
 )
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _CHUNK = 1 << 20

@@ -21,24 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.errors import ClientInputError
+from delta_packager.fingerprint import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     import torch
     from transformers import BitsAndBytesConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
-
-#: Files that make up a Hugging Face tokenizer; copied next to a quantized checkpoint.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 class QuantizedModelError(ClientInputError):
