@@ -24,5 +24,4 @@ HEALTHCHECK --interval=15s --timeout=5s --retries=5 \
 
 ENTRYPOINT ["flower-supernode"]
 CMD ["--superlink", "superlink:9092", "--root-certificates", "/certs/ca.crt", \
-     "--auth-supernode-private-key", "/keys/supernode", \
-     "--auth-supernode-public-key", "/keys/supernode.pub"]
+     "--auth-supernode-private-key", "/keys/supernode"]

@@ -138,6 +138,12 @@ def simulate(
         help="Steps per client round (default: 3 with record-level DP, else 10).",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        envvar="RAY_ADDRESS",
+        help="Run the clients on an existing Ray cluster (HOST:PORT of its head, or auto).",
+    ),
 ) -> None:
     """Federated LoRA fine-tuning of the NF4 base on simulated phones; writes OUT/summary.json."""
     from rich.console import Console
@@ -167,6 +173,7 @@ def simulate(
         seed=seed,
         cache_dir=default_cache_dir(),
         local_steps=local_steps,
+        ray_address=ray_address,
         resume=resume,
     )
 
@@ -240,4 +247,7 @@ def register(app: typer.Typer) -> None:
     """Mount this package's commands on the root ``fedota`` app."""
     app.add_typer(base_model_app, name="base-model")
     app.add_typer(adapter_app, name="adapter")
+    from simulation import data_cli
+
+    data_cli.register(app)
     app.command("simulate")(simulate)

@@ -70,7 +70,10 @@ class FederatedConfig:
         max_grad_norm: per-example clip of record-level DP-SGD.
         user_clip: per-client update clip of user-level DP.
         max_update_norm: updates above this L2 norm are rejected.
-        num_cpus: CPUs Ray may use; one client runs per CPU.
+        num_cpus: CPUs Ray may use; one client runs per CPU (a private Ray instance).
+        ray_address: an existing Ray cluster to run the clients on (the address
+            ``ray start --head`` printed, or ``auto``); ``None`` starts a private,
+            single-machine Ray instance with ``num_cpus`` CPUs.
         resume: continue from ``out_dir/checkpoints`` instead of refusing to overwrite.
         extra: further run-config keys passed to both apps verbatim.
     """
@@ -98,6 +101,7 @@ class FederatedConfig:
     user_clip: float = 1.0
     max_update_norm: float = 100.0
     num_cpus: int = 2
+    ray_address: str | None = None
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -205,18 +209,21 @@ def _run_config(cfg: FederatedConfig, base: Path, parts: Path, nodes: int) -> di
 
 
 def _backend_config(cfg: FederatedConfig) -> dict[str, Any]:
-    # A 2-core box: one client per CPU, a small object store, no dashboard, quiet logs.
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if cfg.ray_address:
+        # An existing cluster: its nodes declared their CPUs and object store at
+        # `ray start`, and ray.init refuses num_cpus / object_store_memory when attaching.
+        init_args: dict[str, Any] = {"address": cfg.ray_address, **quiet}
+    else:
+        # A 2-core box: one client per CPU, a small object store, no dashboard.
+        init_args = {
             "num_cpus": max(1, cfg.num_cpus),
             "num_gpus": 0,
             "object_store_memory": 100 * 2**20,
             "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,
-        },
-    }
+            **quiet,
+        }
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
 def _single_threaded() -> None:
