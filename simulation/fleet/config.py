@@ -1,0 +1,166 @@
+"""Fleet configuration: device tiers, fault shares and rollout policy, validated once.
+
+Everything ``simulation.fleet`` and ``simulation.e2e`` need is parsed here into frozen
+dataclasses; nothing deeper reads the environment or re-checks ranges. Units are in
+the names (``budget_bytes``, ``bandwidth_bps``, ``poll_interval_s``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from simulation.errors import SimulationInputError
+
+__all__ = ["DEFAULT_TIERS", "FaultShares", "FleetConfig", "RolloutPolicy", "Tier"]
+
+_MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A class of phones sharing a memory budget and a network.
+
+    Attributes:
+        name: Short label used in the report (``low``, ``mid``, ``high``).
+        share: Fraction of the fleet in this tier (tiers are renormalised).
+        budget_bytes: Memory the runtime may add on top of the interpreter.
+        bandwidth_bps: Download bandwidth in bytes per second (simulated time).
+        availability: Probability the phone is online at a poll.
+    """
+
+    name: str
+    share: float
+    budget_bytes: int
+    bandwidth_bps: float
+    availability: float
+
+    def __post_init__(self) -> None:
+        if not self.name or self.share <= 0:
+            raise SimulationInputError(f"tier {self.name!r}: share must be > 0")
+        if self.budget_bytes <= 0 or self.bandwidth_bps <= 0:
+            raise SimulationInputError(
+                f"tier {self.name!r}: budget_bytes and bandwidth_bps must be positive"
+            )
+        if not 0.0 < self.availability <= 1.0:
+            raise SimulationInputError(
+                f"tier {self.name!r}: availability {self.availability} must be in (0, 1]"
+            )
+
+
+DEFAULT_TIERS: tuple[Tier, ...] = (
+    Tier("low", 0.3, 96 * _MIB, 250_000.0, 0.7),
+    Tier("mid", 0.5, 192 * _MIB, 2_000_000.0, 0.85),
+    Tier("high", 0.2, 512 * _MIB, 10_000_000.0, 0.95),
+)
+
+
+@dataclass(frozen=True)
+class FaultShares:
+    """Fractions of the fleet with an injected fault (each device has at most one).
+
+    Attributes:
+        killed_mid_apply: Updater killed at a step of its first update, then restarted.
+        corrupted_mirror: Downloads of the first release come through a mirror that
+            flips a byte (the device must reject them and keep its adapter).
+        other_base: Devices holding a base with another fingerprint (never offered).
+        far_behind: Devices offline until the last release (get a full bundle).
+        bad_release_round: Round whose release is published with an adapter that fails
+            the golden health check (``None``: no bad release).
+    """
+
+    killed_mid_apply: float = 0.05
+    corrupted_mirror: float = 0.05
+    other_base: float = 0.05
+    far_behind: float = 0.05
+    bad_release_round: int | None = 2
+
+    def __post_init__(self) -> None:
+        shares = (self.killed_mid_apply, self.corrupted_mirror, self.other_base, self.far_behind)
+        if any(not 0.0 <= s <= 1.0 for s in shares) or sum(shares) > 0.8:
+            raise SimulationInputError(
+                f"fault shares {shares} must each be in [0, 1] and sum to at most 0.8, "
+                "so that most of the fleet is healthy"
+            )
+        if self.bad_release_round is not None and self.bad_release_round < 1:
+            raise SimulationInputError("bad_release_round must be >= 1 (or None)")
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """How each release is rolled out (see ``fedota rollout create``).
+
+    Attributes:
+        stages: Strictly increasing percent stages ending at 100.
+        max_failure_rate: A stage whose failure rate exceeds this pauses the rollout.
+        min_reports: Reports a stage needs before the server judges it (``None``: a
+            quarter of the devices the first stage covers, at least 2).
+    """
+
+    stages: tuple[int, ...] = (10, 50, 100)
+    max_failure_rate: float = 0.5
+    min_reports: int | None = None
+
+    def __post_init__(self) -> None:
+        ok = all(0 < a < b for a, b in zip(self.stages, self.stages[1:], strict=False))
+        if not self.stages or not ok or self.stages[0] <= 0 or self.stages[-1] != 100:
+            raise SimulationInputError(
+                f"stages {list(self.stages)} must strictly increase within 1..100 and end at 100"
+            )
+        if not 0.0 <= self.max_failure_rate < 1.0:
+            raise SimulationInputError("max_failure_rate must be in [0, 1)")
+
+    def reports_needed(self, devices: int) -> int:
+        """``min_reports`` for a fleet of ``devices``."""
+        if self.min_reports is not None:
+            return self.min_reports
+        return max(2, devices * self.stages[0] // 400)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The simulated fleet (``fedota simulate --devices ...``).
+
+    Attributes:
+        devices: Number of simulated phones (more than the clients that train).
+        tiers: Device tiers the profiles are drawn from.
+        faults: Fault injection shares.
+        rollout: Staged rollout policy of every release.
+        lightweight: Exercise the update protocol without per-device inference: the
+            golden-prompt measurement is computed once per (tier, base, adapter) and
+            shared; no held-out evaluation. For large fleets.
+        publish_every: Publish after every N-th round.
+        poll_interval_s: Simulated seconds between two polls of a device.
+        max_polls_per_round: Polls each device gets per round before the fleet moves on.
+        catch_up: ``finish`` runs a last sweep with every device online (far-behind
+            ones too) so that "every healthy device on the latest release" is checkable.
+        golden_prompts: Number of golden prompts provisioned on every device.
+        heldout_texts: Held-out texts each device evaluates the adapter on.
+        seed: Seed of the profile draw, availability and faults.
+    """
+
+    devices: int = 24
+    tiers: tuple[Tier, ...] = DEFAULT_TIERS
+    faults: FaultShares = field(default_factory=FaultShares)
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    lightweight: bool = False
+    publish_every: int = 1
+    poll_interval_s: float = 60.0
+    max_polls_per_round: int = 8
+    catch_up: bool = True
+    golden_prompts: int = 4
+    heldout_texts: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise SimulationInputError(f"devices must be >= 1, got {self.devices}")
+        if not self.tiers:
+            raise SimulationInputError("at least one device tier is needed")
+        if len({t.name for t in self.tiers}) != len(self.tiers):
+            raise SimulationInputError("tier names must be unique")
+        if self.publish_every < 1 or self.max_polls_per_round < 1:
+            raise SimulationInputError("publish_every and max_polls_per_round must be >= 1")
+        if self.poll_interval_s <= 0:
+            raise SimulationInputError("poll_interval_s must be > 0")
+        if self.golden_prompts < 1 or self.heldout_texts < 1:
+            raise SimulationInputError("golden_prompts and heldout_texts must be >= 1")

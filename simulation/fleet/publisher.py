@@ -1,0 +1,256 @@
+"""③ package → ④ publish for the simulation: one global adapter → one rolled-out release.
+
+``Publisher.release`` reads top to bottom: package a closed-loop delta against the
+packager state (a full anchor when the chain is long), measure the golden-prompt loss of
+the *device-exact* adapter on the NF4 base with ``client.runtime`` — the number every
+device's health check compares against — record it in the provenance, write the
+primary bundle plus the full bundle and catch-up deltas, sign them (offline TUF keys),
+publish them and start a staged rollout.
+
+The bad release (fault injection) is a release pipeline bug: its manifest claims the
+golden loss of the last good adapter while its payload is a corrupted adapter. A
+rollback is a new, higher version whose payload is bit-identical to the last good
+adapter (an fp32 full anchor of its device-exact tensors; THREATS B11).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from delta_packager.manifest import AdapterConfig, Provenance
+from delta_packager.package import PackagePolicy, PackagerState, build_bundle, package_version
+from delta_packager.store import save_state
+from delta_packager.trust import release as sign_release
+from simulation.fleet.config import RolloutPolicy
+from simulation.fleet.runtimes import RuntimePool, adapter_digest
+from simulation.fleet.server import Operator
+
+__all__ = ["CATCH_UP_DELTAS", "Publisher", "Release"]
+
+logger = logging.getLogger(__name__)
+CATCH_UP_DELTAS = 3  # deltas published from this many earlier versions (older: full)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A published release and how it was rolled out.
+
+    Attributes:
+        version: Adapter version (= release counter).
+        round: Training round it came from.
+        kind: ``good``, ``bad`` (fault injection) or ``rollback``.
+        digest: SHA-256 of the device-exact adapter (``adapter_digest``).
+        golden_loss: Golden-prompt loss recorded in the provenance.
+        bundles: ``from_version`` (``None``: full) -> bundle size in bytes.
+        rollout_id: The rollout started for it.
+    """
+
+    version: int
+    round: int
+    kind: str
+    digest: str
+    golden_loss: float
+    bundles: Mapping[int | None, int]
+    rollout_id: int
+
+    @property
+    def primary_bytes(self) -> int:
+        """Size of the bundle most devices download (delta from the previous version)."""
+        delta = self.bundles.get(self.version - 1)
+        return delta if delta is not None else self.bundles[None]
+
+
+class Publisher:
+    """Packages, signs, publishes and rolls out releases for one base model.
+
+    Args:
+        work_dir: Bundles and the packager state go here.
+        keys_dir: Release pipeline TUF keys.
+        operator: Publisher/operator client of the OTA server.
+        base_dir: The NF4 base the golden loss is measured on.
+        base_fingerprint: Its fingerprint.
+        adapter_config: LoRA config of the global adapters.
+        golden_texts: The golden prompts devices are provisioned with.
+        pool: Shared runtimes (the measurement runs unbudgeted, like a release server).
+        rollout: Stages and thresholds of every rollout.
+        min_reports: Reports a stage needs before the server judges it.
+        policy: Packaging policy.
+    """
+
+    def __init__(
+        self,
+        *,
+        work_dir: Path,
+        keys_dir: Path,
+        operator: Operator,
+        base_dir: Path,
+        base_fingerprint: str,
+        adapter_config: AdapterConfig,
+        golden_texts: Sequence[str],
+        pool: RuntimePool,
+        rollout: RolloutPolicy,
+        min_reports: int,
+        policy: PackagePolicy | None = None,
+    ) -> None:
+        self.work_dir = work_dir
+        self.keys_dir = keys_dir
+        self.operator = operator
+        self.base_dir = base_dir
+        self.fingerprint = base_fingerprint
+        self.adapter_config = adapter_config
+        self.golden_texts = list(golden_texts)
+        self.pool = pool
+        self.rollout = rollout
+        self.min_reports = min_reports
+        self.policy = policy or PackagePolicy()
+        self.state: PackagerState | None = None
+        self.releases: list[Release] = []
+        self.digests: dict[int, str] = {}
+        self.good_tensors: dict[str, np.ndarray] | None = None  # last good, device-exact
+        self.full_sizes: dict[int, int] = {}  # version -> full bundle bytes
+        (work_dir / "bundles").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def last_good(self) -> Release | None:
+        """The newest release that is not the injected bad one."""
+        good = [r for r in self.releases if r.kind != "bad"]
+        return good[-1] if good else None
+
+    def golden_loss(self, tensors: Mapping[str, np.ndarray]) -> float:
+        """Golden-prompt loss of ``tensors`` on the NF4 base (what devices must reproduce).
+
+        Raises:
+            ClientInputError: the adapter does not fit the base.
+        """
+        got = self.pool.evaluate(
+            self.base_dir, None, dict(tensors), self.adapter_config, self.golden_texts
+        )
+        return float(got.loss)
+
+    def release(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        *,
+        round: int,
+        provenance: Provenance | None = None,
+        kind: str = "good",
+    ) -> Release:
+        """Package ``tensors`` as the next version, publish it and start its rollout.
+
+        Args:
+            tensors: The adapter to ship (for ``kind="bad"``, the corrupted payload).
+            round: Training round it belongs to.
+            provenance: Training provenance (round, clients, ε...); the golden loss is
+                added to its ``eval_metrics["loss"]``.
+            kind: ``good``, ``bad`` or ``rollback``.
+
+        Returns:
+            The release.
+
+        Raises:
+            PackagerInputError: the adapter is empty, non-finite or mis-shaped.
+            RemoteRejectedError: the server refused the bundles, release or rollout.
+        """
+        base_prov = provenance or Provenance(round=round)
+        policy = self.policy
+        if kind == "rollback":  # exact payload of the last good adapter, as a new anchor
+            policy = replace(policy, chain_limit=0, full_encoding="fp32")
+        draft = package_version(
+            tensors,
+            previous=self.state,
+            base_fingerprint=self.fingerprint,
+            adapter_config=self.adapter_config,
+            provenance=base_prov,
+            policy=policy,
+        )
+        if kind == "bad":
+            assert self.last_good is not None, "a bad release needs a good one before it"
+            loss = self.last_good.golden_loss  # the pipeline's claim, not a measurement
+        else:
+            loss = self.golden_loss(draft.state.current.tensors)
+        metrics = {**dict(base_prov.eval_metrics), "loss": loss}
+        result = package_version(
+            tensors,
+            previous=self.state,
+            base_fingerprint=self.fingerprint,
+            adapter_config=self.adapter_config,
+            provenance=replace(base_prov, round=round, eval_metrics=metrics),
+            policy=policy,
+        )
+        state = result.state
+        paths, sizes = self._write_bundles(state, result.bundle_bytes, policy)
+        targets = sign_release(paths, self.keys_dir)
+        self.operator.publish(paths, targets)
+        save_state(state, self.work_dir / "packager-state")
+        self.state = state
+        version = state.latest_version
+        rollout = self.operator.create_rollout(
+            version,
+            self.fingerprint,
+            stages=list(self.rollout.stages),
+            max_failure_rate=self.rollout.max_failure_rate,
+            min_reports=self.min_reports,
+        )
+        digest = adapter_digest(dict(state.current.tensors))
+        rel = Release(version, round, kind, digest, loss, sizes, int(rollout["id"]))
+        self.releases.append(rel)
+        self.digests[version] = digest
+        self.full_sizes[version] = sizes[None]
+        if kind != "bad":
+            self.good_tensors = dict(state.current.tensors)
+        logger.info(
+            "round %d: released v%d (%s, golden loss %.4f, %d bytes), rollout %d",
+            round,
+            version,
+            kind,
+            loss,
+            rel.primary_bytes,
+            rel.rollout_id,
+        )
+        return rel
+
+    def _write_bundles(
+        self, state: PackagerState, primary: bytes, policy: PackagePolicy
+    ) -> tuple[list[Path], dict[int | None, int]]:
+        """Primary bundle, the full bundle, and catch-up deltas from recent versions."""
+        version = state.latest_version
+        out = self.work_dir / "bundles"
+        blobs: dict[int | None, bytes] = {}
+        from_version = version - 1 if version > state.anchor_version else None
+        blobs[from_version] = primary
+        if None not in blobs:
+            blobs[None] = build_bundle(state, from_version=None, policy=policy)
+        for back in range(2, CATCH_UP_DELTAS + 1):
+            start = version - back
+            if start >= state.anchor_version and start >= 1:
+                blobs[start] = build_bundle(state, from_version=start, policy=policy)
+        paths = []
+        for origin, data in blobs.items():
+            name = (
+                f"v{version}-full.fedota" if origin is None else f"v{version}-from{origin}.fedota"
+            )
+            path = out / name
+            path.write_bytes(data)
+            paths.append(path)
+        return paths, {k: len(v) for k, v in blobs.items()}
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Releases as JSON values (without rollout outcomes)."""
+        return [
+            {
+                "version": r.version,
+                "round": r.round,
+                "kind": r.kind,
+                "golden_loss": r.golden_loss,
+                "bundle_bytes": r.primary_bytes,
+                "full_bundle_bytes": r.bundles[None],
+                "rollout_id": r.rollout_id,
+            }
+            for r in self.releases
+        ]

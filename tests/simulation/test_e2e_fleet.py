@@ -1,0 +1,158 @@
+"""The OTA half end to end: real ``fedota serve`` on loopback, real TUF, real bundles,
+the real update agent on every simulated phone, the micro NF4 base for health checks.
+
+One full-mode demo run (3 releases + a bad one + its rollback, every fault injected) is
+shared by the assertions below; a lightweight run checks that inference is shared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.update.health import GOLDEN_FILE
+from delta_packager.manifest import AdapterConfig
+from simulation.e2e import demo_adapter, finish, on_round_end, run_fleet_demo, start_ota
+from simulation.fleet import DEFAULT_TIERS, FaultShares, FleetConfig, RolloutPolicy, Tier
+from simulation.fleet.report import PLOTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(micro_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("e2e")
+    # Everyone online at every poll, so the bad release's first stage (half of the 11
+    # devices on the fleet's base; the server draws the buckets) reports at once: it
+    # has fewer than min_reports=2 devices with probability 12/2048.
+    tiers = tuple(
+        Tier(t.name, t.share, t.budget_bytes, t.bandwidth_bps, 1.0) for t in DEFAULT_TIERS
+    )
+    cfg = FleetConfig(
+        devices=12,
+        tiers=tiers,
+        faults=FaultShares(1 / 12, 1 / 12, 1 / 12, 1 / 12, bad_release_round=2),
+        rollout=RolloutPolicy((50, 100), max_failure_rate=0.5, min_reports=2),
+        max_polls_per_round=4,
+        golden_prompts=2,
+        heldout_texts=2,
+        seed=1,
+    )
+    result = run_fleet_demo(out, base_dir=micro_base / "nf4", fleet=cfg, rounds=3)
+    return out, result
+
+
+def test_fleet_invariants_hold(demo: tuple[Path, dict[str, Any]]) -> None:
+    _, result = demo
+    fleet = result["fleet"]
+    assert fleet["devices"] == 12
+    assert fleet["mixed_state"] == 0, fleet["mixed_examples"]
+    assert fleet["budget_violations"] == 0
+    assert fleet["killed_inconsistent_before_restart"] == 0
+    assert fleet["other_base_offered"] == 0
+    assert fleet["healthy_not_on_latest"] == 0  # every healthy device on the latest good
+    assert fleet["healthy_on_latest"] == fleet["healthy_devices"] == 11
+    assert fleet["final_versions"] == {"4": 11, "none": 1}  # the other base has nothing
+    assert 0 < fleet["bytes_downloaded"] < fleet["bytes_if_full_model"]
+    assert fleet["apply_ms_p50"] is not None and fleet["apply_ms_p50"] > 0
+    tiers = fleet["tiers"]
+    for tier in tiers.values():
+        peak = tier["peak_memory_bytes_max"]
+        assert peak is None or 0 < peak <= tier["budget_bytes"]
+    assert fleet["peak_memory_bytes_max"] == max(
+        t["peak_memory_bytes_max"] for t in tiers.values() if t["peak_memory_bytes_max"]
+    )
+
+
+def test_faults_have_their_expected_outcomes(demo: tuple[Path, dict[str, Any]]) -> None:
+    _, result = demo
+    fleet = result["fleet"]
+    assert fleet["faults"] == {
+        "killed": 1,
+        "mirror": 1,
+        "other_base": 1,
+        "far_behind": 1,
+        "none": 8,
+    }
+    assert fleet["killed_mid_apply"] == 1  # killed once, restarted, consistent
+    # The corrupted mirror: rejected against the signed hash, nothing else failed.
+    assert fleet["rejections"] == {"integrity": 1} and fleet["failed"] == 1
+    assert fleet["rolled_back"] >= 2  # the bad release's first stage (min_reports=2)
+    assert fleet["far_behind_caught_up_with_full"] == 1  # never a chain it cannot apply
+    kinds = fleet["updates_by_bundle"]
+    assert kinds["delta"] > 0 and kinds["full"] > 0
+
+
+def test_bad_release_auto_paused_and_rolled_back(demo: tuple[Path, dict[str, Any]]) -> None:
+    _, result = demo
+    by_version = {r["version"]: r for r in result["rollouts"]}
+    assert [r["kind"] for r in result["rollouts"]] == ["good", "bad", "rollback", "good"]
+    bad = by_version[2]
+    assert bad["auto_paused"] and bad["pause_reason"] == "threshold"
+    assert bad["state"] == "cancelled" and bad["stages_reached"] == 1
+    assert bad["rolled_back_by"] == 3 and bad["installed"] == 0 and bad["failed"] >= 2
+    rollback = by_version[3]
+    assert rollback["golden_loss"] == by_version[1]["golden_loss"]  # same payload as v1
+    for version in (1, 3, 4):
+        assert by_version[version]["stages_reached"] == 2
+        assert not by_version[version]["paused"]
+    assert by_version[4]["bundle_bytes"] < by_version[4]["full_bundle_bytes"]  # a delta
+
+
+def test_devices_hold_exactly_a_released_adapter_on_disk(
+    demo: tuple[Path, dict[str, Any]],
+) -> None:
+    out, _ = demo
+    devices = sorted((out / "ota" / "devices").iterdir())
+    assert len(devices) == 12
+    versions = []
+    for d in devices:
+        journal = d / "journal.json"
+        assert not journal.exists() or json.loads(journal.read_text()) == {"step": "idle"}
+        assert json.loads((d / GOLDEN_FILE).read_text())
+        active = d / "active.json"
+        versions.append(json.loads(active.read_text())["version"] if active.exists() else None)
+    assert sorted(v for v in versions if v is not None) == [4] * 11
+
+
+def test_report_has_plots_and_a_table(demo: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = demo
+    for plot in PLOTS:
+        assert (out / plot).stat().st_size > 1000
+    md = (out / "fleet.md").read_text()
+    assert "| mixed_state | 0 |" in md and "| v2 | bad |" in md
+
+
+def test_lightweight_fleet_through_the_on_round_end_callback(
+    micro_base: Path, tmp_path: Path
+) -> None:
+    from server.federation.rounds import RoundResult
+
+    nf4 = micro_base / "nf4"
+    cfg = FleetConfig(
+        devices=12,
+        faults=FaultShares(0.0, 0.0, 0.0, 0.0, bad_release_round=None),
+        rollout=RolloutPolicy((100,), min_reports=2),
+        lightweight=True,
+        publish_every=2,
+        max_polls_per_round=3,
+        golden_prompts=2,
+    )
+    config = AdapterConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+    with start_ota(tmp_path, base_dir=nf4, adapter_config=config, fleet=cfg) as ctx:
+        callback = on_round_end(ctx)
+        for r in range(0, 5):  # round 0 (baseline) and odd rounds are not published
+            adapter = demo_adapter(nf4, config, seed=0, round=r)
+            metrics = {"epsilon": 0.5 * r, "heldout-loss": 3.0}
+            callback(RoundResult(r, adapter, {"train-loss": 2.0}, metrics))
+        parts = finish(ctx)
+    assert set(parts) == {"fleet", "rollouts"}
+    assert [(r["version"], r["round"]) for r in parts["rollouts"]] == [(1, 2), (2, 4)]
+    fleet = parts["fleet"]
+    assert fleet["mixed_state"] == 0 and fleet["healthy_not_on_latest"] == 0
+    assert fleet["final_versions"] == {"2": 12}
+    # 2 releases: one publisher measurement each + at most one per (tier, release).
+    assert fleet["inferences"] <= 2 + 2 * 3 < 2 * 12
