@@ -13,105 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from tests.deployment_helpers import BIN, REPO, Processes, free_port, write_app
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def toml_value(v: object) -> str:
-    return (
-        json.dumps(v) if isinstance(v, str) else repr(v).lower() if isinstance(v, bool) else repr(v)
-    )
-
-
-def write_app(app_dir: Path) -> None:
-    """A minimal Flower app dir: our components and run config, our packages."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    flwr_app = project["tool"]["flwr"]["app"]
-    lines = [
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
-        "[project]",
-        'name = "fedota-deploy-test"',
-        'version = "0.1.0"',
-        "dependencies = []",
-        "",
-        "[tool.hatch.build.targets.wheel]",
-        'packages = ["."]',
-        "",
-        "[tool.flwr.app]",
-        f"publisher = {toml_value(flwr_app['publisher'])}",
-        "",
-        "[tool.flwr.app.components]",
-        *(f"{k} = {toml_value(v)}" for k, v in flwr_app["components"].items()),
-        "",
-        "[tool.flwr.app.config]",
-        *(f"{k} = {toml_value(v)}" for k, v in flwr_app["config"].items()),
-        "",
-    ]
-    app_dir.mkdir(parents=True)
-    (app_dir / "pyproject.toml").write_text("\n".join(lines))
-    for pkg in ("client", "server", "delta_packager"):
-        shutil.copytree(
-            REPO / pkg,
-            app_dir / pkg,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "migrations"),
-        )
-
-
-class Processes:
-    def __init__(self, logs: Path, env: dict[str, str]) -> None:
-        self.logs, self.env, self.procs = logs, env, []  # type: ignore[var-annotated]
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=self.logs,
-            start_new_session=True,
-        )
-        self.procs.append((proc, log))
-        return proc
-
-    def stop(self) -> None:
-        for proc, log in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
-            log.close()
-
-    def tail(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-            for p in sorted(self.logs.glob("*.log"))
-        )
 
 
 @pytest.fixture
