@@ -82,9 +82,9 @@ def package(
     provenance: Path | None = typer.Option(None, help="JSON file with training provenance."),
 ) -> None:
     """Package a new global adapter as the next version's bundle (delta or full)."""
-    from delta_packager._io import atomic_write
     from delta_packager.adapter_io import load_adapter
     from delta_packager.errors import PackagerStateError
+    from delta_packager.files import atomic_write
     from delta_packager.format import parse_bundle
     from delta_packager.package import PackagePolicy, build_bundle, package_version
     from delta_packager.store import STATE_FILE, load_state, save_state
@@ -174,7 +174,7 @@ def build(
     ),
 ) -> None:
     """Build a catch-up bundle for a device at FROM_VERSION to the latest version."""
-    from delta_packager._io import atomic_write
+    from delta_packager.files import atomic_write
     from delta_packager.package import build_bundle
     from delta_packager.store import load_state
 

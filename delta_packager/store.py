@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from delta_packager._io import atomic_write
 from delta_packager.apply import AdapterState
 from delta_packager.encode import EncodedTensor
 from delta_packager.errors import BundleFormatError, PackagerStateError
+from delta_packager.files import atomic_write
 from delta_packager.format import Step
 from delta_packager.manifest import (
     adapter_config_from_dict,

@@ -42,8 +42,8 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from delta_packager._io import atomic_write
 from delta_packager.errors import KeysError
+from delta_packager.files import atomic_write
 from delta_packager.format import read_bundle
 from delta_packager.verify import (
     check_bundle_target,

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from client.update._fs import atomic_write_json, read_json
 from client.update.errors import UpdateRejectedError, UpdateTransientError
 from client.update.state import StepHook
 from client.update.transport import Retrier, RetryableError, check_response
+from delta_packager.files import atomic_write_json, fsync_file, read_json
 
 __all__ = ["DownloadStats", "download"]
 
@@ -184,7 +184,7 @@ def download(
                         break  # A5: never read past the signed length
             finally:
                 f.flush()
-                os.fsync(f.fileno())
+                fsync_file(f.fileno())
         if position < length:
             raise RetryableError(f"transfer ended at byte {position} of {length}")
 

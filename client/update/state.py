@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from client.update._fs import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, read_json
 from client.update.errors import DeviceStateError, UpdateBusyError
 from delta_packager.apply import AdapterState
+from delta_packager.files import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, read_json
 
 __all__ = ["SLOTS", "ActivePointer", "DeviceConfig", "DeviceState", "StepHook"]
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.update._fs import atomic_write_json, read_json
 from client.update.errors import UpdateTransientError
+from delta_packager.files import atomic_write_json, read_json
 
 __all__ = ["TelemetryQueue"]
 
