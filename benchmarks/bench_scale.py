@@ -16,11 +16,19 @@ per device-release, peak RSS of the simulation process and the largest peak RSS 
 child processes (the OTA server, including its start-up), bytes downloaded, devices on
 the latest release.
 
+``--train 100 1000 10000`` measures the training half instead: ``fedota simulate
+--no-ota`` with that many clients, 50 per round, on Flower's simulation engine (Ray, two
+client actors), sampling the RSS of the driver and of the whole process tree (Ray's
+raylet, GCS and workers included) every 0.2 s. Clients are stateless between rounds
+apart from their data partition and privacy ledger on disk, so memory should stay flat
+as the population grows.
+
 Usage::
 
     python benchmarks/bench_scale.py                          # 100 full, 1k and 10k light
     python benchmarks/bench_scale.py --sizes 100:full 1000:light
     python benchmarks/bench_scale.py --sizes 10000:light --releases 1 --quick
+    python benchmarks/bench_scale.py --train 100 1000 10000   # federated clients
     python benchmarks/bench_scale.py --out runs/bench_scale.json
 """
 
@@ -100,6 +108,69 @@ def run_one(
     }
 
 
+def run_training(
+    clients: int, cache: Path, *, per_round: int = 50, rounds: int = 2
+) -> dict[str, Any]:
+    """``fedota simulate --no-ota`` with ``clients`` clients; wall time and peak RSS.
+
+    Raises:
+        RuntimeError: the simulation failed (its stderr tail is in the message).
+    """
+    import psutil
+
+    base = _base(cache).parent
+    with tempfile.TemporaryDirectory(prefix="bench-train-scale-") as tmp:
+        cmd = [sys.executable, "-m", "fedota.cli", "simulate", "--no-ota", "--no-dp"]
+        cmd += ["--clients", str(clients), "--clients-per-round", str(min(per_round, clients))]
+        cmd += ["--rounds", str(rounds), "--local-steps", "2", "--eval-clients", "20"]
+        cmd += ["--base-model", str(base), "--out", str(Path(tmp) / "run")]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        driver = psutil.Process(proc.pid)
+        peak_driver = peak_tree = 0
+        while proc.poll() is None:
+            try:
+                tree = [driver, *driver.children(recursive=True)]
+                rss = [p.memory_info().rss for p in tree if p.is_running()]
+            except psutil.Error:
+                rss = []
+            if rss:
+                peak_driver = max(peak_driver, rss[0])
+                peak_tree = max(peak_tree, sum(rss))
+            time.sleep(0.2)
+        wall = time.perf_counter() - start
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{clients} clients failed:\n{err.decode()[-2000:]}")
+        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+    return {
+        "clients": clients,
+        "clients_per_round": min(per_round, clients),
+        "rounds": rounds,
+        "wall_s": round(wall, 1),
+        "peak_rss_driver_bytes": peak_driver,
+        "peak_rss_tree_bytes": peak_tree,
+        "final_loss": summary["final"]["eval_loss"],
+        "clients_trained": [r["clients_trained"] for r in summary["rounds"]],
+    }
+
+
+def _train_main(sizes: list[int], cache: Path) -> list[dict[str, Any]]:
+    _base(cache)  # build once, outside the timed runs
+    rows = []
+    for n in sizes:
+        row = run_training(n, cache)
+        rows.append(row)
+        print(
+            f"{n:>6} clients ({row['clients_per_round']}/round, {row['rounds']} rounds) "
+            f"{row['wall_s']:>7.1f} s  peak RSS driver "
+            f"{row['peak_rss_driver_bytes'] / 2**20:7.1f} MiB, process tree "
+            f"{row['peak_rss_tree_bytes'] / 2**20:7.1f} MiB  trained {row['clients_trained']}",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> None:
     """Run every size in its own process and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,7 +180,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="1 stage, 2 sweeps, no catch-up")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--train", type=int, nargs="+", default=None, help="federated client counts instead"
+    )
     args = parser.parse_args()
+    if args.train:
+        args.cache.mkdir(parents=True, exist_ok=True)
+        rows = _train_main(args.train, args.cache)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"training": rows}, indent=2) + "\n")
+        return
     if args.one:
         n, mode = args.one.split(":")
         print(json.dumps(run_one(int(n), mode, args.releases, args.cache, quick=args.quick)))

@@ -15,7 +15,9 @@ a single ``error: ...`` line instead of a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
 import typer
 
@@ -36,6 +38,14 @@ def _root(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        # Library chatter (weight-loading progress bars, deprecation notices of our
+        # pinned dependencies) hides the command's own output; -v shows all of it. Set
+        # in the environment so that child processes (Ray workers) inherit it too.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _register_all() -> None:

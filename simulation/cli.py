@@ -137,19 +137,60 @@ def simulate(
         min=1,
         help="Steps per client round (default: 3 with record-level DP, else 10).",
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    eval_clients: int = typer.Option(
+        0,
+        "--eval-clients",
+        min=0,
+        help="Training clients evaluated each round (a seeded subset; 0: all of them).",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the training of the run in --out (with --no-ota)."
+    ),
     ray_address: str | None = typer.Option(
         None,
         "--ray-address",
         envvar="RAY_ADDRESS",
         help="Run the clients on an existing Ray cluster (HOST:PORT of its head, or auto).",
     ),
+    ota: bool = typer.Option(
+        True, "--ota/--no-ota", help="Ship each round to a simulated fleet (or train only)."
+    ),
+    devices: int = typer.Option(24, "--devices", min=1, help="Simulated phones in the fleet."),
+    publish_every: int = typer.Option(
+        1, "--publish-every", min=1, help="Release the global adapter every N rounds."
+    ),
+    fleet_mode: str = typer.Option(
+        "full",
+        "--fleet-mode",
+        help="full: every phone health-checks and evaluates on its own runtime; light: "
+        "the update protocol only, inference shared (for large fleets).",
+    ),
+    faults: bool = typer.Option(
+        True,
+        "--faults/--no-faults",
+        help="Inject faults: phones killed mid-apply, a corrupted mirror, phones on another "
+        "base or far behind, and a release that fails its health check.",
+    ),
+    stages: str = typer.Option(
+        "10,50,100", "--stages", help="Rollout stages in percent of the fleet, ending at 100."
+    ),
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        help="A running OTA server URL (default: an embedded one on 127.0.0.1). Its keys "
+        "come from FEDOTA_PUBLISHER_KEY, FEDOTA_OPERATOR_KEY, FEDOTA_ENROLLMENT_SECRET.",
+    ),
+    keys: Path | None = typer.Option(
+        None, "--keys", help="Release keys directory (default: OUT/ota/keys, created)."
+    ),
 ) -> None:
-    """Federated LoRA fine-tuning of the NF4 base on simulated phones; writes OUT/summary.json."""
+    """Federated LoRA fine-tuning of the NF4 base on simulated phones, each round shipped
+    to a fleet through the OTA server; writes OUT/summary.json and OUT/report.md."""
     from rich.console import Console
 
     from simulation.errors import SimulationInputError
-    from simulation.federated import FederatedConfig, run_federated
+    from simulation.federated import FederatedConfig
+    from simulation.pipeline import simulate_end_to_end
 
     if dp_mode not in ("record", "user"):
         raise SimulationInputError(f"--dp-mode {dp_mode!r} is not one of: record, user")
@@ -159,6 +200,10 @@ def simulate(
         # Flower logs at DEBUG through its own handler; keep it out of ours (fedota -v
         # shows everything).
         logging.getLogger("flwr").propagate = False
+        # Flower 1.41 deprecates its Python `run_simulation` entry point in favour of
+        # `flwr run`; fedota keeps it because the OTA half hooks into the ServerApp in
+        # this process (ADR 0008). The notice is not actionable for a user of fedota.
+        logging.getLogger("flwr").addFilter(lambda record: "run_simulation" not in str(record.args))
     console = Console(stderr=True)
     cfg = FederatedConfig(
         out_dir=out,
@@ -175,34 +220,126 @@ def simulate(
         local_steps=local_steps,
         ray_address=ray_address,
         resume=resume,
+        extra={"eval-max-clients": eval_clients} if eval_clients else {},
     )
-
-    def on_round_end(result: object) -> None:
-        r = getattr(result, "round", 0)
-        ev, tr = getattr(result, "evaluate", {}), getattr(result, "train", {})
-        eps = tr.get("user-epsilon", tr.get("record-epsilon"))
-        line = (
-            f"round {r}/{rounds}: eval loss {ev.get('clients-loss', float('nan')):.4f} "
-            f"acc {ev.get('clients-accuracy', float('nan')):.4f}"
+    fleet = (
+        _fleet_config(devices, rounds, publish_every, fleet_mode, stages, faults=faults, seed=seed)
+        if ota
+        else None
+    )
+    endpoint = _endpoint(server) if ota and server else None
+    if endpoint is not None and keys is None:
+        raise SimulationInputError(
+            "--server needs --keys DIR: the release keys whose root.json the server trusts"
         )
-        if r:
-            line += (
-                f" | trained {int(tr.get('clients-trained', 0))}/"
-                f"{int(tr.get('clients-sampled', 0))}, upload "
-                f"{int(tr.get('upload-bytes', 0)):,} B"
-            )
-            line += f", ε {eps:.3g}" if eps else ""
-        console.print(line)
 
-    with console.status("federated training (Ray simulation)…"):
-        summary = run_federated(cfg, on_round_end=on_round_end)
-    base, final, priv = summary.data["baseline"], summary.data["final"], summary.data["privacy"]
-    typer.echo(
-        f"accuracy {base['eval_accuracy']:.4f} → {final['eval_accuracy']:.4f}, loss "
-        f"{base['eval_loss']:.4f} → {final['eval_loss']:.4f}; privacy {priv['mode']}"
-        + (f" ε={priv['epsilon']:.3g} δ={priv['delta']:g}" if priv["epsilon"] else "")
-        + f"; summary in {summary.path}"
+    def on_round(result: Any, ota_round: Any) -> None:
+        console.print(_round_line(result, rounds))
+        if ota_round is not None and ota_round.releases:
+            console.print("  " + _ota_line(ota_round))
+
+    what = "federated training (Ray simulation)" + (f" → OTA fleet of {devices}" if ota else "")
+    with console.status(what + "…"):
+        result = simulate_end_to_end(cfg, fleet, server=endpoint, keys_dir=keys, on_round=on_round)
+    data_ = result.summary.data
+    if result.report is None:
+        base, final, priv = data_["baseline"], data_["final"], data_["privacy"]
+        typer.echo(
+            f"accuracy {base['eval_accuracy']:.4f} → {final['eval_accuracy']:.4f}, loss "
+            f"{base['eval_loss']:.4f} → {final['eval_loss']:.4f}; privacy {priv['mode']}"
+            + (f" ε={priv['epsilon']:.3g} δ={priv['delta']:g}" if priv["epsilon"] else "")
+            + f"; summary in {result.summary.path}"
+        )
+        return
+    _print_final_table(data_)
+    typer.echo(f"summary in {result.summary.path}; report in {result.report}")
+
+
+def _fleet_config(
+    devices: int,
+    rounds: int,
+    publish_every: int,
+    mode: str,
+    stages: str,
+    *,
+    faults: bool,
+    seed: int,
+) -> Any:
+    from simulation.errors import SimulationInputError
+    from simulation.fleet import FaultShares, FleetConfig, RolloutPolicy
+
+    if mode not in ("full", "light"):
+        raise SimulationInputError(f"--fleet-mode {mode!r} is not one of: full, light")
+    try:
+        percents = tuple(int(p) for p in stages.split(","))
+    except ValueError:
+        raise SimulationInputError(
+            f"--stages {stages!r} is not a comma-separated list of percents, e.g. 10,50,100"
+        ) from None
+    # The bad release needs a good one before it: the second published round.
+    bad_round = 2 * publish_every if 2 * publish_every <= rounds else None
+    shares = FaultShares(bad_release_round=bad_round) if faults else FaultShares(0, 0, 0, 0, None)
+    return FleetConfig(
+        devices=devices,
+        faults=shares,
+        rollout=RolloutPolicy(percents),
+        lightweight=mode == "light",
+        publish_every=publish_every,
+        seed=seed,
     )
+
+
+def _endpoint(url: str) -> Any:
+    from simulation.errors import SimulationInputError
+    from simulation.fleet.server import Endpoint
+
+    names = ("FEDOTA_PUBLISHER_KEY", "FEDOTA_OPERATOR_KEY", "FEDOTA_ENROLLMENT_SECRET")
+    missing = [n for n in names if not os.environ.get(n)]
+    if missing:
+        raise SimulationInputError(
+            f"--server {url} needs the secrets in {', '.join(missing)} (set them in the "
+            "environment; they are never taken from the command line)"
+        )
+    return Endpoint(url.rstrip("/"), *(os.environ[n] for n in names))
+
+
+def _round_line(result: Any, rounds: int) -> str:
+    r = getattr(result, "round", 0)
+    ev, tr = getattr(result, "evaluate", {}), getattr(result, "train", {})
+    eps = tr.get("user-epsilon", tr.get("record-epsilon"))
+    line = (
+        f"round {r}/{rounds}: eval loss {ev.get('clients-loss', float('nan')):.4f} "
+        f"acc {ev.get('clients-accuracy', float('nan')):.4f}"
+    )
+    if r:
+        line += (
+            f" | trained {int(tr.get('clients-trained', 0))}/"
+            f"{int(tr.get('clients-sampled', 0))}, upload "
+            f"{int(tr.get('upload-bytes', 0)):,} B"
+        )
+        line += f", ε {eps:.3g}" if eps else ""
+    return line
+
+
+def _ota_line(ota_round: Any) -> str:
+    releases = ", ".join(f"v{v}" for v in ota_round.releases)
+    parts = [f"released {releases}", f"bundle {ota_round.bundle_bytes:,} B"]
+    if ota_round.paused:
+        parts.append("a rollout auto-paused (bad release) and rolled back")
+    parts.append(f"{100 * ota_round.adoption:.0f}% of healthy phones on the latest good")
+    return "OTA: " + "; ".join(parts)
+
+
+def _print_final_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from simulation.run_report import final_table
+
+    table = Table(title="fedota simulate", show_header=False)
+    for key, value in final_table(summary):
+        table.add_row(key, value)
+    Console().print(table)
 
 
 adapter_app = typer.Typer(

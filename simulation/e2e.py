@@ -46,6 +46,7 @@ __all__ = [
     "RoundOta",
     "finish",
     "on_round_end",
+    "round_json",
     "run_fleet_demo",
     "run_ota_round",
     "start_ota",
@@ -387,10 +388,11 @@ def run_fleet_demo(
         from simulation.fleet.report import write_fleet_report
 
         write_fleet_report(out_dir, ctx)
-    return {**parts, "rounds": [_round_json(r) for r in ctx.rounds]}
+    return {**parts, "rounds": [round_json(r) for r in ctx.rounds]}
 
 
-def _round_json(r: RoundOta) -> dict[str, Any]:
+def round_json(r: RoundOta) -> dict[str, Any]:
+    """One round of the OTA half as JSON (``summary.json`` ``ota_rounds``)."""
     return {
         "round": r.round,
         "releases": list(r.releases),

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.slow
 def demo(micro_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("e2e")
     # Everyone online at every poll, so the bad release's first stage (half of the 11
-    # devices on the fleet's base; the server draws the buckets) reports at once: it
-    # has fewer than min_reports=2 devices with probability 12/2048.
+    # devices on the fleet's base; the server draws the buckets) reports at once. With
+    # probability 12/2048 it holds fewer than min_reports=2 devices; the operator then
+    # advances to 100% and the threshold trips there (still never installed anywhere).
     tiers = tuple(
         Tier(t.name, t.share, t.budget_bytes, t.bandwidth_bps, 1.0) for t in DEFAULT_TIERS
     )
@@ -92,7 +93,7 @@ def test_bad_release_auto_paused_and_rolled_back(demo: tuple[Path, dict[str, Any
     assert [r["kind"] for r in result["rollouts"]] == ["good", "bad", "rollback", "good"]
     bad = by_version[2]
     assert bad["auto_paused"] and bad["pause_reason"] == "threshold"
-    assert bad["state"] == "cancelled" and bad["stages_reached"] == 1
+    assert bad["state"] == "cancelled" and bad["stages_reached"] in (1, 2)
     assert bad["rolled_back_by"] == 3 and bad["installed"] == 0 and bad["failed"] >= 2
     rollback = by_version[3]
     assert rollback["golden_loss"] == by_version[1]["golden_loss"]  # same payload as v1

@@ -1,4 +1,5 @@
-"""``fedota simulate`` end to end on Flower's simulation engine (Ray), micro base model.
+"""``fedota simulate --no-ota`` (the training half) on Flower's simulation engine (Ray),
+micro base model. The whole loop with the fleet is tested in test_simulate_e2e.py.
 
 Each run starts Ray (tens of seconds on 2 cores), so the cases are few and each checks
 much: the summary schema of ``docs/summary-schema.md``, learning, the separation of
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def simulate(*args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fedota.cli", "simulate", *args],
+        [sys.executable, "-m", "fedota.cli", "simulate", "--no-ota", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

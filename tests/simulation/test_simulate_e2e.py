@@ -1,0 +1,93 @@
+"""The main job, reduced: ``fedota simulate`` trains on Flower's simulation engine and
+ships every round through the real OTA server to a fleet of simulated phones.
+
+One run (tiny base, record-level DP, 12 phones, every fault injected, the round-2
+release corrupted) is shared by the checks of issue 7's acceptance: no phone in a mixed
+state, no budget violation, accuracy above the baseline, every healthy phone on the
+latest release, the faulty release auto-paused and rolled back; and by the checks of
+the outputs (summary, report, plots, progress and the final table).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulation.fleet.report import PLOTS
+from simulation.run_report import TRAINING_PLOTS
+from tests.conftest import fedota_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("simulate") / "run"
+    result = fedota_cli(
+        "simulate",
+        "--base-model",
+        str(tiny_base),
+        "--clients",
+        "4",
+        "--clients-per-round",
+        "2",
+        "--rounds",
+        "3",
+        "--devices",
+        "12",
+        "--stages",
+        "50,100",
+        "--out",
+        str(out),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"out": out, "summary": summary, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def test_default_run_meets_the_fleet_invariants(run: dict[str, Any]) -> None:
+    summary = run["summary"]
+    fleet = summary["fleet"]
+    assert fleet["devices"] == 12
+    assert fleet["mixed_state"] == 0, fleet.get("mixed_examples")
+    assert fleet["budget_violations"] == 0
+    assert summary["final"]["eval_accuracy"] > summary["baseline"]["eval_accuracy"]
+    assert 0 < summary["privacy"]["epsilon"] <= 8.0
+    # Every healthy phone (not the one on another base) ends on the latest release.
+    latest = summary["rollouts"][-1]["version"]
+    assert fleet["latest_good_version"] == latest
+    assert fleet["healthy_on_latest"] == fleet["healthy_devices"] > 0
+    assert fleet["healthy_not_on_latest"] == 0
+    assert fleet["other_base_offered"] == 0
+    assert 0 < fleet["bytes_downloaded"] < fleet["bytes_if_full_model"]
+
+
+def test_faulty_release_is_auto_paused_and_rolled_back(run: dict[str, Any]) -> None:
+    rollouts = run["summary"]["rollouts"]
+    assert [r["kind"] for r in rollouts] == ["good", "bad", "rollback", "good"]
+    bad, rollback = rollouts[1], rollouts[2]
+    assert bad["round"] == 2 and bad["auto_paused"] and bad["pause_reason"] == "threshold"
+    assert bad["state"] == "cancelled" and bad["installed"] == 0 and bad["failed"] >= 2
+    assert bad["rolled_back_by"] == rollback["version"] > bad["version"]
+    assert rollback["golden_loss"] == rollouts[0]["golden_loss"]  # the last good payload
+    assert run["summary"]["fleet"]["rolled_back"] >= 2
+    for good in (rollouts[0], rollouts[2], rollouts[3]):
+        assert good["stages_reached"] == len(good["stages"]) and not good["paused"]
+
+
+def test_outputs_report_and_progress(run: dict[str, Any]) -> None:
+    out, summary = run["out"], run["summary"]
+    assert [r["round"] for r in summary["ota_rounds"]] == [1, 2, 3]
+    assert summary["ota_rounds"][1]["paused"] and len(summary["ota_rounds"][1]["releases"]) == 2
+    for plot in (*TRAINING_PLOTS, *PLOTS):
+        assert (out / plot).stat().st_size > 1000, plot
+    report = (out / "report.md").read_text()
+    assert "mixed_state" in report and "![adoption.png](adoption.png)" in report
+    assert (out / "report.html").is_file()
+    assert "round 3/3" in run["stderr"] and "OTA: released v2, v3" in run["stderr"]
+    assert "mixed_state" in run["stdout"] and "report in" in run["stdout"]
+    assert "Loading weights" not in run["stderr"]  # library chatter stays hidden
