@@ -213,6 +213,11 @@ def _backend_config(cfg: FederatedConfig) -> dict[str, Any]:
     if cfg.ray_address:
         # An existing cluster: its nodes declared their CPUs and object store at
         # `ray start`, and ray.init refuses num_cpus / object_store_memory when attaching.
+        # No node IP is passed: the driver must run on a node of the cluster and takes
+        # the IP that node's `ray start --node-ip-address` registered (the head's, if
+        # it is one). Ray rewrites the literal hosts 127.0.0.1 / localhost / ::1 in the
+        # address (and in any `_node_ip_address`) to the host's routable address, so a
+        # cluster kept on loopback is given another 127.x address (docs/deployment.md).
         init_args: dict[str, Any] = {"address": cfg.ray_address, **quiet}
     else:
         # A 2-core box: one client per CPU, a small object store, no dashboard.
