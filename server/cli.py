@@ -58,7 +58,7 @@ def serve(
     from pydantic import ValidationError
 
     from server.errors import ServerInputError
-    from server.ota.app import create_app
+    from server.ota.app import create_app, freeze_startup_heap
     from server.ota.database import make_engine, upgrade
     from server.ota.observability import configure_json_logging
     from server.ota.settings import OtaSettings
@@ -85,6 +85,7 @@ def serve(
         engine.dispose()
     app = create_app(settings)  # fails fast, with one line, on an unmigrated database
     if workers == 1:
+        freeze_startup_heap()  # as app_from_env does in each worker (ADR 0009)
         uvicorn.run(app, host=host, port=port, log_config=None)
     else:
         uvicorn.run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -91,7 +92,22 @@ def create_app(settings: OtaSettings | None = None, *, services: Services | None
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (each worker reads ``FEDOTA_OTA_*``)."""
-    return create_app()
+    app = create_app()
+    freeze_startup_heap()
+    return app
+
+
+def freeze_startup_heap() -> None:
+    """Exempt everything alive now (modules, the app, its routes and schemas) from the
+    garbage collector.
+
+    A full collection over those ~10^5 long-lived objects takes tens of milliseconds,
+    a stall every request in flight waits out (it shows in the p99 of update checks).
+    Call it once per server process, after the app is built; not in a process that
+    builds many apps (tests), where frozen apps would never be freed.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @asynccontextmanager

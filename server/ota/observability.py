@@ -41,6 +41,10 @@ class Metrics:
         self.checks = Counter(
             "fedota_update_checks", "Update checks by result.", ["result"], registry=self.registry
         )
+        # Children bound once: ``labels()`` takes a lock and a dict lookup per call.
+        self.checks_offered = self.checks.labels("offered")
+        self.checks_none = self.checks.labels("none")
+        self._timers: dict[tuple[str, str, str], Any] = {}
         self.downloads = Counter(
             "fedota_downloads",
             "Bundle download responses by status.",
@@ -55,6 +59,14 @@ class Metrics:
             "Requests refused with 503 under overload.",
             registry=self.registry,
         )
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Record one request's latency (label children cached: few routes, few codes)."""
+        key = (method, route, str(status))
+        timer = self._timers.get(key)
+        if timer is None:
+            timer = self._timers[key] = self.request_seconds.labels(*key)
+        timer.observe(seconds)
 
     def add_collector(self, collector: Collector) -> None:
         """Register a scrape-time collector (e.g. rollout states read from the database)."""
@@ -173,9 +185,7 @@ class OpsMiddleware:
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            self.metrics.request_seconds.labels(scope["method"], template, str(status)).observe(
-                elapsed
-            )
+            self.metrics.observe_request(scope["method"], template, status, elapsed)
             if logger.isEnabledFor(logging.INFO):
                 logger.info(
                     "request",

@@ -36,7 +36,10 @@ def build_services(settings: OtaSettings) -> Services:
         DatabaseNotMigratedError: the schema is not at head (names the command to run).
         OtaConfigError: unusable keys or trusted root.
     """
-    db = Database(make_engine(settings.database_url, pool_size=settings.db_pool_size))
+    db = Database(
+        make_engine(settings.database_url, pool_size=settings.db_pool_size),
+        hot_pool_size=settings.check_threads,
+    )
     require_migrated(db.engine, _redacted(settings.database_url))
     keys = OnlineKeys(
         snapshot=load_signer(settings.snapshot_key), timestamp=load_signer(settings.timestamp_key)
@@ -61,7 +64,7 @@ def build_services(settings: OtaSettings) -> Services:
             settings.max_concurrent_downloads, retry_after_s=settings.retry_after_s
         ),
         metrics=Metrics(),
-        checker=UpdateChecker(db),
+        checker=UpdateChecker(db, threads=settings.check_threads),
     )
 
 

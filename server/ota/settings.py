@@ -51,6 +51,13 @@ class OtaSettings(BaseSettings):
     max_concurrent_requests: int = Field(default=512, ge=1)
     retry_after_s: int = Field(default=2, ge=1)
     db_pool_size: int = Field(default=10, ge=1)
+    check_threads: int = Field(
+        default=4,
+        ge=1,
+        description="Update checks run on this many threads per worker, each with a pooled "
+        "connection of its own. A few suffice (a check waits on the database for well under "
+        "a millisecond); more only contend for the interpreter lock.",
+    )
 
     @model_validator(mode="after")
     def _require_secrets(self) -> OtaSettings:

@@ -3,14 +3,19 @@
 The decision is pure (:func:`server.ota.domain.select_target`); this module gathers its
 inputs. It is the hottest path of the service (every device polls it), so:
 
-* one query authenticates the device, reads its last report, and reads the
-  ``ota_state.generation`` stamp;
+* one query authenticates the device, reads its last report, the versions it reported
+  as failed, and the ``ota_state.generation`` stamp — compiled once and run on a bare
+  pooled DBAPI cursor (:meth:`server.ota.database.Database.hot_rows`);
 * active rollouts and the current release's bundles are cached per process as a
   :class:`FleetState` labelled with the generation it was read at. Every release and
   every rollout transition bumps the generation in its own transaction, so a request
   that sees generation G uses a cache at least as new as G — a pause stops offers on
   every worker from the moment it commits;
-* only a device that is due an update costs a second query (its failed versions).
+* nothing about the device itself is cached: a revoked token fails on the next check;
+* only a device whose report differs from the stored one costs a write (and a re-read);
+* checks run on a small executor of their own, as many threads as the hot connection
+  pool has connections, so a burst queues on the event loop instead of opening
+  connections or crowding the interpreter with runnable threads.
 
 The generation is read *before* the state it labels, so a cache can be newer than its
 label (harmless: it is reloaded once more) but never older.
@@ -18,11 +23,15 @@ label (harmless: it is reloaded once more) but never older.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.engine import Connection
 
 from server.ota.database import Database
@@ -40,15 +49,26 @@ from server.ota.releases import bundle_of
 from server.ota.rollouts import assigned_in
 
 _GENERATION = select(OtaStateRow.generation).where(OtaStateRow.id == 1)
-_DEVICE_BY_TOKEN = select(
-    DeviceRow.id,
-    DeviceRow.revoked_at,
-    DeviceRow.base_fingerprint,
-    DeviceRow.installed_version,
-    DeviceRow.capabilities,
-    DeviceRow.memory_budget_bytes,
-    _GENERATION.scalar_subquery().label("generation"),
-).where(DeviceRow.token_hash == bindparam("token_hash"))
+# One row per failed version (at least one row: the outer join keeps a device with none).
+_CHECK = (
+    select(
+        DeviceRow.id,
+        DeviceRow.revoked_at,
+        DeviceRow.base_fingerprint,
+        DeviceRow.installed_version,
+        DeviceRow.capabilities,
+        DeviceRow.memory_budget_bytes,
+        _GENERATION.scalar_subquery().label("generation"),
+        DeviceVersionRow.version.label("failed_version"),
+    )
+    .outerjoin(
+        DeviceVersionRow,
+        and_(DeviceVersionRow.device_id == DeviceRow.id, DeviceVersionRow.status == "failed"),
+    )
+    .where(DeviceRow.token_hash == bindparam("token_hash"))
+)
+
+
 _ACTIVE_ROLLOUTS = (
     select(
         RolloutRow.base_fingerprint,
@@ -63,11 +83,50 @@ _ACTIVE_ROLLOUTS = (
 _CURRENT_TARGETS = select(TargetRow).where(
     TargetRow.release_version == select(func.max(ReleaseRow.version)).scalar_subquery()
 )
-_FAILED_VERSIONS = select(DeviceVersionRow.version).where(
-    DeviceVersionRow.device_id == bindparam("device_id"), DeviceVersionRow.status == "failed"
-)
 
 Rollout = tuple[int, str, list[int], int]  # to_version, salt, stages, stage_index
+
+
+class _CheckRow(NamedTuple):
+    """One row of ``_CHECK``, named as the columns of :class:`DeviceRow` it carries."""
+
+    id: str
+    revoked_at: Any
+    base_fingerprint: str
+    installed_version: int | None
+    capabilities: dict[str, Any]
+    memory_budget_bytes: int
+    generation: int | None
+    failed_version: int | None
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What one check knows about the device: its stored report, the versions it
+    reported failed, and the generation of the fleet state at the same instant."""
+
+    report: DeviceReport
+    failed_versions: frozenset[int]
+    generation: int
+
+
+def device_view(rows: list[tuple[Any, ...]], device_id: str) -> DeviceView:
+    """Judge the rows ``_CHECK`` returned for a token hash (none: unknown token).
+
+    Raises:
+        AuthenticationError: unknown or revoked token.
+        PermissionDeniedError: the token belongs to another device.
+    """
+    first = _CheckRow._make(rows[0]) if rows else None
+    check_device_row(first, device_id)
+    assert first is not None
+    if isinstance(first.capabilities, str):  # SQLite hands JSON columns back as text
+        first = first._replace(capabilities=json.loads(first.capabilities))
+    return DeviceView(
+        report=report_from_columns(first),
+        failed_versions=frozenset(v for *_, v in rows if v is not None),
+        generation=int(first.generation or 0),
+    )
 
 
 @dataclass(frozen=True)
@@ -99,10 +158,21 @@ def load_fleet_state(conn: Connection) -> FleetState:
 class UpdateChecker:
     """Answers update checks for one process, caching :class:`FleetState`."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, threads: int = 4) -> None:
+        """``threads``: at most this many checks touch the database at once (match the
+        hot pool size; more would wait for a connection)."""
         self._db = db
+        self._check = db.compile_hot(_CHECK)
         self._state: FleetState | None = None
         self._reload = threading.Lock()
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="fedota-check")
+
+    async def check_async(
+        self, token: str, device_id: str, report: DeviceReport
+    ) -> BundleTarget | None:
+        """:meth:`check` on the checker's own threads (see module doc)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.check, token, device_id, report)
 
     def check(self, token: str, device_id: str, report: DeviceReport) -> BundleTarget | None:
         """Authenticate the device, record its report, and answer its update check.
@@ -111,44 +181,35 @@ class UpdateChecker:
             AuthenticationError: unknown or revoked token.
             PermissionDeniedError: the token belongs to another device.
         """
-        with self._db.snapshot_reads() as conn:
-            row = conn.execute(_DEVICE_BY_TOKEN, {"token_hash": hash_token(token)}).first()
-            check_device_row(row, device_id)
-            assert row is not None
-            if report_from_columns(row) == report:
-                return self._decide(conn, row.generation, device_id, report)
-        with self._db.write() as session:  # device-reported state is authoritative
-            device = session.get(DeviceRow, device_id)
-            assert device is not None
-            apply_report(device, report)
-        with self._db.snapshot_reads() as conn:
-            generation = int(conn.scalar(_GENERATION) or 0)
-            return self._decide(conn, generation, device_id, report)
+        device = self._device(token, device_id)
+        if device.report != report:
+            with self._db.write() as session:  # device-reported state is authoritative
+                row = session.get(DeviceRow, device_id)
+                assert row is not None
+                apply_report(row, report)
+            device = self._device(token, device_id)  # re-read: the generation after it
+        state = self._fleet_state(device.generation)
+        base = report.base_fingerprint
+        assigned = assigned_in(state.rollouts.get(base, ()), device_id)
+        candidates = state.bundles.get((base, assigned), ()) if assigned is not None else ()
+        return select_target(
+            report,
+            assigned_version=assigned,
+            failed_versions=device.failed_versions,
+            candidates=list(candidates),
+        )
 
-    def _fleet_state(self, conn: Connection, generation: int) -> FleetState:
+    def _device(self, token: str, device_id: str) -> DeviceView:
+        rows = self._db.hot_rows(self._check, {"token_hash": hash_token(token)})
+        return device_view(rows, device_id)
+
+    def _fleet_state(self, generation: int) -> FleetState:
         state = self._state
         if state is not None and state.generation >= generation:
             return state
         with self._reload:
             state = self._state
             if state is None or state.generation < generation:
-                state = self._state = load_fleet_state(conn)
+                with self._db.engine.connect() as conn:
+                    state = self._state = load_fleet_state(conn)
         return state
-
-    def _decide(
-        self, conn: Connection, generation: int, device_id: str, report: DeviceReport
-    ) -> BundleTarget | None:
-        state = self._fleet_state(conn, generation)
-        base = report.base_fingerprint
-        assigned = assigned_in(state.rollouts.get(base, ()), device_id)
-        if assigned is None or (
-            report.installed_version is not None and assigned <= report.installed_version
-        ):
-            return None
-        failed = frozenset(conn.scalars(_FAILED_VERSIONS, {"device_id": device_id}))
-        return select_target(
-            report,
-            assigned_version=assigned,
-            failed_versions=failed,
-            candidates=list(state.bundles.get((base, assigned), ())),
-        )
