@@ -411,18 +411,11 @@ def run_one(kind: str, url: str, work: Path, args: argparse.Namespace) -> dict[s
         cwd=ROOT,
     )
     try:
-        import httpx
+        from server.ota.remote import wait_until_ready
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{kind}: server did not start")
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        if not wait_until_ready(url, timeout_s=60, alive=lambda: server.poll() is None):
+            raise RuntimeError(f"{kind}: server did not start")
         fleet, download_url = _seed(url, f"http://127.0.0.1:{port}", targets_signer, args.devices)
         queue: Any = mp.get_context("spawn").Queue()
         loadgen = mp.get_context("spawn").Process(

@@ -1,15 +1,44 @@
-"""A small HTTP client for the ``fedota publish`` and ``fedota rollout`` commands."""
+"""A small HTTP client for the ``fedota publish`` and ``fedota rollout`` commands, and
+``wait_until_ready`` for whoever starts a ``fedota serve`` process."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from server.ota.errors import RemoteRejectedError, ServerUnreachableError
+
+
+def wait_until_ready(
+    url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True
+) -> bool:
+    """Poll ``GET url/readyz`` until it answers 200.
+
+    Args:
+        url: The server's base URL.
+        timeout_s: Give up after this long.
+        alive: Checked between polls; polling stops early when it turns false (e.g.
+            ``lambda: proc.poll() is None`` for a server child process).
+
+    Returns:
+        Whether the server became ready (``False``: timed out or no longer alive).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url.rstrip('/')}/readyz", timeout=1.0).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 class OtaRemote:

@@ -14,15 +14,12 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from server.ota.errors import RemoteRejectedError, ServerUnreachableError
-from server.ota.remote import OtaRemote
+from server.ota.remote import OtaRemote, wait_until_ready
 from simulation.errors import SimulationError
 
 __all__ = ["EmbeddedServer", "Endpoint", "Operator", "ServerStartError"]
@@ -126,22 +123,17 @@ class EmbeddedServer:
         return self.endpoint
 
     def _wait_ready(self, url: str) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = (self.work_dir / "server.log").read_text(errors="replace")[-1500:]
-                raise ServerStartError(
-                    f"the embedded OTA server did not become ready at {url}: {tail.strip()} "
-                    f"(full log: {self.work_dir / 'server.log'})"
-                )
-            time.sleep(0.2)
+        proc = self._proc
+        assert proc is not None
+        if not wait_until_ready(
+            url, timeout_s=self.start_timeout_s, alive=lambda: proc.poll() is None
+        ):
+            self.stop()
+            tail = (self.work_dir / "server.log").read_text(errors="replace")[-1500:]
+            raise ServerStartError(
+                f"the embedded OTA server did not become ready at {url}: {tail.strip()} "
+                f"(full log: {self.work_dir / 'server.log'})"
+            )
 
     def stop(self) -> None:
         """Terminate the server process (and kill it if it does not exit)."""

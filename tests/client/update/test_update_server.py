@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from client.update.state import DeviceState
 from delta_packager.manifest import Provenance
 from delta_packager.package import PackagerState, build_bundle, package_version
 from delta_packager.trust import init_keys, release
+from server.ota.remote import wait_until_ready
 
 pytestmark = pytest.mark.slow
 SECRETS = {
@@ -154,17 +154,9 @@ def live(tmp_path: Path) -> Iterator[Live]:
         stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(proc.stderr.read().decode()[-3000:] if proc.stderr else "")
-        time.sleep(0.2)
+    if not wait_until_ready(url, timeout_s=60, alive=lambda: proc.poll() is None):
+        proc.kill()
+        raise RuntimeError(proc.stderr.read().decode()[-3000:] if proc.stderr else "")
     base = tmp_path / "base"
     fp = make_base(base)
     try:

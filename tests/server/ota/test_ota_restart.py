@@ -34,6 +34,7 @@ from ota_helpers import (
 from server.ota.database import Database, make_engine, upgrade
 from server.ota.domain import bucket_of, stage_of
 from server.ota.models import RolloutRow, TelemetryEventRow, TufMetadataRow
+from server.ota.remote import wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -64,17 +65,10 @@ def server_process(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    if not wait_until_ready(url, timeout_s=30, alive=lambda: proc.poll() is None):
+        proc.kill()
+        raise AssertionError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
     try:
         yield proc
     finally:
