@@ -1,20 +1,23 @@
 """Federated utility side by side (issue 3 benchmarks, federation half).
 
-One run, same synthetic data, base model, seed, rounds and local steps:
+One run, same synthetic data (the generator's defaults), base model and seed:
 
 * ``base``            the base model, no training (round 0 of every run)
 * ``local-only``      each client trains alone for ``rounds × local_steps`` steps
-* ``fed-no-dp``       federated, ``fedavg``, no DP
-* ``fed-record-dp``   federated, ``ffa``, record-level DP-SGD on each phone, ε = 8,
-                      with the record-DP client defaults of ``fedota simulate``
+* ``fed-no-dp``       federated, ``fedavg``, no DP (``fedota simulate --no-dp`` defaults)
+* ``fed-record-dp``   federated, ``ffa``, record-level DP-SGD on each phone, ε = 8 per
+                      phone, with the client settings in ``Plan.record_dp`` (printed)
 * ``fed-user-dp-N``   federated, ``ffa``, central user-level DP-FedAvg, ε = 8, for two
-                      populations N (100 and 1,000; ``--quick``: 8 and 24), q fixed
+                      populations N (100 and 1,000; ``--quick``: 8 and 24) with the SAME
+                      number of clients per round, so q = m / N and the calibrated σ
+                      fall as N grows at constant cost; own rounds, local steps and
+                      rank (printed)
 * ``centralized``     one model on the pooled training text, as many steps as the
                       federation ran in total (the non-private upper bound)
 
 Reported for each: loss and next-token accuracy on the training clients' held-out text
 and on held-out clients (new users). Also: upload bytes per client per round for
-``fedavg`` (fed-no-dp) vs ``ffa`` (the user-DP rows: same rank 8), and the ratios the
+``fedavg`` (fed-no-dp) vs ``ffa`` (per unit of LoRA rank), and the ratios the
 issue targets (federated gains against each run's own round 0, because record-level DP
 evaluates on shorter blocks). Step-time ratios (DP vs plain, NF4 vs fp32) and peak
 memory per client are measured by ``benchmarks/bench_client_train.py``.
@@ -46,18 +49,38 @@ logger = logging.getLogger("bench_federated")
 
 @dataclass(frozen=True)
 class Plan:
+    """What one benchmark run does; every value is printed with the results.
+
+    The user-level DP rows use a fixed number of clients per round for every
+    population, so the sampling rate q = m / N falls as N grows and the calibrated σ
+    falls with it (the production argument for DP-FedAvg: same cost, more privacy
+    amplification). They run their own rounds/local steps/rank, stated in the output.
+    """
+
     clients: int
     heldout_clients: int
     clients_per_round: int
     rounds: int
     local_steps: int
+    record_dp: dict[str, Any]  # client settings of the record-level DP row
     user_populations: tuple[int, ...]
-    user_sample_rate: float
+    user_clients_per_round: int
+    user_rounds: int
+    user_dp: dict[str, Any]  # client settings and clip of the user-level DP rows
     eval_max_clients: int
 
 
-QUICK = Plan(4, 2, 2, 2, 4, (8, 24), 0.5, 8)
-FULL = Plan(6, 2, 3, 3, 10, (100, 1000), 0.1, 24)
+RECORD_DP = {
+    "local_steps": 10,
+    "learning_rate": 6e-2,
+    "lora_rank": 4,
+    "batch_size": 128,
+    "seq_len": 32,
+    "max_grad_norm": 1.0,
+}
+USER_DP = {"local_steps": 3, "lora_rank": 8, "seq_len": 64, "user_clip": 1.0}
+QUICK = Plan(4, 2, 2, 2, 4, {**RECORD_DP, "local_steps": 4}, (8, 24), 4, 2, USER_DP, 8)
+FULL = Plan(6, 2, 3, 3, 10, RECORD_DP, (100, 1000), 20, 5, USER_DP, 12)
 
 
 def _metrics(trainer: Any, adapter: Any, clients: Any, heldout: Any) -> dict[str, float]:
@@ -122,9 +145,8 @@ def federated_row(
         out_dir=out / name,
         base_model=base,
         seed=seed,
-        rounds=plan.rounds,
         num_heldout_clients=plan.heldout_clients,
-        **{"local_steps": plan.local_steps, **kw},
+        **{"rounds": plan.rounds, "local_steps": plan.local_steps, **kw},
     )
     t0 = time.monotonic()
     summary = run_federated(cfg).data
@@ -139,6 +161,9 @@ def federated_row(
         "privacy_mode": summary["privacy"]["mode"],
         "noise_multiplier": summary["privacy"]["noise_multiplier"],
         "clients": summary["config"]["clients"],
+        "clients_per_round": cfg.clients_per_round,
+        "rounds": cfg.rounds,
+        "client_settings": cfg.client_hyperparameters(),
         "aggregation": summary["config"]["aggregation"],
         "upload_bytes_per_client_per_round": sum(r["upload_bytes_per_client"] for r in rounds)
         / max(len(rounds), 1),
@@ -167,14 +192,15 @@ def gains(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     users = sorted((int(k.rsplit("-", 1)[1]), gain(k)) for k in rows if k.startswith("fed-user"))
     for n, g in users:
         out[f"user_dp_{n}_gain"] = g
-    # Same rank (8) on both sides: fed-no-dp (fedavg) vs the user-DP rows (ffa; plain
-    # client defaults). The record-DP row uses rank 4, so it is not comparable here.
-    ffa_rows = [k for k in rows if k.startswith("fed-user")]
+    # Upload per unit of LoRA rank (bytes are linear in the rank): fed-no-dp (fedavg,
+    # A and B) against the first ffa row (B only).
+    ffa_rows = [k for k in rows if rows[k].get("aggregation") == "ffa"]
     if "fed-no-dp" in rows and ffa_rows:
-        out["ffa_over_fedavg_upload"] = (
-            rows[ffa_rows[0]]["upload_bytes_per_client_per_round"]
-            / rows["fed-no-dp"]["upload_bytes_per_client_per_round"]
-        )
+
+        def per_rank(r: dict[str, Any]) -> float:
+            return float(r["upload_bytes_per_client_per_round"] / r["client_settings"]["lora-rank"])
+
+        out["ffa_over_fedavg_upload"] = per_rank(rows[ffa_rows[0]]) / per_rank(rows["fed-no-dp"])
     return out
 
 
@@ -221,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             plan,
             args.seed,
             dp_mode="record",
-            local_steps=None,  # record-level DP uses its own defaults (fewer, larger steps)
             target_epsilon=8.0,
             aggregation="ffa",
+            **plan.record_dp,
             **common,
         )
         for n in plan.user_populations:
@@ -237,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 target_epsilon=8.0,
                 aggregation="ffa",
                 num_clients=n,
-                clients_per_round=max(1, round(plan.user_sample_rate * n)),
+                clients_per_round=plan.user_clients_per_round,  # fixed: q = m / N falls
+                rounds=plan.user_rounds,
+                **plan.user_dp,
                 extra={"eval-max-clients": plan.eval_max_clients},
             )
     result = {
@@ -259,15 +287,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(result: dict[str, Any]) -> str:
-    lines = [f"{'condition':<20}{'acc':>8}{'loss':>9}{'new-user acc':>14}{'ε':>7}"]
+    lines = [
+        f"{'condition':<20}{'acc':>8}{'loss':>9}{'new-user acc':>14}{'round-0 acc':>13}{'ε':>7}"
+    ]
     for name, r in result["rows"].items():
         eps = r.get("epsilon")
+        start = r.get("baseline_accuracy")
         lines.append(
             f"{name:<20}{r['eval_accuracy']:>8.4f}{r['eval_loss']:>9.4f}"
             f"{r['heldout_clients_accuracy']:>14.4f}"
+            f"{'' if start is None else f'{start:.4f}':>13}"
             f"{eps if eps is None else round(eps, 2)!s:>7}"
         )
+    lines.append("settings of the federated rows:")
+    for name, r in result["rows"].items():
+        if "client_settings" in r:
+            sigma = r.get("noise_multiplier")
+            lines.append(
+                f"  {name}: {r['clients']} clients, {r['clients_per_round']}/round, "
+                f"{r['rounds']} rounds, {r['aggregation']}, {r['client_settings']}"
+                + ("" if sigma is None else f", σ={sigma:.3f}")
+                + f", {r['wall_s']} s"
+            )
     lines += [f"{k}: {v if v is None else round(v, 3)}" for k, v in result["ratios"].items()]
+    lines.append(f"wall: {result['wall_s']} s")
     return "\n".join(lines)
 
 

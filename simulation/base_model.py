@@ -29,10 +29,12 @@ from typing import Any
 from simulation.errors import SimulationInputError
 
 __all__ = [
+    "BASE_DATA_VERSION",
     "BASE_INFO_FILE",
     "PRESETS",
     "BaseModelInfo",
     "BasePreset",
+    "base_cache_name",
     "ensure_base_model",
     "init_base_model",
     "load_base_info",
@@ -41,6 +43,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BASE_INFO_FILE = "fedota_base.json"
+# Version of the public split + pretraining recipe; part of the cache directory name, so
+# a cached base built from older text or an older schedule is never reused.
+BASE_DATA_VERSION = 2
 NF4_SUBDIR = "nf4"
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
 
@@ -267,6 +272,11 @@ def load_base_info(model_dir: Path | str) -> BaseModelInfo:
     return BaseModelInfo(**json.loads(path.read_text()))
 
 
+def base_cache_name(preset: str, seed: int) -> str:
+    """Directory name of the cached base for (preset, seed), e.g. ``base-tiny-seed0-v2``."""
+    return f"base-{preset}-seed{seed}-v{BASE_DATA_VERSION}"
+
+
 def ensure_base_model(
     cache_dir: Path | str,
     *,
@@ -283,7 +293,7 @@ def ensure_base_model(
     from simulation.data import generate_public_texts
 
     spec = _resolve_preset(preset)
-    path = Path(cache_dir) / f"base-{spec.name}-seed{seed}"
+    path = Path(cache_dir) / base_cache_name(spec.name, seed)
     if (path / BASE_INFO_FILE).is_file():
         return path
     texts = generate_public_texts(3000, seed)

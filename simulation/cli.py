@@ -135,7 +135,7 @@ def simulate(
         None,
         "--local-steps",
         min=1,
-        help="Steps per client round (default: 3 with record-level DP, else 10).",
+        help="Optimizer steps per client per round (default: 10).",
     ),
     eval_clients: int = typer.Option(
         0,
@@ -172,7 +172,10 @@ def simulate(
         "base or far behind, and a release that fails its health check.",
     ),
     stages: str = typer.Option(
-        "10,50,100", "--stages", help="Rollout stages in percent of the fleet, ending at 100."
+        "auto",
+        "--stages",
+        help="Rollout stages in percent of the fleet, ending at 100 (auto: a first stage "
+        "of about 8 phones, then 50 and 100).",
     ),
     server: str | None = typer.Option(
         None,
@@ -267,11 +270,12 @@ def _fleet_config(
 ) -> Any:
     from simulation.errors import SimulationInputError
     from simulation.fleet import FaultShares, FleetConfig, RolloutPolicy
+    from simulation.fleet.config import auto_stages
 
     if mode not in ("full", "light"):
         raise SimulationInputError(f"--fleet-mode {mode!r} is not one of: full, light")
     try:
-        percents = tuple(int(p) for p in stages.split(","))
+        percents = auto_stages(devices) if stages == "auto" else _percents(stages)
     except ValueError:
         raise SimulationInputError(
             f"--stages {stages!r} is not a comma-separated list of percents, e.g. 10,50,100"
@@ -287,6 +291,10 @@ def _fleet_config(
         publish_every=publish_every,
         seed=seed,
     )
+
+
+def _percents(stages: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in stages.split(","))
 
 
 def _endpoint(url: str) -> Any:

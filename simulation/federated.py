@@ -125,19 +125,20 @@ class FederatedConfig:
     def client_hyperparameters(self) -> dict[str, Any]:
         """Client training settings: explicit values, else the defaults of the DP mode.
 
-        Record-level DP-SGD wants fewer, larger and shorter steps than plain training:
-        each device holds little text, so fewer compositions, bigger batches, shorter
-        blocks (more examples) and a smaller rank (less noise in total) matter more than
-        step count. Picked on the default synthetic data and the tiny base (seed 0);
-        see benchmarks/bench_federated.py.
+        Record-level DP-SGD wants large batches of short blocks (many examples per
+        step, so the noise is small against the summed gradient), a larger learning
+        rate and a smaller rank (less noise in total). Picked on the default synthetic
+        data and the tiny base (seed 0): accuracy 0.434 → 0.544 at ε = 8 over 3 rounds,
+        against 0.434 → 0.440 with the earlier 3 steps of 16 at lr 1e-2; see
+        benchmarks/bench_federated.py.
         """
         record = self.dp_mode == "record"
         defaults: dict[str, Any] = (
             {
-                "local-steps": 3,
-                "learning-rate": 1e-2,
+                "local-steps": 10,
+                "learning-rate": 6e-2,
                 "lora-rank": 4,
-                "batch-size": 16,
+                "batch-size": 128,
                 "seq-len": 32,
             }
             if record

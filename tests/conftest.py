@@ -51,7 +51,9 @@ def micro_base(tmp_path_factory: pytest.TempPathFactory, micro_preset) -> Path: 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     cache = Path(os.environ.get("FEDOTA_TEST_CACHE", REPO / ".cache" / "test-bases"))
-    out = cache / "base-tiny-seed0"
+    from simulation.base_model import base_cache_name
+
+    out = cache / base_cache_name("tiny", 0)  # versioned: a stale cached base is never reused
     if not (out / "fedota_base.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         result = fedota_cli(

@@ -2,14 +2,20 @@
 
 What makes it a useful benchmark:
 
-* **Public split** (pretraining the base): encyclopedic/news-like sentences that use the
-  same everyday words (names, activities, foods, times) but never the chat templates.
+* **Public split** (pretraining the base): news-like sentences and generic chat
+  messages with the users' everyday vocabulary (names, activities, venues, items,
+  times), chat syntax and common phrases ("running late", "see you tonight"), so the
+  base model is sane on chat text. It never contains a user template, a persona, or
+  the activity→venue association: where it names an activity and a venue, the venue
+  is drawn independently of the activity.
 * **Population-wide pattern** absent from the public split: every user writes chat
   messages from a shared set of templates, and each activity is tied to one venue
   ("coffee" → "the blue door"). Federated training can learn this; the base cannot.
-* **Non-IID clients**: message counts follow a power law (quantity skew), activity
-  preferences are drawn from a Dirichlet (topic skew), and each user has personal
-  vocabulary: friends' names, a sign-off, casing and abbreviation habits.
+* **Non-IID clients**: message counts follow a power law (quantity skew: from a few
+  hundred to a few thousand messages, a phone's chat history), activity preferences
+  are drawn from a Dirichlet (topic skew), and each user has personal vocabulary:
+  friends' names, a sign-off, casing and abbreviation habits. Record-level DP needs
+  records: with a few dozen messages per phone, DP-SGD noise swamps any signal.
 * **Canaries**: an optional secret phrase planted ``repeats`` times in chosen clients'
   training text, for memorisation audits (THREATS G36).
 
@@ -75,6 +81,7 @@ ACTIVITY_VENUE = {
     "the market": "dock street",
 }
 ACTIVITIES = tuple(ACTIVITY_VENUE)
+VENUES = tuple(ACTIVITY_VENUE.values())
 TIMES = (
     "at 7",
     "at 8",
@@ -101,6 +108,7 @@ ITEMS = (
     "batteries",
     "flowers",
 )
+PUBLIC_CHAT_SHARE = 0.7  # share of generic chat messages in the public split
 SIGNOFFS = ("cheers", "xo", "later", "see ya", "thanks!", "love you", "ok bye", "talk soon")
 ABBREV = {"you": "u", "tomorrow": "tmrw", "are": "r", "please": "pls", "minutes": "mins"}
 
@@ -113,6 +121,29 @@ CHAT_TEMPLATES = (
     "just got to {venue}, where are you?",
     "thanks for {activity} {friend}, {venue} was great",
     "please bring {item} to {venue} {time}",
+)
+# Generic chat messages for the public split: chat syntax, everyday vocabulary (venues
+# included) and common chat phrases, but never one of the users' templates and no
+# activity→venue association — where a venue follows an activity, it is drawn at random.
+PUBLIC_CHAT_TEMPLATES = (
+    "running late, be there in {n} minutes",
+    "can you pick up {item}?",
+    "see you {time}",
+    "hey {name}, are you free {time}?",
+    "just got home, where are you?",
+    "thanks for {activity}, it was great",
+    "please bring {item} {time}",
+    "{name} wants to meet {time}",
+    "we could try {activity} at {venue} {time}",
+    "i think i left {item} at {venue}",
+    "{venue} is closed {time}, sorry",
+    "how was {activity} with {name}?",
+    "ok, {activity} {time} sounds good",
+    "did you see {name} at {venue} {time}?",
+    "call me {time} please",
+    "do you have {item}? i need it {time}",
+    "i heard {venue} is nice for {activity}",
+    "are we still on for {time}?",
 )
 PUBLIC_TEMPLATES = (
     "the city council approved a plan for {activity} programs {time}.",
@@ -134,10 +165,10 @@ class SyntheticConfig:
     num_clients: int = 6
     num_heldout_clients: int = 2
     seed: int = 0
-    min_texts: int = 12
-    max_texts: int = 200
+    min_texts: int = 500
+    max_texts: int = 5000
     power_law_alpha: float = 1.6
-    scale_texts: float = 20.0
+    scale_texts: float = 500.0
     topic_concentration: float = 0.3
     heldout_fraction: float = 0.2
     num_public_texts: int = 3000
@@ -149,9 +180,10 @@ class SyntheticConfig:
             raise SimulationInputError(f"num_clients must be ≥ 1, got {self.num_clients}")
         if self.num_heldout_clients < 0:
             raise SimulationInputError("num_heldout_clients must be ≥ 0")
-        if not 2 <= self.min_texts <= self.max_texts:
+        if self.min_texts < 2 or self.max_texts < 2:
+            # max_texts is a cap: below min_texts, every client has exactly max_texts.
             raise SimulationInputError(
-                f"need 2 ≤ min_texts ≤ max_texts, got {self.min_texts}, {self.max_texts}"
+                f"need min_texts ≥ 2 and max_texts ≥ 2, got {self.min_texts}, {self.max_texts}"
             )
         if not 0.0 < self.heldout_fraction < 1.0:
             raise SimulationInputError("heldout_fraction must be in (0, 1)")
@@ -164,27 +196,37 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...], p: np.ndarray | No
     return str(options[int(rng.choice(len(options), p=p))])
 
 
-def _user_text(rng: np.random.Generator, persona: dict[str, object]) -> str:
+def _user_texts(rng: np.random.Generator, persona: dict[str, object], n: int) -> list[str]:
+    """``n`` chat messages of one user (all random draws vectorised: fast for 1,000s)."""
     prefs = persona["prefs"]
-    assert isinstance(prefs, np.ndarray)
-    activity = _pick(rng, ACTIVITIES, prefs)
     friends = persona["friends"]
-    assert isinstance(friends, tuple)
-    text = _pick(rng, CHAT_TEMPLATES).format(
-        friend=_pick(rng, friends),
-        activity=activity,
-        venue=ACTIVITY_VENUE[activity],
-        time=_pick(rng, TIMES),
-        item=_pick(rng, ITEMS),
-        n=int(rng.integers(2, 30)),
-    )
-    if persona["abbreviates"]:
-        text = " ".join(ABBREV.get(w, w) for w in text.split(" "))
-    if rng.random() < 0.5:
-        text = f"{text} {persona['signoff']}"
-    if persona["capitalizes"]:
-        text = text[:1].upper() + text[1:]
-    return text
+    assert isinstance(prefs, np.ndarray) and isinstance(friends, tuple)
+    activity = rng.choice(len(ACTIVITIES), size=n, p=prefs)
+    template = rng.integers(0, len(CHAT_TEMPLATES), size=n)
+    friend = rng.integers(0, len(friends), size=n)
+    when = rng.integers(0, len(TIMES), size=n)
+    item = rng.integers(0, len(ITEMS), size=n)
+    minutes = rng.integers(2, 30, size=n)
+    signs = rng.random(n) < 0.5
+    out = []
+    for i in range(n):
+        act = ACTIVITIES[activity[i]]
+        text = CHAT_TEMPLATES[template[i]].format(
+            friend=friends[friend[i]],
+            activity=act,
+            venue=ACTIVITY_VENUE[act],
+            time=TIMES[when[i]],
+            item=ITEMS[item[i]],
+            n=int(minutes[i]),
+        )
+        if persona["abbreviates"]:
+            text = " ".join(ABBREV.get(w, w) for w in text.split(" "))
+        if signs[i]:
+            text = f"{text} {persona['signoff']}"
+        if persona["capitalizes"]:
+            text = text[:1].upper() + text[1:]
+        out.append(text)
+    return out
 
 
 def _persona(rng: np.random.Generator, cfg: SyntheticConfig) -> dict[str, object]:
@@ -199,7 +241,8 @@ def _persona(rng: np.random.Generator, cfg: SyntheticConfig) -> dict[str, object
 
 
 def _num_texts(rng: np.random.Generator, cfg: SyntheticConfig) -> int:
-    # Pareto (power-law) quantity skew: most users write little, a few write a lot.
+    # Pareto (power-law) quantity skew: most users write little, a few write a lot;
+    # max_texts caps every client (a small cap gives small clients for quick tests).
     n = cfg.min_texts + int(rng.pareto(cfg.power_law_alpha) * cfg.scale_texts)
     return min(n, cfg.max_texts)
 
@@ -214,17 +257,42 @@ def _make_client(cfg: SyntheticConfig, index: int, *, heldout_client: bool) -> C
     stream = 1 if heldout_client else 0
     rng = np.random.default_rng([cfg.seed, stream, index])
     persona = _persona(rng, cfg)
-    texts = [_user_text(rng, persona) for _ in range(_num_texts(rng, cfg))]
+    texts = _user_texts(rng, persona, _num_texts(rng, cfg))
     n_held = max(1, round(len(texts) * cfg.heldout_fraction))
     prefix = "heldout" if heldout_client else "client"
     return ClientData(f"{prefix}-{index:05d}", tuple(texts[:-n_held]), tuple(texts[-n_held:]))
 
 
+def _public_chat_text(rng: np.random.Generator) -> str:
+    text = _pick(rng, PUBLIC_CHAT_TEMPLATES).format(
+        name=_pick(rng, NAMES),
+        activity=_pick(rng, ACTIVITIES),
+        venue=_pick(rng, VENUES),  # independent of the activity: no association to learn
+        item=_pick(rng, ITEMS),
+        time=_pick(rng, TIMES),
+        n=int(rng.integers(2, 30)),
+    )
+    if rng.random() < 0.2:
+        text = " ".join(ABBREV.get(w, w) for w in text.split(" "))
+    if rng.random() < 0.3:
+        text = f"{text} {_pick(rng, SIGNOFFS)}"
+    if rng.random() < 0.3:
+        text = text[:1].upper() + text[1:]
+    return text
+
+
 def generate_public_texts(num_texts: int, seed: int) -> tuple[str, ...]:
-    """Public pretraining sentences: everyday vocabulary, never the chat patterns."""
+    """Public pretraining text: news-like sentences and generic chat messages.
+
+    Shares the users' vocabulary and chat syntax, never their templates, their
+    activity→venue association or their personas (see the module docstring).
+    """
     rng = np.random.default_rng([seed, 2])
     out = []
     for _ in range(num_texts):
+        if rng.random() < PUBLIC_CHAT_SHARE:
+            out.append(_public_chat_text(rng))
+            continue
         out.append(
             _pick(rng, PUBLIC_TEMPLATES).format(
                 name=_pick(rng, NAMES),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from simulation.errors import SimulationInputError
 
-__all__ = ["DEFAULT_TIERS", "FaultShares", "FleetConfig", "RolloutPolicy", "Tier"]
+__all__ = ["DEFAULT_TIERS", "FaultShares", "FleetConfig", "RolloutPolicy", "Tier", "auto_stages"]
 
 _MIB = 2**20
 
@@ -114,6 +114,17 @@ class RolloutPolicy:
         if self.min_reports is not None:
             return self.min_reports
         return max(2, devices * self.stages[0] // 400)
+
+
+def auto_stages(devices: int) -> tuple[int, ...]:
+    """Stages whose first one holds about 8 phones (10 % at least, 50 % at most).
+
+    The server judges a stage once ``min_reports`` phones reported; a first stage of
+    a couple of phones in a small fleet would often be too small for a bad release to
+    trip the failure threshold before the operator must decide.
+    """
+    first = min(50, max(10, round(800 / devices)))
+    return (first, 50, 100) if first < 50 else (50, 100)
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,23 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, args: list[str], expected
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_tiny_base_is_sane_on_users_chat_text(tiny_base: Path) -> None:
+    """The public split carries chat syntax (not the users' pattern), so the base is
+    uncertain, not confidently wrong, on chat text: loss well under ln(vocab)."""
+    import math
+
+    from simulation.base_model import BASE_DATA_VERSION, base_cache_name
+    from simulation.data import generate_synthetic
+
+    assert tiny_base.name == base_cache_name("tiny", 0) == f"base-tiny-seed0-v{BASE_DATA_VERSION}"
+    data = generate_synthetic(num_clients=2, seed=0)
+    texts = [t for c in data.clients for t in c.heldout[:40]]
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        loss = model(**batch, labels=labels).loss.item()
+    assert loss < math.log(len(tok)) - 1.5, loss  # the old base was ≈ 10 nats

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,15 @@ from simulation.data import (
     tokenize_stats,
     write_partitions,
 )
-from simulation.data.synthetic import ACTIVITY_VENUE
+from simulation.data.synthetic import (
+    ABBREV,
+    ACTIVITIES,
+    ACTIVITY_VENUE,
+    CHAT_TEMPLATES,
+    ITEMS,
+    NAMES,
+    TIMES,
+)
 from simulation.errors import SimulationInputError
 
 
@@ -41,12 +51,62 @@ def test_synthetic_is_non_iid() -> None:
     assert np.median(venue_share) > 2 / len(ACTIVITY_VENUE)  # topic skew
 
 
+def _true_pair_share(texts: tuple[str, ...]) -> float:
+    """Among texts naming exactly one activity and one venue, the share that pair them
+    the way the users do (activity → its venue)."""
+    hits = total = 0
+    for t in texts:
+        acts = [a for a in ACTIVITY_VENUE if f" {a} " in f" {t} "]
+        venues = [v for v in ACTIVITY_VENUE.values() if v in t]
+        if len(acts) == 1 and len(venues) == 1:
+            total += 1
+            hits += ACTIVITY_VENUE[acts[0]] == venues[0]
+    assert total >= 100, total
+    return hits / total
+
+
 def test_population_pattern_is_absent_from_public_split() -> None:
     data = generate_synthetic(num_clients=20, seed=0)
-    public = " ".join(data.public_texts)
+    users = tuple(t for c in data.clients for t in c.train)
+    # The public split knows the words and chat syntax (venues included) …
     for venue in ACTIVITY_VENUE.values():
-        assert venue not in public
-        assert any(venue in t for c in data.clients for t in c.train)
+        assert any(venue in t for t in data.public_texts)
+        assert any(venue in t for t in users)
+    # … but not the association: venues follow activities at chance level (1/12),
+    # while users always name an activity's own venue.
+    assert _true_pair_share(data.public_texts) < 2 / len(ACTIVITY_VENUE)
+    assert _true_pair_share(users) > 0.95
+    # … and never one of the users' templates (common chat phrases, yes; a template, no).
+    template = _template_matcher()
+    assert all(template(t) for t in users)
+    assert not [t for t in data.public_texts if template(t)]
+
+
+def _template_matcher() -> Callable[[str], bool]:
+    """Whether a text (abbreviations expanded) starts like an instance of a user template."""
+    fields = {
+        "friend": NAMES,
+        "activity": ACTIVITIES,
+        "venue": tuple(ACTIVITY_VENUE.values()),
+        "time": TIMES,
+        "item": ITEMS,
+    }
+
+    def field(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return r"\d+" if name == "n" else "(?:" + "|".join(map(re.escape, fields[name])) + ")"
+
+    patterns = [
+        re.compile(re.sub(r"\\\{(\w+)\\\}", field, re.escape(t)), re.IGNORECASE)
+        for t in CHAT_TEMPLATES
+    ]
+    expand = {short: word for word, short in ABBREV.items()}
+
+    def matches(text: str) -> bool:
+        full = " ".join(expand.get(w, w) for w in text.lower().split(" "))
+        return any(p.match(full) for p in patterns)
+
+    return matches
 
 
 def test_splits_and_heldout_clients() -> None:
@@ -68,9 +128,18 @@ def test_canaries_are_planted_only_where_asked() -> None:
     assert canary.text not in others
 
 
+def test_max_texts_caps_every_client() -> None:
+    data = generate_synthetic(num_clients=4, num_heldout_clients=1, seed=0, max_texts=40)
+    assert {c.num_texts for c in (*data.clients, *data.heldout_clients)} == {40}
+    default = generate_synthetic(num_clients=4, seed=0)
+    assert min(c.num_texts for c in default.clients) >= 500  # records for record-level DP
+
+
 def test_bad_synthetic_options_are_named() -> None:
     with pytest.raises(SimulationInputError, match="num_clients"):
         generate_synthetic(num_clients=0)
+    with pytest.raises(SimulationInputError, match="max_texts"):
+        generate_synthetic(max_texts=1)
     with pytest.raises(SimulationInputError, match="unknown synthetic data option"):
         generate_synthetic(num_users=3)
 

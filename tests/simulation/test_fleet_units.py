@@ -62,6 +62,18 @@ def test_reports_needed_scales_with_the_first_stage() -> None:
     assert RolloutPolicy((10, 100), min_reports=7).reports_needed(10_000) == 7
 
 
+def test_auto_stages_give_the_first_stage_about_eight_phones() -> None:
+    from simulation.fleet.config import auto_stages
+
+    assert auto_stages(16) == (50, 100)
+    assert auto_stages(24) == (33, 50, 100)
+    assert auto_stages(10_000) == (10, 50, 100)
+    for n in (1, 5, 16, 24, 48, 80, 100, 1000):
+        stages = auto_stages(n)
+        RolloutPolicy(stages)  # valid
+        assert n * stages[0] / 100 >= min(7.5, n / 2)  # about 8, half of a small fleet
+
+
 def test_corrupting_mirror_flips_one_byte_of_bundles_only() -> None:
     payload = bytes(range(256)) * 4
 
