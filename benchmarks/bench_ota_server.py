@@ -413,8 +413,8 @@ def run_one(kind: str, url: str, work: Path, args: argparse.Namespace) -> dict[s
     try:
         from server.ota.remote import wait_until_ready
 
-        url = f"http://127.0.0.1:{port}"
-        if not wait_until_ready(url, timeout_s=60, alive=lambda: server.poll() is None):
+        base_url = f"http://127.0.0.1:{port}"
+        if not wait_until_ready(base_url, timeout_s=60, alive=lambda: server.poll() is None):
             raise RuntimeError(f"{kind}: server did not start")
         fleet, download_url = _seed(url, f"http://127.0.0.1:{port}", targets_signer, args.devices)
         queue: Any = mp.get_context("spawn").Queue()
