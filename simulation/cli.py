@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -236,6 +237,9 @@ def simulate(
             "--server needs --keys DIR: the release keys whose root.json the server trusts"
         )
 
+    if cfg.base_model is None:  # the cached tiny base; built with a progress bar on first use
+        cfg = dataclasses.replace(cfg, base_model=_default_base(seed))
+
     def on_round(result: Any, ota_round: Any) -> None:
         console.print(_round_line(result, rounds))
         if ota_round is not None and ota_round.releases:
@@ -256,6 +260,29 @@ def simulate(
         return
     _print_final_table(data_)
     typer.echo(f"summary in {result.summary.path}; report in {result.report}")
+
+
+def _default_base(seed: int) -> Path:
+    """The cached tiny base for ``seed``, pretrained (a few minutes) when missing."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from simulation.base_model import PRESETS, ensure_base_model
+
+    with Progress(
+        TextColumn("building the tiny base model (once; cached)"),
+        BarColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("pretrain", total=PRESETS["tiny"].steps, loss="")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, loss=f"loss {loss:.3f}")
+
+        return ensure_base_model(default_cache_dir(), preset="tiny", seed=seed, on_step=on_step)
 
 
 def _fleet_config(
