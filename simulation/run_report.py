@@ -14,23 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from simulation.fleet.report import PLOTS as FLEET_PLOTS
+from simulation.fleet.report import TABLE_KEYS as FLEET_TABLE_KEYS
 
-__all__ = ["FINAL_TABLE_KEYS", "TRAINING_PLOTS", "final_table", "write_run_report"]
+__all__ = ["TRAINING_PLOTS", "final_table", "write_run_report"]
 
 logger = logging.getLogger(__name__)
 TRAINING_PLOTS = ("accuracy_loss.png", "epsilon.png")
-FINAL_TABLE_KEYS = (
-    "devices",
-    "updated",
-    "failed",
-    "rolled_back",
-    "mixed_state",
-    "budget_violations",
-    "apply_ms_p50",
-    "peak_memory_bytes_max",
-    "bytes_downloaded",
-    "bytes_if_full_model",
-)
 
 
 def _fmt(value: Any) -> str:
@@ -54,7 +43,7 @@ def final_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     fleet = summary.get("fleet")
     if fleet:
-        rows += [(k, _fmt(fleet.get(k))) for k in FINAL_TABLE_KEYS]
+        rows += [(k, _fmt(fleet.get(k))) for k in FLEET_TABLE_KEYS]
         rollouts = summary.get("rollouts", [])
         paused = [f"v{r['version']}" for r in rollouts if r.get("auto_paused")]
         rows.append(("releases (auto-paused)", f"{len(rollouts)} ({', '.join(paused) or 'none'})"))

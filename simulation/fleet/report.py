@@ -17,10 +17,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from simulation.e2e import OtaContext
 
-__all__ = ["PLOTS", "write_fleet_report"]
+__all__ = ["PLOTS", "TABLE_KEYS", "write_fleet_report"]
 
 logger = logging.getLogger(__name__)
 PLOTS = ("adoption.png", "bundle_sizes.png", "peak_memory.png")
+# The fleet's headline numbers, in table order (also the end of `fedota simulate`'s table).
+TABLE_KEYS = (
+    "devices",
+    "updated",
+    "failed",
+    "rolled_back",
+    "mixed_state",
+    "budget_violations",
+    "apply_ms_p50",
+    "peak_memory_bytes_max",
+    "bytes_downloaded",
+    "bytes_if_full_model",
+    "healthy_on_latest",
+    "healthy_not_on_latest",
+)
 
 
 def _plt() -> Any:
@@ -101,20 +116,7 @@ def _memory(path: Path, tiers: dict[str, dict[str, Any]], evals: list[dict[str, 
 
 def _table(summary: dict[str, Any]) -> list[tuple[str, str]]:
     fleet = summary["fleet"]
-    keys = (
-        "devices",
-        "updated",
-        "failed",
-        "rolled_back",
-        "mixed_state",
-        "budget_violations",
-        "apply_ms_p50",
-        "peak_memory_bytes_max",
-        "bytes_downloaded",
-        "bytes_if_full_model",
-        "healthy_on_latest",
-        "healthy_not_on_latest",
-    )
+    keys = TABLE_KEYS
     return [(k, json.dumps(fleet.get(k))) for k in keys]
 
 
