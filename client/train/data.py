@@ -1,10 +1,18 @@
 """Turn a device's raw texts into fixed-length token blocks (the unit of DP-SGD).
 
-Invariant (record-level DP unit): texts are packed greedily into blocks of ``seq_len``
-tokens *without splitting a text across blocks*, so adding or removing one text
-changes exactly one block and the record-level epsilon is per text. Only a text longer
-than ``seq_len`` is cut into several blocks; :class:`Blocks` counts those texts so the
-caller can report that they are protected at group level (k blocks -> group of k).
+Two layouts:
+
+* ``pack=True`` (plain training, evaluation): texts are packed greedily into blocks of
+  ``seq_len`` tokens without splitting a text across blocks — few padding tokens.
+* ``pack=False`` (the record-level DP unit): every text starts its own block. Greedy
+  packing is *not* a valid DP unit: removing one text shifts every later text into
+  other blocks, so neighbouring datasets would differ in many blocks. With one text per
+  block, adding or removing a text adds or removes exactly one block and the
+  record-level epsilon is per text.
+
+In both layouts a text longer than ``seq_len`` is cut into several blocks;
+:class:`Blocks` counts those texts so the caller can report that they are protected
+at group level (k blocks -> group of k).
 """
 
 from __future__ import annotations
@@ -68,13 +76,15 @@ def _chunks(seq: list[int], seq_len: int) -> list[list[int]]:
     return [seq[i : i + seq_len] for i in range(0, len(seq), seq_len)]
 
 
-def pack_texts(tokenizer: Any, texts: Sequence[str], seq_len: int) -> Blocks:
-    """Tokenize ``texts`` and pack them into blocks of ``seq_len`` tokens.
+def pack_texts(tokenizer: Any, texts: Sequence[str], seq_len: int, *, pack: bool = True) -> Blocks:
+    """Tokenize ``texts`` into blocks of ``seq_len`` tokens.
 
     Args:
         tokenizer: a Hugging Face tokenizer (callable, with ``pad_token_id``/``eos``).
         texts: raw texts of one device.
         seq_len: tokens per block.
+        pack: several short texts share a block; False gives each text its own
+            block(s), the unit record-level DP-SGD needs.
 
     Returns:
         The blocks; padded positions have attention 0 and label -100.
@@ -91,7 +101,7 @@ def pack_texts(tokenizer: Any, texts: Sequence[str], seq_len: int) -> Blocks:
                 current = []
             blocks.extend(_chunks(seq, seq_len))
             continue
-        if len(current) + len(seq) > seq_len:
+        if current and (not pack or len(current) + len(seq) > seq_len):
             blocks.append(current)
             current = []
         current = current + seq

@@ -54,19 +54,9 @@ def score_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, device: str
     for start in range(0, len(texts), SCORE_BATCH):
         chunk = list(texts[start : start + SCORE_BATCH])
         ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        blocks = _one_per_row(tokenizer, chunk, max(len(i) for i in ids) + 2).to(device)
+        longest = max(len(i) for i in ids) + 2
+        blocks = pack_texts(tokenizer, chunk, longest, pack=False).to(device)
         nll = per_sample_loss(model, blocks.input_ids, blocks.attention_mask, blocks.labels)
         counts = (blocks.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
         out.extend((nll * counts).tolist())
     return out
-
-
-def _one_per_row(tokenizer: Any, texts: Sequence[str], seq_len: int) -> Blocks:
-    rows = [pack_texts(tokenizer, [t], seq_len) for t in texts]
-    return Blocks(
-        input_ids=torch.cat([r.input_ids for r in rows]),
-        attention_mask=torch.cat([r.attention_mask for r in rows]),
-        labels=torch.cat([r.labels for r in rows]),
-        num_texts=len(texts),
-        split_texts=0,
-    )

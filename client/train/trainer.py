@@ -41,6 +41,7 @@ __all__ = ["LocalTrainer"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOGICAL_BATCH = 8
+EVAL_SEQ_LEN = 64  # evaluation block length, whatever length training used
 
 
 class LocalTrainer:
@@ -159,7 +160,9 @@ class LocalTrainer:
         """
         self.slots.load(adapter)
         plan = self.plan(settings, dp)
-        blocks = pack_texts(self.tokenizer, texts, plan.seq_len).to(self.device)
+        # Under DP each text is its own block: the record the epsilon protects.
+        blocks = pack_texts(self.tokenizer, texts, plan.seq_len, pack=not dp.enabled)
+        blocks = blocks.to(self.device)
         if len(blocks) == 0:
             return self._untrained("no_data", plan, 0, "no training text on this device")
         if blocks.split_texts:
@@ -345,7 +348,7 @@ class LocalTrainer:
             AdapterMismatchError: ``adapter`` does not fit this base and LoRA layout.
         """
         self.slots.load(adapter)
-        length = seq_len or min(64, self.footprint.max_positions)
+        length = seq_len or min(EVAL_SEQ_LEN, self.footprint.max_positions)
         blocks = pack_texts(self.tokenizer, texts, length).to(self.device)
         return evaluate_blocks(self.model, blocks)
 

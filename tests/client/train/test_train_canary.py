@@ -1,9 +1,15 @@
 """Canary audit at the trainer level (THREATS G36): DP is actually applied.
 
-Three secrets are planted 10 times each in one client's data. Without DP the trainer
+Three secrets are planted 3 times each in one client's data. Without DP the trainer
 memorises them (exposure near the maximum log2(R) bits: each ranks first among R
-same-format candidates); with DP-SGD at epsilon=8 the same training leaves them at
+same-format candidates); with DP-SGD at epsilon=8 the same training leaves them near
 chance (mean exposure near 1/ln 2 = 1.44 bits). Seeded; the gap is the test's power.
+
+Why 3 copies: record-level epsilon is per text, so a secret written k times is
+protected only at group level (about k * epsilon). Ten copies (epsilon ~ 80) is beyond
+what the guarantee covers; once DP-SGD sampled one text per block (not packed blocks)
+it got enough signal to partly learn a 10-copy canary (3.2 bits), while 3 copies are
+memorised fully without DP (6.0 bits) and stay near chance with it (1.9 bits).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from .conftest import background_texts
 
 PREFIXES = ("alice pin is", "bob code is", "carol key number is")
 CANDIDATES = 63  # R = 64 texts per audit: max exposure 6 bits
-COPIES = 10
+COPIES = 3  # see the module docstring
 SETTINGS = TrainSettings(local_steps=60, learning_rate=2e-2, batch_size=8, seq_len=32, seed=0)
 
 

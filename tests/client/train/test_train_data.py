@@ -1,4 +1,5 @@
-"""Packing texts into blocks: one text never straddles two blocks (the DP unit)."""
+"""Packing texts into blocks: one text never straddles two blocks; under DP one text is
+one block, so a neighbouring dataset differs in exactly one block (the DP unit)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,35 @@ def test_texts_are_packed_whole(trainer: LocalTrainer, texts: list[str]) -> None
         assert ids[0] == bos and ids[-1] == eos  # starts and ends on a text boundary
     assert torch.equal(blocks.labels == IGNORE_INDEX, ~real)
     assert len(blocks) < len(texts)  # several texts per block
+
+
+def test_unpacked_blocks_hold_one_text_each(trainer: LocalTrainer, texts: list[str]) -> None:
+    blocks = pack_texts(trainer.tokenizer, texts, 32, pack=False)
+    assert len(blocks) == blocks.num_texts == len(texts) and blocks.split_texts == 0
+    eos = trainer.tokenizer.eos_token_id
+    assert all(int((row == eos).sum()) == 1 for row in blocks.input_ids)
+
+
+def _rows(blocks: object) -> list[tuple[int, ...]]:
+    return [tuple(r.tolist()) for r in blocks.input_ids]  # type: ignore[attr-defined]
+
+
+def test_removing_one_text_removes_exactly_one_unpacked_block(
+    trainer: LocalTrainer, texts: list[str]
+) -> None:
+    """The add/remove-one neighbouring relation DP-SGD's accountant assumes holds per text
+    only without packing: greedy packing shifts every later text into other blocks."""
+    tok = trainer.tokenizer
+    full = _rows(pack_texts(tok, texts, 32, pack=False))
+    less = _rows(pack_texts(tok, texts[1:], 32, pack=False))
+    assert len(full) - len(less) == 1 and [r for r in full if r not in less] == full[:1]
+    # Why DP does not pack: equal-length texts, two per block; dropping the first
+    # re-pairs all of them, so the neighbouring datasets differ in every block.
+    same = [f"my friend likes {w}" for w in ("apples", "bananas", "bread", "cat", "dog", "day")]
+    width = 2 * len(tok(same[0], add_special_tokens=False)["input_ids"]) + 4
+    packed_full = _rows(pack_texts(tok, same, width))
+    packed_less = _rows(pack_texts(tok, same[1:], width))
+    assert len(packed_full) == 3 and not set(packed_full) & set(packed_less)
 
 
 def test_long_texts_are_split_and_counted(trainer: LocalTrainer) -> None:

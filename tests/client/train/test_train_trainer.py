@@ -226,3 +226,12 @@ def test_base_digest_sees_a_change_to_the_nf4_quantization_state(trainer: LocalT
     finally:
         absmax.copy_(original)
     assert trainer.base_digest() == digest
+
+
+def test_dp_trains_on_one_block_per_text(trainer: LocalTrainer, texts: list[str]) -> None:
+    """Record-level ε is per text: DP-SGD samples texts, plain training packs them."""
+    dp = DPSettings(enabled=True, noise_multiplier=1.0, accountant="rdp")
+    private = trainer.train(None, texts[:20], FAST, dp)
+    plain = trainer.train(None, texts[:20], FAST, DPSettings())
+    assert private.num_examples == 20 > plain.num_examples
+    assert private.sample_rate == pytest.approx(1 / -(-20 // FAST.batch_size))  # type: ignore[operator]
