@@ -267,9 +267,9 @@ def handle_evaluate(msg: Message, s: ClientSettings) -> RecordDict:
     if not texts:
         return RecordDict({STATUS: _status(part, "no_data", "no held-out text")})
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
-    result = _trainer(s).evaluate(
-        _from_arrays(msg.content.array_records.get(ARRAYS)), texts, seq_len=s.seq_len
-    )
+    # Evaluation blocks have the trainer's fixed length whatever seq-len training used,
+    # so runs with different training settings are measured on the same scale.
+    result = _trainer(s).evaluate(_from_arrays(msg.content.array_records.get(ARRAYS)), texts)
     metrics = MetricRecord(
         {
             "eval-loss": float(result.loss),
