@@ -130,8 +130,8 @@ class FederatedConfig:
         block under DP (the unit ε protects), so ``seq-len`` only has to hold a text.
         Picked on the default synthetic data and the tiny base (seed 0, 3 rounds, ε = 8,
         every run evaluated on the same 64-token blocks): rank 8 at lr 3e-2 reached
-        0.501 accuracy from 0.442, rank 4 at 6e-2 0.485, rank 1 0.481, fedavg 0.515
-        (not the default: ffa is, under DP); see benchmarks/bench_federated.py.
+        0.500 accuracy from 0.439, rank 4 at 6e-2 0.482, rank 1 0.470, fedavg 0.513
+        (not the default: ffa is, under DP); see benchmarks/explore_record_dp.py.
         """
         record = self.dp_mode == "record"
         defaults: dict[str, Any] = (

@@ -1,0 +1,165 @@
+"""Record-level DP utility: the variants tried for issue 3's target, side by side.
+
+An in-process replica of ``bench_federated.py``'s record-level DP row, without Ray, so a
+variant takes about 1.5 minutes on one core: the default synthetic data (6 clients),
+the tiny base, 3 clients per round (seeded), 3 rounds, ``ffa`` averaged weighted by
+examples, DP-SGD at ε = 8 per phone planned over every round, and every round
+evaluated on the training clients' held-out text in 64-token blocks (the benchmark's
+evaluation). Client sampling differs from the Flower ``ServerApp``'s, so absolute
+numbers differ slightly from ``bench_federated.py``; compare variants with each other.
+
+The ``principal-a`` variants freeze FFA's A at the top-r right singular vectors of each
+dequantized base weight instead of the seeded random init. That is an experiment, not
+a product setting (DESIGN decision 3 fixes A at a seeded init); it is patched in here.
+
+Usage::
+
+    python benchmarks/explore_record_dp.py                      # every variant (~15 min)
+    python benchmarks/explore_record_dp.py --only default principal-a
+    python benchmarks/explore_record_dp.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CLIENTS, PER_ROUND, SEED = 6, 3, 0
+
+# name -> (what it changes, settings); unset keys take the defaults below.
+DEFAULTS: dict[str, Any] = {
+    "rank": 8, "lr": 3e-2, "steps": 10, "batch": 128, "seq_len": 32, "rounds": 3,
+    "epsilon": 8.0, "ffa": True, "dp": True, "per_round": PER_ROUND, "min_texts": 500,
+    "target_modules": None, "principal_a": False,
+}  # fmt: skip
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "earlier-default": ("rank 4, lr 0.06", {"rank": 4, "lr": 6e-2}),
+    "default": ("rank 8, lr 0.03 (fedota simulate's record-DP default)", {}),
+    "rank-1": ("rank 1", {"rank": 1}),
+    "out-proj-only": ("LoRA on o_proj and down_proj only",
+                      {"target_modules": ("o_proj", "down_proj")}),
+    "fedavg": ("fedavg instead of ffa, lr 0.01", {"ffa": False, "lr": 1e-2}),
+    "all-clients": ("all 6 clients in every round", {"per_round": CLIENTS}),
+    "more-rounds": ("8 rounds", {"rounds": 8}),
+    "more-data": ("4x the texts per phone (min 2,000)", {"min_texts": 2000}),
+    "principal-a": ("FFA A = top-r right singular vectors of the base weight, lr 0.01",
+                    {"principal_a": True, "lr": 1e-2}),
+    "no-noise": ("the default without DP (clipping and noise off)", {"dp": False}),
+    "seeded-a-no-noise": ("ffa without DP at fed-no-dp's settings (lr 5e-3, batch 8)",
+                          {"dp": False, "lr": 5e-3, "batch": 8, "seq_len": 64}),
+    "principal-a-no-noise": ("principal A without DP, fed-no-dp's settings (lr 5e-3, batch 8)",
+                             {"principal_a": True, "dp": False, "lr": 5e-3, "batch": 8,
+                              "seq_len": 64}),
+}  # fmt: skip
+
+
+def principal_a(trainer: Any) -> None:
+    """Replace the trainer's shared A init by each base weight's top right singular vectors."""
+    import bitsandbytes.functional as bnbf
+
+    modules = dict(trainer.model.named_modules())
+    init = trainer.slots._init
+    for name in [n for n in init if ".lora_A." in n]:
+        weight = modules[name.split(".lora_A.")[0]].base_layer.weight
+        state = getattr(weight, "quant_state", None)
+        dense = bnbf.dequantize_4bit(weight.data, state) if state is not None else weight.data
+        _, _, vh = torch.linalg.svd(dense.float(), full_matrices=False)
+        rank = init[name].shape[0]
+        a = vh[:rank].clone()
+        a *= torch.sign(a[torch.arange(rank), a.abs().argmax(dim=1)])[:, None]  # fix signs
+        init[name] = a.to(init[name].dtype)
+
+
+def run_variant(base: Path, cfg: dict[str, Any]) -> list[dict[str, float]]:
+    """Accuracy and loss after each round (round 0 = the base) of one variant."""
+    from client.train import DPSettings, LocalTrainer, LoraSettings, TrainSettings
+    from simulation.data import SyntheticConfig, generate_synthetic
+
+    data = generate_synthetic(
+        SyntheticConfig(
+            num_clients=CLIENTS, num_heldout_clients=2, seed=SEED, min_texts=cfg["min_texts"]
+        )
+    )
+    lora = LoraSettings(
+        rank=cfg["rank"], alpha=2.0 * cfg["rank"], ffa=cfg["ffa"], init_seed=SEED,
+        target_modules=cfg["target_modules"],
+    )  # fmt: skip
+    trainer = LocalTrainer(base, lora)
+    if cfg["principal_a"]:
+        principal_a(trainer)
+
+    def evaluate(adapter: Any) -> dict[str, float]:
+        loss = acc = tokens = 0.0
+        for c in data.clients:
+            r = trainer.evaluate(adapter, list(c.heldout)[:150])
+            loss, acc, tokens = (
+                loss + r.loss * r.num_tokens, acc + r.accuracy * r.num_tokens, tokens + r.num_tokens
+            )  # fmt: skip
+        return {"accuracy": acc / tokens, "loss": loss / tokens}
+
+    history = [evaluate(None)]
+    rng, adapter = random.Random(SEED), None
+    dp = DPSettings(enabled=True, target_epsilon=cfg["epsilon"]) if cfg["dp"] else DPSettings()
+    for rnd in range(cfg["rounds"]):
+        updates = []
+        for i in sorted(rng.sample(range(CLIENTS), cfg["per_round"])):
+            settings = TrainSettings(
+                local_steps=cfg["steps"], learning_rate=cfg["lr"], batch_size=cfg["batch"],
+                seq_len=cfg["seq_len"], seed=rnd * 1000 + i, planned_rounds=cfg["rounds"],
+            )  # fmt: skip
+            result = trainer.train(adapter, list(data.clients[i].train), settings, dp)
+            updates.append((result.num_examples, result.adapter))
+        total = sum(n for n, _ in updates)
+        adapter = {k: sum(n * u[k] for n, u in updates) / total for k in updates[0][1]}
+        history.append(evaluate(adapter))
+        logging.info("round %d: %s", rnd + 1, history[-1])
+    return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants to run")
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--base-model", default=None, help="base model directory")
+    parser.add_argument("--out", default="runs/explore_record_dp.json")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (what, _) in VARIANTS.items():
+            print(f"{name:<22}{what}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    from simulation.base_model import ensure_base_model
+
+    base = Path(args.base_model) if args.base_model else ensure_base_model(
+        Path.home() / ".cache" / "fedota", preset="tiny", seed=SEED
+    )  # fmt: skip
+    results: dict[str, Any] = {}
+    for name in args.only or list(VARIANTS):
+        what, changes = VARIANTS[name]
+        logging.info("variant %s: %s", name, what)
+        t0 = time.monotonic()
+        history = run_variant(base, {**DEFAULTS, **changes})
+        results[name] = {"what": what, "rounds": history, "wall_s": time.monotonic() - t0}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{'variant':<22}{'acc r0':>8}{'acc final':>11}{'gain':>8}{'loss final':>12}  what")
+    for name, r in results.items():
+        first, last = r["rounds"][0], r["rounds"][-1]
+        print(
+            f"{name:<22}{first['accuracy']:>8.3f}{last['accuracy']:>11.3f}"
+            f"{last['accuracy'] - first['accuracy']:>+8.3f}{last['loss']:>12.3f}  {r['what']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
