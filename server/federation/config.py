@@ -38,7 +38,8 @@ class FederationConfig:
         max_update_norm: updates with a larger L2 norm are rejected (0 disables).
         num_nodes: nodes to wait for before starting (training + held-out clients).
         round_timeout_s: how long to wait for replies; late replies are dropouts.
-        connect_timeout_s: how long to wait for ``num_nodes`` to connect.
+        connect_timeout_s: how long to wait for ``num_nodes`` to connect, and the
+            longest silence between replies while discovering nodes.
         seed: seeds client sampling and the central noise.
         checkpoint_dir: where to checkpoint after each round (``None``: no checkpoints).
         eval_max_clients: training clients evaluated per round (seeded subset; 0 = all).

@@ -34,6 +34,9 @@ __all__ = ["RoundCallback", "RoundResult", "discover", "run_federation"]
 
 logger = logging.getLogger(__name__)
 
+_PULL_INTERVAL_S = 0.1  # as Flower's InMemoryGrid.send_and_receive
+_PROGRESS_LOG_INTERVAL_S = 10.0
+
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -76,13 +79,7 @@ def _metrics(record: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in (record or {}).items()}  # type: ignore[arg-type]
 
 
-def discover(grid: Grid, cfg: FederationConfig) -> tuple[Population, dict[str, np.ndarray]]:
-    """Ask every node who it is, and one training client for the initial adapter.
-
-    Raises:
-        FederationError: fewer than ``num_nodes`` nodes connect in time, or no node
-            holds a training client, or no initial adapter comes back.
-    """
+def _wait_for_nodes(grid: Grid, cfg: FederationConfig) -> list[int]:
     deadline = time.monotonic() + cfg.connect_timeout_s
     while len(nodes := sorted(grid.get_node_ids())) < max(cfg.num_nodes, 1):
         if time.monotonic() > deadline:
@@ -91,16 +88,71 @@ def discover(grid: Grid, cfg: FederationConfig) -> tuple[Population, dict[str, n
                 f"{cfg.connect_timeout_s:.0f}s; start more SuperNodes or lower num-nodes"
             )
         time.sleep(0.5)
-    queries = [
-        Message(
-            content=RecordDict({CONFIG: ConfigRecord({"want": "identity"})}),
-            message_type=MessageType.QUERY,
-            dst_node_id=n,
+    return nodes
+
+
+def _query(want: str, node: int) -> Message:
+    return Message(
+        content=RecordDict({CONFIG: ConfigRecord({"want": want})}),
+        message_type=MessageType.QUERY,
+        dst_node_id=node,
+    )
+
+
+def _gather(
+    grid: Grid, messages: list[Message], *, stall_timeout_s: float, what: str
+) -> list[Message]:
+    """Push ``messages`` and pull replies until all came or none came for ``stall_timeout_s``.
+
+    Unlike ``Grid.send_and_receive``, whose timeout bounds the whole exchange, this one
+    bounds the silence between replies: 10,000 simulated nodes on two Ray actors answer
+    steadily but take longer in total than any sensible connect timeout.
+    """
+    outstanding = {mid for mid in grid.push_messages(messages) if mid}
+    total = len(outstanding)
+    replies: list[Message] = []
+    last_reply = last_log = time.monotonic()
+    # A grid hands out each reply once, so the count says when all came; do not wait
+    # for `outstanding` to empty, as not every Grid keys replies by the ids it returned.
+    while len(replies) < total:
+        pulled = list(grid.pull_messages(outstanding))
+        outstanding.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        replies.extend(pulled)
+        now = time.monotonic()
+        if pulled:
+            last_reply = now
+        elif now - last_reply > stall_timeout_s:
+            break
+        if now - last_log >= _PROGRESS_LOG_INTERVAL_S:
+            logger.info("%s: %s of %s nodes answered", what, f"{len(replies):,}", f"{total:,}")
+            last_log = now
+        if len(replies) < total:
+            time.sleep(_PULL_INTERVAL_S)
+    return replies
+
+
+def discover(grid: Grid, cfg: FederationConfig) -> tuple[Population, dict[str, np.ndarray]]:
+    """Ask every node who it is, and one training client for the initial adapter.
+
+    Discovery waits as long as replies keep coming: it gives up only when no node has
+    answered for ``cfg.connect_timeout_s`` (large simulated populations answer slowly).
+
+    Raises:
+        FederationError: fewer than ``num_nodes`` nodes connect in time, or nodes stop
+            answering before all have identified themselves, or no node holds a
+            training client, or no initial adapter comes back.
+    """
+    nodes = _wait_for_nodes(grid, cfg)
+    queries = [_query("identity", n) for n in nodes]
+    replies = _gather(grid, queries, stall_timeout_s=cfg.connect_timeout_s, what="identity")
+    if len(replies) < len(nodes):
+        raise FederationError(
+            f"discovery stalled: {len(replies):,} of {len(nodes):,} nodes answered, then "
+            f"none for {cfg.connect_timeout_s:.0f}s; check that the SuperNodes (or "
+            "simulation actors) are alive, or raise connect-timeout-s"
         )
-        for n in nodes
-    ]
     pop = Population()
-    for reply in grid.send_and_receive(queries, timeout=cfg.connect_timeout_s):
+    for reply in replies:
         if reply.has_error() or STATUS not in reply.content.config_records:
             logger.warning(
                 "node %d did not identify itself; it will be left out", reply.metadata.src_node_id
@@ -112,12 +164,9 @@ def discover(grid: Grid, cfg: FederationConfig) -> tuple[Population, dict[str, n
     if not pop.train:
         raise FederationError("no connected node holds a training client; check the data")
     first = pop.train[min(pop.train)]
-    ask = Message(
-        content=RecordDict({CONFIG: ConfigRecord({"want": "initial-adapter"})}),
-        message_type=MessageType.QUERY,
-        dst_node_id=first,
-    )
-    for reply in grid.send_and_receive([ask], timeout=cfg.connect_timeout_s):
+    ask = _query("initial-adapter", first)
+    adapter = _gather(grid, [ask], stall_timeout_s=cfg.connect_timeout_s, what="initial adapter")
+    for reply in adapter:
         if not reply.has_error() and ARRAYS in reply.content.array_records:
             logger.info(
                 "population: %d training clients, %d held-out clients",
