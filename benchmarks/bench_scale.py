@@ -124,8 +124,10 @@ def run_training(
         cmd += ["--clients", str(clients), "--clients-per-round", str(min(per_round, clients))]
         cmd += ["--rounds", str(rounds), "--local-steps", "2", "--eval-clients", "20"]
         cmd += ["--base-model", str(base), "--out", str(Path(tmp) / "run")]
+        # The child's output goes to a file: an unread pipe would block it once full.
+        log = (Path(tmp) / "simulate.log").open("wb")
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         driver = psutil.Process(proc.pid)
         peak_driver = peak_tree = 0
         while proc.poll() is None:
@@ -139,9 +141,10 @@ def run_training(
                 peak_tree = max(peak_tree, sum(rss))
             time.sleep(0.2)
         wall = time.perf_counter() - start
-        _, err = proc.communicate()
+        log.close()
         if proc.returncode != 0:
-            raise RuntimeError(f"{clients} clients failed:\n{err.decode()[-2000:]}")
+            tail = (Path(tmp) / "simulate.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{clients} clients failed:\n{tail}")
         summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
     return {
         "clients": clients,
