@@ -61,3 +61,27 @@ def test_one_record_dp_ffa_round_with_real_phones(
     ev = history[1]["evaluate"]
     assert ev["clients-nodes"] == 3 and ev["heldout-nodes"] == 1
     assert ev["clients-tokens"] > 0 and ev["heldout-tokens"] > 0
+
+
+def test_evaluation_does_not_depend_on_the_training_block_length(
+    tmp_path: Path, micro_base: Path, partitions: Path
+) -> None:
+    """Runs that train on different seq-len are scored on the same blocks (round 0 equal)."""
+    scores = []
+    for seq_len in (16, 48):
+        overrides = {
+            "base-model": str(micro_base),
+            "data-dir": str(partitions),
+            "state-dir": str(tmp_path / f"devices-{seq_len}"),
+            "dp-mode": "none",
+            "aggregation": "fedavg",
+            "local-steps": 1,
+            "seq-len": seq_len,
+            "num-server-rounds": 1,
+        }
+        app = make_client_app(overrides)
+        grid = LoopbackGrid({70 + i: (app, {"partition-id": i}) for i in range(4)})
+        cfg = FederationConfig(num_rounds=1, clients_per_round=3, min_clients=2, dp_mode="none")
+        scores.append(run_federation(grid, cfg, build_strategy(cfg))[0]["evaluate"])
+    assert scores[0]["clients-tokens"] > 0
+    assert scores[0] == scores[1]
