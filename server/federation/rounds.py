@@ -112,9 +112,7 @@ def _gather(
     total = len(outstanding)
     replies: list[Message] = []
     last_reply = last_log = time.monotonic()
-    # A grid hands out each reply once, so the count says when all came; do not wait
-    # for `outstanding` to empty, as not every Grid keys replies by the ids it returned.
-    while len(replies) < total:
+    while outstanding:
         pulled = list(grid.pull_messages(outstanding))
         outstanding.difference_update(m.metadata.reply_to_message_id for m in pulled)
         replies.extend(pulled)
@@ -126,7 +124,7 @@ def _gather(
         if now - last_log >= _PROGRESS_LOG_INTERVAL_S:
             logger.info("%s: %s of %s nodes answered", what, f"{len(replies):,}", f"{total:,}")
             last_log = now
-        if len(replies) < total:
+        if outstanding:
             time.sleep(_PULL_INTERVAL_S)
     return replies
 

@@ -100,11 +100,12 @@ class LoopbackGrid(Grid):
                 run_id=1, node_id=node, node_config=node_config, state=RecordDict(), run_config={}
             )
             self.calls.append((msg.metadata.message_type, node))
+            mid = str(next(self._ids))
+            msg.metadata.__dict__["_message_id"] = mid  # as Flower's InMemoryGrid ids them
             try:
                 reply = app(copy.deepcopy(msg), context)
             except Exception as e:  # the runtime turns app failures into error replies
                 reply = Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
-            mid = str(next(self._ids))
             if reply is not None:
                 self._replies[mid] = reply
             ids.append(mid)

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Iterable
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from fed_fakes import LoopbackGrid, fake_phone_app, initial_adapter, make_grid
@@ -40,17 +39,9 @@ class DripGrid(LoopbackGrid):
         self._pushed_at = 0.0
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        msgs = list(messages)
-        for msg in msgs:  # message ids as Flower's InMemoryGrid sets them
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-        loopback_ids = super().push_messages(msgs)
-        ids = [msg.metadata.message_id for msg in msgs]
-        for mid, loopback_id in zip(ids, loopback_ids, strict=True):
-            reply = self._replies.pop(loopback_id)
-            assert reply.metadata.reply_to_message_id == mid
-            self._replies[mid] = reply
-        self._order, self._pushed_at = ids, time.monotonic()
-        return ids
+        self._order = list(super().push_messages(messages))
+        self._pushed_at = time.monotonic()
+        return self._order
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         due = int((time.monotonic() - self._pushed_at) / self.every_s)
