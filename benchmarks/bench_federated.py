@@ -71,11 +71,11 @@ class Plan:
     eval_max_clients: int
 
 
-RECORD_DP = {
-    "local_steps": 10,
+RECORD_DP = {  # fedota simulate's record-level DP defaults
+    "local_steps": 5,
     "learning_rate": 3e-2,
     "lora_rank": 8,
-    "batch_size": 128,
+    "batch_size": 1024,
     "seq_len": 32,
     "max_grad_norm": 1.0,
 }
