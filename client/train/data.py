@@ -51,6 +51,22 @@ class Blocks:
             self.split_texts,
         )
 
+    def trimmed(self) -> Blocks:
+        """The same blocks without the trailing columns that are padding in every block.
+
+        Padding is on the right and masked out of attention and loss, so per-block
+        losses and gradients do not change; training on one text per block (DP) then
+        costs the longest text's length, not ``seq_len``.
+        """
+        width = int(self.attention_mask.sum(dim=1).max()) if len(self) else 0
+        return Blocks(
+            self.input_ids[:, :width],
+            self.attention_mask[:, :width],
+            self.labels[:, :width],
+            self.num_texts,
+            self.split_texts,
+        )
+
     @property
     def num_label_tokens(self) -> int:
         """Tokens that contribute to the loss (targets of next-token prediction)."""

@@ -162,7 +162,7 @@ class LocalTrainer:
         plan = self.plan(settings, dp)
         # Under DP each text is its own block: the record the epsilon protects.
         blocks = pack_texts(self.tokenizer, texts, plan.seq_len, pack=not dp.enabled)
-        blocks = blocks.to(self.device)
+        blocks = blocks.trimmed().to(self.device)
         if len(blocks) == 0:
             return self._untrained("no_data", plan, 0, "no training text on this device")
         if blocks.split_texts:

@@ -63,3 +63,26 @@ def test_long_texts_are_split_and_counted(trainer: LocalTrainer) -> None:
 @pytest.mark.parametrize("texts", [[], ["", ""]], ids=["none", "empty-strings"])
 def test_no_text_gives_no_blocks(trainer: LocalTrainer, texts: list[str]) -> None:
     assert len(pack_texts(trainer.tokenizer, texts, 16)) == 0
+
+
+def test_trimming_drops_only_all_padding_columns_and_keeps_losses(
+    trainer: LocalTrainer, texts: list[str]
+) -> None:
+    from client.train._loops import per_sample_loss
+
+    blocks = pack_texts(trainer.tokenizer, texts, 48, pack=False)
+    trimmed = blocks.trimmed()
+    longest = int(blocks.attention_mask.sum(dim=1).max())
+    assert longest < 48 and trimmed.input_ids.shape == (len(blocks), longest)
+    assert not blocks.attention_mask[:, longest:].any()  # only padding was cut
+    assert torch.equal(trimmed.input_ids, blocks.input_ids[:, :longest])
+    assert trimmed.num_label_tokens == blocks.num_label_tokens
+    with torch.no_grad():
+        full = per_sample_loss(
+            trainer.model, blocks.input_ids, blocks.attention_mask, blocks.labels
+        )
+        cut = per_sample_loss(
+            trainer.model, trimmed.input_ids, trimmed.attention_mask, trimmed.labels
+        )
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
+    assert len(pack_texts(trainer.tokenizer, [], 48).trimmed()) == 0
