@@ -6,7 +6,8 @@ One run, same synthetic data (the generator's defaults), base model and seed:
 * ``local-only``      each client trains alone for ``rounds × local_steps`` steps
 * ``fed-no-dp``       federated, ``fedavg``, no DP (``fedota simulate --no-dp`` defaults)
 * ``fed-record-dp``   federated, ``ffa``, record-level DP-SGD on each phone, ε = 8 per
-                      phone, with the client settings in ``Plan.record_dp`` (printed)
+                      phone, ``fedota simulate``'s defaults plus any overrides in
+                      ``Plan.record_dp`` (the settings used are printed)
 * ``fed-user-dp-N``   federated, ``ffa``, central user-level DP-FedAvg, ε = 8, for two
                       populations N (100 and 1,000; ``--quick``: 8 and 24) with the SAME
                       number of clients per round, so q = m / N and the calibrated σ
@@ -63,7 +64,7 @@ class Plan:
     clients_per_round: int
     rounds: int
     local_steps: int
-    record_dp: dict[str, Any]  # client settings of the record-level DP row
+    record_dp: dict[str, Any]  # overrides of simulate's record-level DP client defaults
     user_populations: tuple[int, ...]
     user_clients_per_round: int
     user_rounds: int
@@ -71,17 +72,9 @@ class Plan:
     eval_max_clients: int
 
 
-RECORD_DP = {  # fedota simulate's record-level DP defaults
-    "local_steps": 5,
-    "learning_rate": 3e-2,
-    "lora_rank": 8,
-    "batch_size": 1024,
-    "seq_len": 32,
-    "max_grad_norm": 1.0,
-}
 USER_DP = {"local_steps": 3, "lora_rank": 8, "seq_len": 64, "user_clip": 1.0}
-QUICK = Plan(4, 2, 2, 2, 4, {**RECORD_DP, "local_steps": 4}, (8, 24), 4, 2, USER_DP, 8)
-FULL = Plan(6, 2, 3, 3, 10, RECORD_DP, (100, 1000), 20, 5, USER_DP, 12)
+QUICK = Plan(4, 2, 2, 2, 4, {"local_steps": 4}, (8, 24), 4, 2, USER_DP, 8)
+FULL = Plan(6, 2, 3, 3, 10, {}, (100, 1000), 20, 5, USER_DP, 12)
 
 
 def _metrics(trainer: Any, adapter: Any, clients: Any, heldout: Any) -> dict[str, float]:
@@ -147,7 +140,7 @@ def federated_row(
         base_model=base,
         seed=seed,
         num_heldout_clients=plan.heldout_clients,
-        **{"rounds": plan.rounds, "local_steps": plan.local_steps, **kw},
+        **{"rounds": plan.rounds, **kw},
     )
     t0 = time.monotonic()
     summary = run_federated(cfg).data
@@ -238,7 +231,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = trainer_rows(base, plan, args.seed)
         common = dict(num_clients=plan.clients, clients_per_round=plan.clients_per_round)
         rows["fed-no-dp"] = federated_row(
-            "fed-no-dp", base, tmp, plan, args.seed, dp_mode="none", aggregation="fedavg", **common
+            "fed-no-dp",
+            base,
+            tmp,
+            plan,
+            args.seed,
+            dp_mode="none",
+            aggregation="fedavg",
+            local_steps=plan.local_steps,
+            **common,
         )
         rows["fed-record-dp"] = federated_row(
             "fed-record-dp",

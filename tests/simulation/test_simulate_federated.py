@@ -112,27 +112,3 @@ def test_simulate_with_record_level_dp_reports_epsilon_within_target(
     assert privacy["noise_multiplier"] > 0 and privacy["clip"] == 1.0
     eps = [r["epsilon"]["record_level"] for r in summary["rounds"]]
     assert 0 < eps[0] < eps[1] <= 8.0  # composes over rounds, within the budget
-
-
-def test_benchmark_record_dp_row_uses_the_simulate_defaults(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """bench_federated's record-DP row measures what ``fedota simulate`` runs by default."""
-    import importlib.util
-
-    from simulation.federated import FederatedConfig
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_federated.py"
-    spec = importlib.util.spec_from_file_location("bench_federated", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_federated", bench)  # dataclasses look it up
-    spec.loader.exec_module(bench)
-    defaults = FederatedConfig(out_dir=tmp_path / "run").client_hyperparameters()
-    row = bench.RECORD_DP
-    assert (row["local_steps"], row["learning_rate"], row["lora_rank"]) == (
-        defaults["local-steps"],
-        defaults["learning-rate"],
-        defaults["lora-rank"],
-    )
-    assert (row["batch_size"], row["seq_len"]) == (defaults["batch-size"], defaults["seq-len"])
