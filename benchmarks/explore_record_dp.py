@@ -19,7 +19,7 @@ a product setting (DESIGN decision 3 fixes A at a seeded init); it is patched in
 
 Usage::
 
-    python benchmarks/explore_record_dp.py                      # every variant (~75 min)
+    python benchmarks/explore_record_dp.py                      # every variant (~2 h)
     python benchmarks/explore_record_dp.py --only default batch-128 --seed 1
     python benchmarks/explore_record_dp.py --list
 """
@@ -32,19 +32,24 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from simulation.federated import FederatedConfig
+
 CLIENTS, PER_ROUND, SEED = 6, 3, 0
 
-# Every variant starts from DEFAULTS (fedota simulate's record-DP default) and changes
-# the keys it names; OLD is the previous default most variants were measured against.
+# Every variant starts from DEFAULTS (fedota simulate's record-DP default, read from
+# simulate itself) and changes the keys it names; OLD is the previous default most
+# variants were measured against.
+_SIMULATE = FederatedConfig(out_dir=Path("unused"), dp_mode="record").client_hyperparameters()
 DEFAULTS: dict[str, Any] = {
-    "rank": 8, "lr": 3e-2, "steps": 5, "batch": 1024, "seq_len": 32, "rounds": 3,
-    "epsilon": 8.0, "ffa": True, "dp": True, "per_round": PER_ROUND, "min_texts": 500,
-    "target_modules": None, "principal_a": False, "planned_rounds": None, "clip": 1.0,
-    "seed": SEED,
+    "rank": _SIMULATE["lora-rank"], "lr": _SIMULATE["learning-rate"],
+    "steps": _SIMULATE["local-steps"], "batch": _SIMULATE["batch-size"],
+    "seq_len": _SIMULATE["seq-len"], "rounds": 3, "epsilon": 8.0, "ffa": True, "dp": True,
+    "per_round": PER_ROUND, "min_texts": 500, "target_modules": None, "principal_a": False,
+    "planned_rounds": None, "clip": 1.0, "seed": SEED,
 }  # fmt: skip
 OLD: dict[str, Any] = {"steps": 10, "batch": 128}
 NO_DP_ROW: dict[str, Any] = {"ffa": False, "dp": False, "lr": 5e-3, "batch": 8, "seq_len": 64,
@@ -52,6 +57,11 @@ NO_DP_ROW: dict[str, Any] = {"ffa": False, "dp": False, "lr": 5e-3, "batch": 8, 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("5 steps on every text (q = 1), rank 8, lr 0.03: fedota simulate's default",
                 {}),
+    "rank-32": ("rank 32, lr 0.015 (4x the upload)", {"rank": 32, "lr": 1.5e-2}),
+    "rank-64": ("rank 64, lr 0.01 (8x the upload)", {"rank": 64, "lr": 1e-2}),
+    "epsilon-32": ("the default at epsilon = 32 instead of 8", {"epsilon": 32.0}),
+    "no-dp-full-batch": ("the default without DP (no clipping, no noise, packed blocks)",
+                         {"dp": False}),
     "batch-128": ("10 steps of 128 texts (q ~ 1/5): the previous default", OLD),
     "batch-256": ("5 steps of 256 texts (q ~ 1/3)", {"batch": 256}),
     "full-batch-3": ("3 steps on every text", {"steps": 3}),
@@ -63,6 +73,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rank-16": ("batch-128 at rank 16, lr 0.015", {**OLD, "rank": 16, "lr": 1.5e-2}),
     "out-proj-only": ("batch-128 with LoRA on o_proj and down_proj only",
                       {**OLD, "target_modules": ("o_proj", "down_proj")}),
+    "v-proj-only": ("LoRA on v_proj only (1/27 of the trainable parameters)",
+                    {"target_modules": ("v_proj",)}),
+    "k-v-proj": ("LoRA on k_proj and v_proj", {"target_modules": ("k_proj", "v_proj")}),
+    "v-o-proj": ("LoRA on v_proj and o_proj", {"target_modules": ("v_proj", "o_proj")}),
+    "attention-only": ("LoRA on q, k, v and o projections",
+                       {"target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")}),
     "fedavg": ("batch-128 with fedavg instead of ffa, lr 0.01",
                {**OLD, "ffa": False, "lr": 1e-2}),
     "all-clients": ("batch-128 with all 6 clients in every round", {**OLD, "per_round": CLIENTS}),
@@ -132,7 +148,8 @@ def run_variant(base: Path, cfg: dict[str, Any]) -> list[dict[str, float]]:
         return {"accuracy": acc / tokens, "loss": loss / tokens}
 
     history = [evaluate(None)]
-    rng, adapter = random.Random(cfg["seed"]), None
+    rng = random.Random(cfg["seed"])
+    adapter: dict[str, torch.Tensor] | None = None
     dp = (
         DPSettings(enabled=True, target_epsilon=cfg["epsilon"], max_grad_norm=cfg["clip"])
         if cfg["dp"]
@@ -149,7 +166,9 @@ def run_variant(base: Path, cfg: dict[str, Any]) -> list[dict[str, float]]:
             result = trainer.train(adapter, list(data.clients[i].train), settings, dp)
             updates.append((result.num_examples, result.adapter))
         total = sum(n for n, _ in updates)
-        adapter = {k: sum(n * u[k] for n, u in updates) / total for k in updates[0][1]}
+        adapter = {
+            k: cast(torch.Tensor, sum(n * u[k] for n, u in updates)) / total for k in updates[0][1]
+        }
         history.append(evaluate(adapter))
         logging.info("round %d: %s", rnd + 1, history[-1])
     return history
