@@ -5,6 +5,8 @@ One run, same synthetic data (the generator's defaults), base model and seed:
 * ``base``            the base model, no training (round 0 of every run)
 * ``local-only``      each client trains alone for ``rounds × local_steps`` steps
 * ``fed-no-dp``       federated, ``fedavg``, no DP (``fedota simulate --no-dp`` defaults)
+* ``fed-no-dp-head``  ``fed-no-dp`` with LoRA on the output head too (the record-DP
+                      default adapts it; its gain is kept against both rows)
 * ``fed-record-dp``   federated, ``ffa``, record-level DP-SGD on each phone, ε = 8 per
                       phone, ``fedota simulate``'s defaults plus any overrides in
                       ``Plan.record_dp`` (the settings used are printed)
@@ -182,12 +184,22 @@ def gains(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         out["fed_no_dp_gap_closed"] = fed / central
     if fed and rec is not None:
         out["record_dp_gain_kept"] = rec / fed
+    fed_head = gain("fed-no-dp-head")
+    if fed_head and rec is not None:
+        out["record_dp_gain_kept_vs_fed_no_dp_head"] = rec / fed_head
     users = sorted((int(k.rsplit("-", 1)[1]), gain(k)) for k in rows if k.startswith("fed-user"))
     for n, g in users:
         out[f"user_dp_{n}_gain"] = g
     # Upload per unit of LoRA rank (bytes are linear in the rank): fed-no-dp (fedavg,
-    # A and B) against the first ffa row (B only).
-    ffa_rows = [k for k in rows if rows[k].get("aggregation") == "ffa"]
+    # A and B) against the first ffa row (B only) that adapts the same modules (the
+    # record-DP row also adapts the output head).
+    same_modules = rows.get("fed-no-dp", {}).get("client_settings", {}).get("lora-head")
+    ffa_rows = [
+        k
+        for k in rows
+        if rows[k].get("aggregation") == "ffa"
+        and rows[k].get("client_settings", {}).get("lora-head") == same_modules
+    ]
     if "fed-no-dp" in rows and ffa_rows:
 
         def per_rank(r: dict[str, Any]) -> float:
@@ -239,6 +251,20 @@ def main(argv: list[str] | None = None) -> int:
             dp_mode="none",
             aggregation="fedavg",
             local_steps=plan.local_steps,
+            **common,
+        )
+        # The record-DP default also adapts the output head: the same non-private run
+        # with the head shows that its gain is not bought by a larger adapter alone.
+        rows["fed-no-dp-head"] = federated_row(
+            "fed-no-dp-head",
+            base,
+            tmp,
+            plan,
+            args.seed,
+            dp_mode="none",
+            aggregation="fedavg",
+            local_steps=plan.local_steps,
+            lora_head=True,
             **common,
         )
         rows["fed-record-dp"] = federated_row(

@@ -9,9 +9,11 @@ evaluation). Client sampling differs from the Flower ``ServerApp``'s, so absolut
 numbers differ slightly from ``bench_federated.py``; compare variants with each other.
 
 ``default`` is ``fedota simulate``'s record-DP default (5 steps, each on every text of
-the phone, q = 1). Most variants were measured against the previous default, 10 steps
-of 128 texts (``batch-128``), and change one thing from it; ``fed-no-dp`` is the
-benchmark's non-private row (the gain the DP row is compared with).
+the phone, q = 1, LoRA on every linear projection and the output head). Variants
+marked "no head" change one thing from the default before the head was adapted
+(``no-head``); most others change one thing from the default before that, 10 steps of
+128 texts (``batch-128``). ``fed-no-dp`` is the benchmark's non-private row (the gain
+the DP row is compared with); ``fed-no-dp-head`` is the same with the head.
 
 The ``principal-a`` variants freeze FFA's A at the top-r right singular vectors of each
 dequantized base weight instead of the seeded random init. That is an experiment, not
@@ -41,44 +43,55 @@ from simulation.federated import FederatedConfig
 CLIENTS, PER_ROUND, SEED = 6, 3, 0
 
 # Every variant starts from DEFAULTS (fedota simulate's record-DP default, read from
-# simulate itself) and changes the keys it names; OLD is the previous default most
-# variants were measured against.
+# simulate itself) and changes the keys it names. NO_HEAD is the default before the
+# output head was adapted, which the variants marked "no head" were measured against;
+# OLD is the default before that (batch-128), which most other variants change.
 _SIMULATE = FederatedConfig(out_dir=Path("unused"), dp_mode="record").client_hyperparameters()
 DEFAULTS: dict[str, Any] = {
     "rank": _SIMULATE["lora-rank"], "lr": _SIMULATE["learning-rate"],
     "steps": _SIMULATE["local-steps"], "batch": _SIMULATE["batch-size"],
-    "seq_len": _SIMULATE["seq-len"], "rounds": 3, "epsilon": 8.0, "ffa": True, "dp": True,
-    "per_round": PER_ROUND, "min_texts": 500, "target_modules": None, "principal_a": False,
-    "planned_rounds": None, "clip": 1.0, "seed": SEED,
+    "seq_len": _SIMULATE["seq-len"], "head": _SIMULATE["lora-head"], "rounds": 3,
+    "epsilon": 8.0, "ffa": True, "dp": True, "per_round": PER_ROUND, "min_texts": 500,
+    "target_modules": None, "principal_a": False, "planned_rounds": None, "clip": 1.0,
+    "seed": SEED,
 }  # fmt: skip
-OLD: dict[str, Any] = {"steps": 10, "batch": 128}
-NO_DP_ROW: dict[str, Any] = {"ffa": False, "dp": False, "lr": 5e-3, "batch": 8, "seq_len": 64,
-                             "steps": 10}  # fmt: skip
+NO_HEAD: dict[str, Any] = {"head": False}
+OLD: dict[str, Any] = {**NO_HEAD, "steps": 10, "batch": 128}
+NO_DP_ROW: dict[str, Any] = {**NO_HEAD, "ffa": False, "dp": False, "lr": 5e-3, "batch": 8,
+                             "seq_len": 64, "steps": 10}  # fmt: skip
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("5 steps on every text (q = 1), rank 8, lr 0.03: fedota simulate's default",
-                {}),
+    "default": ("5 steps on every text (q = 1), rank 8, lr 0.03, LoRA on every linear "
+                "projection and the output head: fedota simulate's default", {}),
+    "no-head": ("the default without LoRA on the output head: the previous default", NO_HEAD),
+    "head-lr-0.015": ("the default at lr 0.015", {"lr": 1.5e-2}),
+    "head-only": ("the default with LoRA on the output head only",
+                  {**NO_HEAD, "target_modules": ("lm_head",)}),
     "rank-32": ("rank 32, lr 0.015 (4x the upload)", {"rank": 32, "lr": 1.5e-2}),
     "rank-64": ("rank 64, lr 0.01 (8x the upload)", {"rank": 64, "lr": 1e-2}),
-    "epsilon-32": ("the default at epsilon = 32 instead of 8", {"epsilon": 32.0}),
-    "no-dp-full-batch": ("the default without DP (no clipping, no noise, packed blocks)",
-                         {"dp": False}),
-    "batch-128": ("10 steps of 128 texts (q ~ 1/5): the previous default", OLD),
-    "batch-256": ("5 steps of 256 texts (q ~ 1/3)", {"batch": 256}),
-    "full-batch-3": ("3 steps on every text", {"steps": 3}),
-    "full-batch-10": ("10 steps on every text", {"steps": 10}),
-    "full-batch-lr-0.06": ("5 steps on every text, lr 0.06", {"lr": 6e-2}),
-    "full-batch-lr-0.015": ("5 steps on every text, lr 0.015", {"lr": 1.5e-2}),
+    "rank-32-no-head": ("no head, rank 32, lr 0.015", {**NO_HEAD, "rank": 32, "lr": 1.5e-2}),
+    "rank-64-no-head": ("no head, rank 64, lr 0.01", {**NO_HEAD, "rank": 64, "lr": 1e-2}),
+    "epsilon-32": ("no head, epsilon = 32 instead of 8", {**NO_HEAD, "epsilon": 32.0}),
+    "no-dp-full-batch": ("no head, without DP (no clipping, no noise, packed blocks)",
+                         {**NO_HEAD, "dp": False}),
+    "batch-128": ("10 steps of 128 texts (q ~ 1/5), no head: the default before that", OLD),
+    "batch-256": ("no head, 5 steps of 256 texts (q ~ 1/3)", {**NO_HEAD, "batch": 256}),
+    "full-batch-3": ("no head, 3 steps on every text", {**NO_HEAD, "steps": 3}),
+    "full-batch-10": ("no head, 10 steps on every text", {**NO_HEAD, "steps": 10}),
+    "full-batch-lr-0.06": ("no head, lr 0.06", {**NO_HEAD, "lr": 6e-2}),
+    "full-batch-lr-0.015": ("no head, lr 0.015", {**NO_HEAD, "lr": 1.5e-2}),
     "earlier-default": ("batch-128 at rank 4, lr 0.06", {**OLD, "rank": 4, "lr": 6e-2}),
     "rank-1": ("batch-128 at rank 1", {**OLD, "rank": 1}),
     "rank-16": ("batch-128 at rank 16, lr 0.015", {**OLD, "rank": 16, "lr": 1.5e-2}),
     "out-proj-only": ("batch-128 with LoRA on o_proj and down_proj only",
                       {**OLD, "target_modules": ("o_proj", "down_proj")}),
-    "v-proj-only": ("LoRA on v_proj only (1/27 of the trainable parameters)",
-                    {"target_modules": ("v_proj",)}),
-    "k-v-proj": ("LoRA on k_proj and v_proj", {"target_modules": ("k_proj", "v_proj")}),
-    "v-o-proj": ("LoRA on v_proj and o_proj", {"target_modules": ("v_proj", "o_proj")}),
-    "attention-only": ("LoRA on q, k, v and o projections",
-                       {"target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")}),
+    "v-proj-only": ("no head, LoRA on v_proj only (1/27 of the trainable parameters)",
+                    {**NO_HEAD, "target_modules": ("v_proj",)}),
+    "k-v-proj": ("no head, LoRA on k_proj and v_proj",
+                 {**NO_HEAD, "target_modules": ("k_proj", "v_proj")}),
+    "v-o-proj": ("no head, LoRA on v_proj and o_proj",
+                 {**NO_HEAD, "target_modules": ("v_proj", "o_proj")}),
+    "attention-only": ("no head, LoRA on q, k, v and o projections",
+                       {**NO_HEAD, "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")}),
     "fedavg": ("batch-128 with fedavg instead of ffa, lr 0.01",
                {**OLD, "ffa": False, "lr": 1e-2}),
     "all-clients": ("batch-128 with all 6 clients in every round", {**OLD, "per_round": CLIENTS}),
@@ -88,13 +101,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "clip-0.1": ("batch-128 with clipping bound C = 0.1", {**OLD, "clip": 0.1}),
     "principal-a": ("batch-128 with FFA A = top-r right singular vectors of the base "
                     "weight, lr 0.01", {**OLD, "principal_a": True, "lr": 1e-2}),
-    "more-data": ("4x the texts per phone (at least 2,000), 10 steps of 512 texts (q ~ 1/5)",
-                  {"min_texts": 2000, "steps": 10, "batch": 512}),
-    "more-data-full-batch": ("4x the texts per phone, 5 steps on every text",
-                             {"min_texts": 2000}),
+    "principal-a-full-batch": ("no head, the principal A, lr 0.01",
+                               {**NO_HEAD, "principal_a": True, "lr": 1e-2}),
+    "principal-a-full-batch-lr-0.03": ("no head, the principal A",
+                                       {**NO_HEAD, "principal_a": True}),
+    "more-data": ("4x the texts per phone (at least 2,000), 10 steps of 512 texts (q ~ 1/5), "
+                  "no head", {**NO_HEAD, "min_texts": 2000, "steps": 10, "batch": 512}),
+    "more-data-full-batch": ("no head, 4x the texts per phone, 5 steps on every text",
+                             {**NO_HEAD, "min_texts": 2000}),
     "no-noise": ("batch-128 without DP (clipping and noise off)", {**OLD, "dp": False}),
     "fed-no-dp": ("no DP, fedavg, lr 5e-3, 10 steps of 8 64-token blocks: the benchmark's "
                   "non-private row", NO_DP_ROW),
+    "fed-no-dp-head": ("fed-no-dp with LoRA on the output head too",
+                       {**NO_DP_ROW, "head": True}),
     "fed-no-dp-more-data": ("fed-no-dp on 4x the texts per phone",
                             {**NO_DP_ROW, "min_texts": 2000}),
     "seeded-a-no-noise": ("fed-no-dp with ffa", {**NO_DP_ROW, "ffa": True}),
@@ -132,7 +151,7 @@ def run_variant(base: Path, cfg: dict[str, Any]) -> list[dict[str, float]]:
     )
     lora = LoraSettings(
         rank=cfg["rank"], alpha=2.0 * cfg["rank"], ffa=cfg["ffa"], init_seed=cfg["seed"],
-        target_modules=cfg["target_modules"],
+        target_modules=cfg["target_modules"], adapt_head=cfg["head"],
     )  # fmt: skip
     trainer = LocalTrainer(base, lora)
     if cfg["principal_a"]:

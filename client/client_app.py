@@ -50,6 +50,7 @@ class ClientSettings:
     state_dir: Path | None
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    lora_head: bool = False
     ffa: bool = True
     dp_record: bool = False
     target_epsilon: float = 8.0
@@ -97,6 +98,7 @@ class ClientSettings:
                 state_dir=Path(state) if state else None,
                 lora_rank=int(cfg.get("lora-rank", 8)),
                 lora_alpha=float(cfg.get("lora-alpha", 2 * int(cfg.get("lora-rank", 8)))),
+                lora_head=_flag(cfg.get("lora-head", False)),
                 ffa=str(cfg.get("aggregation", "ffa")) == "ffa",
                 dp_record=str(cfg.get("dp-mode", "record")) == "record",
                 target_epsilon=float(cfg.get("target-epsilon", 8.0)),
@@ -114,6 +116,18 @@ class ClientSettings:
             )
         except (TypeError, ValueError) as e:
             raise ClientInputError(f"invalid client setting in the run config: {e}") from e
+
+
+def _flag(value: Any) -> bool:
+    """A boolean run-config value (Flower keeps TOML booleans; CLI overrides may be text)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -150,14 +164,16 @@ def load_partition(path: Path) -> Partition:
 def _lora(s: ClientSettings) -> Any:
     from client.train import LoraSettings
 
-    return LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha, ffa=s.ffa, init_seed=s.seed)
+    return LoraSettings(
+        rank=s.lora_rank, alpha=s.lora_alpha, adapt_head=s.lora_head, ffa=s.ffa, init_seed=s.seed
+    )
 
 
 def _trainer(s: ClientSettings) -> Any:
     """The process-wide ``LocalTrainer`` for this base and LoRA layout."""
     from client.train import LocalTrainer
 
-    key = (str(s.base_model.resolve()), s.lora_rank, s.lora_alpha, s.ffa, s.seed)
+    key = (str(s.base_model.resolve()), s.lora_rank, s.lora_alpha, s.lora_head, s.ffa, s.seed)
     if key not in _TRAINERS:
         _TRAINERS.clear()  # one base per process: a phone holds one model
         _TRAINERS[key] = LocalTrainer(s.base_model, _lora(s), device="cpu")

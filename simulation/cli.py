@@ -136,7 +136,16 @@ def simulate(
         None,
         "--local-steps",
         min=1,
-        help="Optimizer steps per client per round (default: 10).",
+        help="Optimizer steps per client per round (default: 5 under record-level DP, else 10).",
+    ),
+    lora_rank: int | None = typer.Option(
+        None, "--lora-rank", min=1, help="LoRA rank (default: 8); the upload grows with it."
+    ),
+    lora_head: bool | None = typer.Option(
+        None,
+        "--lora-head/--no-lora-head",
+        help="LoRA on the output head as well as every linear projection (default: on "
+        "under record-level DP, where it gains the most).",
     ),
     eval_clients: int = typer.Option(
         0,
@@ -222,6 +231,8 @@ def simulate(
         seed=seed,
         cache_dir=default_cache_dir(),
         local_steps=local_steps,
+        lora_rank=lora_rank,
+        lora_head=lora_head,
         ray_address=ray_address,
         resume=resume,
         extra={"eval-max-clients": eval_clients} if eval_clients else {},
@@ -394,24 +405,30 @@ def adapter_export(
     alpha: float = typer.Option(None, "--alpha", help="LoRA alpha (default: 2 × rank)."),
     seed: int = typer.Option(None, "--seed", help="The run's seed (FFA's shared A init)."),
     ffa: bool = typer.Option(None, "--ffa/--no-ffa", help="Trained with FFA-LoRA?"),
+    lora_head: bool = typer.Option(
+        None, "--lora-head/--no-lora-head", help="Was the output head adapted too?"
+    ),
 ) -> None:
     """Write the newest global adapter of RUN, with FFA's frozen A rebuilt, as a PEFT
     adapter directory for `fedota package --new`."""
     from simulation.export import LoraShape, export_adapter, latest_global, lora_shape_of_run
 
     global_path, _ = latest_global(run)
-    if None in (rank, seed, ffa):
+    if None in (rank, seed, ffa, lora_head):
         known = lora_shape_of_run(run)
         rank = known.rank if rank is None else rank
         seed = known.init_seed if seed is None else seed
         ffa = known.ffa if ffa is None else ffa
         alpha = known.alpha if alpha is None else alpha
-    shape = LoraShape(rank, float(alpha if alpha is not None else 2 * rank), seed, bool(ffa))
+        lora_head = known.adapt_head if lora_head is None else lora_head
+    shape = LoraShape(
+        rank, float(alpha if alpha is not None else 2 * rank), seed, bool(ffa), bool(lora_head)
+    )
     result = export_adapter(global_path, base_model, out, shape)
     typer.echo(
         f"adapter from {global_path} (round {result.round}) written to {out}: "
         f"{result.num_tensors} tensors, rank {shape.rank}, alpha {shape.alpha:g}, "
-        f"{'FFA' if shape.ffa else 'fedavg'}"
+        f"{'FFA' if shape.ffa else 'fedavg'}{', output head too' if shape.adapt_head else ''}"
     )
 
 

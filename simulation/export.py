@@ -30,6 +30,7 @@ class LoraShape:
     alpha: float
     init_seed: int
     ffa: bool
+    adapt_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,17 @@ def lora_shape_of_run(run_dir: Path) -> LoraShape:
     except (OSError, ValueError, KeyError) as e:
         raise SimulationInputError(
             f"cannot read the LoRA settings from {summary} ({e}); pass --rank, --alpha, "
-            "--seed and --ffa/--no-ffa as the run used them"
+            "--seed, --ffa/--no-ffa and --lora-head/--no-lora-head as the run used them"
         ) from e
     rank = int(config["lora_rank"])
     alpha = float(config.get("lora_alpha") or 2 * rank)  # the ClientApp's default
-    return LoraShape(rank, alpha, int(config["seed"]), config["aggregation"] == "ffa")
+    return LoraShape(
+        rank,
+        alpha,
+        int(config["seed"]),
+        config["aggregation"] == "ffa",
+        bool(config.get("lora_head", False)),  # summaries before the option had no head
+    )
 
 
 def export_adapter(
@@ -100,7 +107,11 @@ def export_adapter(
         raise SimulationInputError(f"{out} already exists; choose a new --out")
     exchanged = {k: torch.from_numpy(v) for k, v in load_file(str(global_path)).items()}
     lora = LoraSettings(
-        rank=shape.rank, alpha=shape.alpha, ffa=shape.ffa, init_seed=shape.init_seed
+        rank=shape.rank,
+        alpha=shape.alpha,
+        adapt_head=shape.adapt_head,
+        ffa=shape.ffa,
+        init_seed=shape.init_seed,
     )
     try:
         full = LocalTrainer(base_dir, lora).full_adapter(exchanged)
@@ -117,7 +128,7 @@ def export_adapter(
         "lora_dropout": 0.0,
         "bias": "none",
         "target_modules": modules,
-        "fedota": {"ffa": shape.ffa, "init_seed": shape.init_seed},
+        "fedota": {"ffa": shape.ffa, "init_seed": shape.init_seed, "head": shape.adapt_head},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -77,8 +77,8 @@ def nf4_checkpoint(base: Path, work_dir: Path) -> Path:
 class GlobalAdapterExpander:
     """Exchanged global adapter → every LoRA tensor a phone's runtime needs (A and B).
 
-    Uses the same ``LoraSettings`` as the ``ClientApp`` (rank, alpha, FFA, the run seed
-    as the shared init seed), so the rebuilt A is bit-identical to the phones'.
+    Uses the same ``LoraSettings`` as the ``ClientApp`` (rank, alpha, head, FFA, the run
+    seed as the shared init seed), so the rebuilt A is bit-identical to the phones'.
     """
 
     def __init__(self, base: Path, hyper: dict[str, Any], *, ffa: bool, seed: int) -> None:
@@ -86,7 +86,13 @@ class GlobalAdapterExpander:
 
         self.rank = int(hyper["lora-rank"])
         self.alpha = float(hyper["lora-alpha"])
-        lora = LoraSettings(rank=self.rank, alpha=self.alpha, ffa=ffa, init_seed=seed)
+        lora = LoraSettings(
+            rank=self.rank,
+            alpha=self.alpha,
+            adapt_head=bool(hyper.get("lora-head", False)),
+            ffa=ffa,
+            init_seed=seed,
+        )
         self._trainer = LocalTrainer(base, lora)
 
     def target_modules(self) -> tuple[str, ...]:

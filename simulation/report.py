@@ -146,6 +146,7 @@ def build_summary(
             "target_epsilon": _num(run_config.get("target-epsilon")) if mode != "none" else None,
             "local_steps": int(run_config.get("local-steps", 0)),
             "lora_rank": int(run_config.get("lora-rank", 0)),
+            "lora_head": bool(run_config.get("lora-head", False)),
             "learning_rate": _num(run_config.get("learning-rate")),
             "batch_size": run_config.get("batch-size"),
             "seq_len": run_config.get("seq-len"),

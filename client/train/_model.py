@@ -35,6 +35,38 @@ def resolve_model_dir(base_dir: Path) -> Path:
     return nf4 if (nf4 / "config.json").is_file() else base_dir
 
 
+def lora_targets(model: Any, lora: LoraSettings) -> list[str] | str:
+    """PEFT ``target_modules`` for ``lora``: its names, or ``"all-linear"``, plus the head.
+
+    PEFT's ``"all-linear"`` leaves the output head out and cannot be combined with
+    more names, so with ``adapt_head`` the linear projections are listed here: the
+    last name component of every ``nn.Linear`` (NF4 ``Linear4bit`` included) and the
+    head's own name.
+
+    Raises:
+        AdapterMismatchError: ``adapt_head`` on a model without a linear output head.
+    """
+    if not lora.adapt_head:
+        return list(lora.target_modules) if lora.target_modules else "all-linear"
+    head = model.get_output_embeddings()
+    modules = dict(model.named_modules())
+    head_name = next((n for n, m in modules.items() if m is head and n), None)
+    if head_name is None or not isinstance(head, torch.nn.Linear):
+        raise AdapterMismatchError(
+            f"adapt_head: {type(model).__name__} has no linear output head to adapt; "
+            "train without adapt_head (--no-lora-head)"
+        )
+    if lora.target_modules:
+        names = set(lora.target_modules)
+    else:
+        names = {
+            n.rsplit(".", 1)[-1]
+            for n, m in modules.items()
+            if isinstance(m, torch.nn.Linear) and m is not head
+        }
+    return sorted(names | {head_name.rsplit(".", 1)[-1]})
+
+
 def attach_lora(model: Any, lora: LoraSettings) -> Any:
     """Wrap ``model`` in a PEFT LoRA model with a seeded, reproducible A init."""
     from peft import LoraConfig, get_peft_model
@@ -43,7 +75,7 @@ def attach_lora(model: Any, lora: LoraSettings) -> Any:
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules) if lora.target_modules else "all-linear",
+        target_modules=lora_targets(model, lora),
         bias="none",
         task_type="CAUSAL_LM",
     )

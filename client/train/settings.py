@@ -36,6 +36,10 @@ class LoraSettings:
             that Opacus does not account for, and it slows memorisation audits).
         target_modules: module names to adapt; None means every linear projection
             except the output head (PEFT's ``"all-linear"``).
+        adapt_head: also adapt the output head (``lm_head``, found through
+            ``get_output_embeddings()``, so any causal-LM family works). Under
+            record-level DP it adds little upload (r x vocabulary in B) and learns the
+            phones' word frequencies, a direction every text's gradient shares.
         ffa: FFA-LoRA (Sun et al., ICLR 2024): A frozen at a seeded init that every
             client reproduces from ``init_seed``; only B is trained and exchanged.
         init_seed: seed of the LoRA A initialisation (identical on every client).
@@ -45,6 +49,7 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
+    adapt_head: bool = False
     ffa: bool = False
     init_seed: int = 0
 

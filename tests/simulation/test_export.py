@@ -61,7 +61,9 @@ def test_export_rebuilds_the_shared_a_and_keeps_b(
     assert all((a[n] == b[n]).all() for n in a_names)  # the same seed, the same A
     assert any((a[n] != c[n]).any() for n in a_names)  # another seed, another A
     config = json.loads((first.path / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["fedota"] == {"ffa": True, "init_seed": 7}
+    assert config["r"] == 4
+    assert config["fedota"] == {"ffa": True, "init_seed": 7, "head": False}
+    assert "lm_head" not in config["target_modules"]
 
 
 def test_exported_adapter_runs_on_the_device_runtime(
@@ -94,6 +96,40 @@ def test_cli_reads_the_shape_from_the_summary(
     assert result.returncode == 0, result.stderr
     assert "round 2" in result.stdout and "rank 4" in result.stdout and "FFA" in result.stdout
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_that_adapted_the_head_exports_it_and_the_runtime_runs_it(
+    micro_base: Path, tmp_path: Path
+) -> None:
+    lora = LoraSettings(rank=4, alpha=8.0, ffa=True, init_seed=7, adapt_head=True)
+    trainer = LocalTrainer(micro_base, lora)
+    exchanged = {k: torch.full(v.shape, 0.01) for k, v in trainer.initial_adapter().items()}
+    run = tmp_path / "run"
+    (run / "checkpoints" / "round-0001").mkdir(parents=True)
+    save_file(
+        {k: v.numpy() for k, v in exchanged.items()},
+        str(run / "checkpoints" / "round-0001" / "global.safetensors"),
+    )
+    (run / "checkpoints" / "LATEST").write_text("round-0001\n")
+    config = {"lora_rank": 4, "seed": 7, "aggregation": "ffa", "lora_head": True}
+    (run / "summary.json").write_text(json.dumps({"config": config}))
+    out = tmp_path / "peft"
+    result = fedota_cli(
+        "adapter", "export", "--run", str(run), "--base-model", str(micro_base), "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "output head too" in result.stdout
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert "lm_head" in written["target_modules"] and written["fedota"]["head"] is True
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert {"base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"} <= (
+        set(tensors)
+    )
+    rt = QuantizedRuntime(micro_base / "nf4")
+    text = ["hey ana, are we still on for coffee at the blue door?"]
+    plain = rt.evaluate(text).loss
+    rt.set_adapter(tensors, AdapterSpec(4, 8.0, tuple(written["target_modules"])))
+    assert rt.evaluate(text).loss != plain
 
 
 def test_nothing_checkpointed_is_a_clear_error(tmp_path: Path) -> None:

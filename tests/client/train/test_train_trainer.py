@@ -235,3 +235,50 @@ def test_dp_trains_on_one_block_per_text(trainer: LocalTrainer, texts: list[str]
     plain = trainer.train(None, texts[:20], FAST, DPSettings())
     assert private.num_examples == 20 > plain.num_examples
     assert private.sample_rate == pytest.approx(1 / -(-20 // FAST.batch_size))  # type: ignore[operator]
+
+
+def test_adapt_head_adds_the_output_head_and_dp_trains_it(
+    word_base: Path, texts: list[str]
+) -> None:
+    plain = LocalTrainer(word_base, LoraSettings(rank=4, alpha=8.0, ffa=True, init_seed=7))
+    head = LocalTrainer(
+        word_base, LoraSettings(rank=4, alpha=8.0, ffa=True, init_seed=7, adapt_head=True)
+    )
+    extra = set(head.trainable_names()) - set(plain.trainable_names())
+    assert extra == {"base_model.model.lm_head.lora_B.weight"}
+    assert set(plain.trainable_names()) < set(head.trainable_names())
+    digest = head.base_digest()
+    dp = DPSettings(enabled=True, noise_multiplier=0.8, max_grad_norm=1.0)
+    start = head.initial_adapter()
+    result = head.train(start, texts, FAST, dp)
+    name = "base_model.model.lm_head.lora_B.weight"
+    assert result.status == "ok" and not torch.equal(start[name], result.adapter[name])
+    assert head.base_digest() == digest
+    # the head's frozen weight stays frozen: only LoRA parameters require gradients
+    lm_head = head.model.get_base_model().lm_head
+    assert not lm_head.base_layer.weight.requires_grad
+
+
+def test_adapt_head_names_only_the_listed_modules_plus_the_head(word_base: Path) -> None:
+    head = LocalTrainer(
+        word_base,
+        LoraSettings(rank=2, alpha=4.0, target_modules=("v_proj",), adapt_head=True),
+    )
+    modules = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in head.trainable_names()}
+    assert modules == {"v_proj", "lm_head"}
+
+
+def test_adapt_head_without_a_linear_head_is_a_clear_error() -> None:
+    from client.train._model import lora_targets
+
+    class NoHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def get_output_embeddings(self) -> None:
+            return None
+
+    with pytest.raises(AdapterMismatchError, match="no linear output head"):
+        lora_targets(NoHead(), LoraSettings(adapt_head=True))
+    assert lora_targets(NoHead(), LoraSettings()) == "all-linear"

@@ -40,6 +40,7 @@ def test_one_record_dp_ffa_round_with_real_phones(
         "target-epsilon": 8.0,
         "local-steps": 2,
         "num-server-rounds": 1,
+        "lora-head": "true",  # as a `--run-config` override gives it
     }
     app = make_client_app(overrides)
     grid = LoopbackGrid({50 + 3 * i: (app, {"partition-id": i}) for i in range(4)})
@@ -52,6 +53,7 @@ def test_one_record_dp_ffa_round_with_real_phones(
     assert 0 < trained["record-epsilon"] <= 8.0
     # FFA: the global adapter (and every upload) holds lora_B only; A is the shared seed
     assert results[1].global_adapter and all(".lora_B." in k for k in results[1].global_adapter)
+    assert any(k.startswith("base_model.model.lm_head.") for k in results[1].global_adapter)
     # each training phone persisted its ledger; the held-out phone never trained
     index = json.loads((partitions / "index.json").read_text())["partitions"]
     heldout = [p["client_id"] for p in index if p["role"] == "heldout"]
@@ -85,3 +87,21 @@ def test_evaluation_does_not_depend_on_the_training_block_length(
         scores.append(run_federation(grid, cfg, build_strategy(cfg))[0]["evaluate"])
     assert scores[0]["clients-tokens"] > 0
     assert scores[0] == scores[1]
+
+
+@pytest.mark.parametrize("value", ["maybe", 2])
+def test_a_bad_lora_head_value_is_a_clear_error(value: object, micro_base: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.client_app import ClientSettings
+    from client.errors import ClientInputError
+
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-file": "x.json"},
+        state=RecordDict(),
+        run_config={"base-model": str(micro_base), "lora-head": value},  # type: ignore[dict-item]
+    )
+    with pytest.raises(ClientInputError, match="invalid client setting.*true or false"):
+        ClientSettings.from_context(context, {})
