@@ -411,16 +411,24 @@ def adapter_export(
 ) -> None:
     """Write the newest global adapter of RUN, with FFA's frozen A rebuilt, as a PEFT
     adapter directory for `fedota package --new`."""
-    from simulation.export import LoraShape, export_adapter, latest_global, lora_shape_of_run
+    from simulation.export import (
+        LoraShape,
+        export_adapter,
+        global_adapts_head,
+        latest_global,
+        lora_shape_of_run,
+    )
 
     global_path, _ = latest_global(run)
-    if None in (rank, seed, ffa, lora_head):
+    if None in (rank, seed, ffa):
         known = lora_shape_of_run(run)
         rank = known.rank if rank is None else rank
         seed = known.init_seed if seed is None else seed
         ffa = known.ffa if ffa is None else ffa
         alpha = known.alpha if alpha is None else alpha
         lora_head = known.adapt_head if lora_head is None else lora_head
+    if lora_head is None:  # a checkpoint dir has no summary: the tensors tell
+        lora_head = global_adapts_head(global_path)
     shape = LoraShape(
         rank, float(alpha if alpha is not None else 2 * rank), seed, bool(ffa), bool(lora_head)
     )

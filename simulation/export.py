@@ -19,7 +19,14 @@ from typing import Any
 
 from simulation.errors import SimulationInputError
 
-__all__ = ["ExportedAdapter", "LoraShape", "export_adapter", "latest_global", "lora_shape_of_run"]
+__all__ = [
+    "ExportedAdapter",
+    "LoraShape",
+    "export_adapter",
+    "global_adapts_head",
+    "latest_global",
+    "lora_shape_of_run",
+]
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,19 @@ def latest_global(run_or_checkpoints: Path) -> tuple[Path, int | None]:
         f"{path} holds no checkpointed global adapter (no LATEST or global.safetensors); "
         "pass a `fedota simulate --out` directory or a server checkpoint directory"
     )
+
+
+def global_adapts_head(global_path: Path) -> bool:
+    """Whether a checkpointed global adapter holds LoRA tensors of the output head.
+
+    Every base family fedota supports names its head ``lm_head``; a run whose settings
+    are unknown (a server checkpoint directory has no ``summary.json``) is read from
+    its tensor names.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(global_path), framework="numpy") as f:
+        return any(".lm_head.lora_" in f".{name}" for name in f.keys())  # noqa: SIM118
 
 
 def lora_shape_of_run(run_dir: Path) -> LoraShape:
@@ -117,7 +137,9 @@ def export_adapter(
         full = LocalTrainer(base_dir, lora).full_adapter(exchanged)
     except AdapterMismatchError as e:
         raise SimulationInputError(
-            f"{global_path} does not fit {base_dir} with rank {shape.rank}: {e}"
+            f"{global_path} does not fit {base_dir} with rank {shape.rank}"
+            f"{' and the output head' if shape.adapt_head else ''}: {e}; pass the run's "
+            "--rank and --lora-head/--no-lora-head"
         ) from e
     modules = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in full})
     config: dict[str, Any] = {

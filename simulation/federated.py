@@ -139,9 +139,10 @@ class FederatedConfig:
         seeds 0/1/2 where 10 steps of 128 texts gained +0.061/+0.074/+0.092, at 2.3x
         the compute; rank 4 or 1, adapters on fewer modules, 8 rounds, a smaller clip
         and 5 steps of 256 texts did no better; rank 32 or 64 gained +0.015/+0.019
-        more at 4x/8x the upload and bundle size (+0.010 with the head). LoRA on the output head as well
-        (``lora-head``) gained +0.098/+0.112/+0.108 on seeds 0/1/2 for 13 % more
-        upload; without DP it adds only +0.012, so it is a record-DP default.
+        more at 4x/8x the upload and bundle size (+0.010 with the head). LoRA on the
+        output head as well (``lora-head``) gained +0.098/+0.112/+0.108 on seeds 0/1/2
+        for 13 % more upload; without DP it adds only +0.012, so it is a record-DP
+        default.
         """
         record = self.dp_mode == "record"
         defaults: dict[str, Any] = (

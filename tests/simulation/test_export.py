@@ -125,6 +125,14 @@ def test_a_run_that_adapted_the_head_exports_it_and_the_runtime_runs_it(
     assert {"base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"} <= (
         set(tensors)
     )
+    # a server checkpoint dir has no summary.json: the head is read from the tensors
+    again = fedota_cli(
+        "adapter", "export", "--run", str(run / "checkpoints"), "--base-model",
+        str(micro_base), "--out", str(tmp_path / "peft2"), "--rank", "4", "--alpha", "8",
+        "--seed", "7", "--ffa",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "output head too" in again.stdout
     rt = QuantizedRuntime(micro_base / "nf4")
     text = ["hey ana, are we still on for coffee at the blue door?"]
     plain = rt.evaluate(text).loss
