@@ -24,6 +24,7 @@ Usage::
     python benchmarks/explore_record_dp.py                      # every variant (~2 h)
     python benchmarks/explore_record_dp.py --only default batch-128 --seed 1
     python benchmarks/explore_record_dp.py --list
+    python benchmarks/explore_record_dp.py --coherence          # per-module, ~1 minute
 """
 
 from __future__ import annotations
@@ -193,10 +194,66 @@ def run_variant(base: Path, cfg: dict[str, Any]) -> list[dict[str, float]]:
     return history
 
 
+def coherence(base: Path, seed: int) -> dict[str, float]:
+    """How much one phone's per-text gradients agree, per adapted module kind.
+
+    ``|sum_i g_i| / sum_i |g_i|`` over the texts of client 0 at the initial adapter
+    (the first DP-SGD step's gradients before clipping; 1 = every text pulls the same
+    way). DP-SGD's signal against its noise grows with it.
+    """
+    from client.train import LocalTrainer, LoraSettings
+    from client.train._loops import per_sample_loss
+    from client.train.data import pack_texts
+    from simulation.data import SyntheticConfig, generate_synthetic
+
+    data = generate_synthetic(
+        SyntheticConfig(num_clients=CLIENTS, num_heldout_clients=2, seed=seed, min_texts=500)
+    )
+    lora = LoraSettings(
+        rank=DEFAULTS["rank"], alpha=2.0 * DEFAULTS["rank"], ffa=True, init_seed=seed,
+        adapt_head=True,
+    )  # fmt: skip
+    trainer = LocalTrainer(base, lora)
+    trainer.slots.load(None)
+    params = {n: trainer.slots.params[n] for n in trainer.slots.exchanged}
+
+    def kind(name: str) -> str:
+        return name.split(".lora_")[0].rsplit(".", 1)[-1]
+
+    blocks = pack_texts(
+        trainer.tokenizer, list(data.clients[0].train), DEFAULTS["seq_len"], pack=False
+    ).trimmed()
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    norms: dict[str, float] = {}
+    trainer.model.train()
+    for i in range(len(blocks)):
+        for p in params.values():
+            p.grad = None
+        sl = slice(i, i + 1)
+        loss = per_sample_loss(
+            trainer.model, blocks.input_ids[sl], blocks.attention_mask[sl], blocks.labels[sl]
+        )
+        loss.sum().backward()
+        squares: dict[str, float] = {}
+        for n, p in params.items():
+            assert p.grad is not None
+            total[n] += p.grad
+            squares[kind(n)] = squares.get(kind(n), 0.0) + float((p.grad**2).sum())
+        for k, v in squares.items():
+            norms[k] = norms.get(k, 0.0) + v**0.5
+    summed: dict[str, float] = {}
+    for n, t in total.items():
+        summed[kind(n)] = summed.get(kind(n), 0.0) + float((t**2).sum())
+    return {k: summed[k] ** 0.5 / norms[k] for k in sorted(norms, key=lambda k: -summed[k])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants to run")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument(
+        "--coherence", action="store_true", help="per-module agreement of per-text gradients"
+    )
     parser.add_argument("--seed", type=int, default=SEED, help="seed of data, init, sampling")
     parser.add_argument("--base-model", default=None, help="base model directory")
     parser.add_argument("--out", default="runs/explore_record_dp.json")
@@ -212,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.base_model) if args.base_model else ensure_base_model(
         Path.home() / ".cache" / "fedota", preset="tiny", seed=SEED
     )  # fmt: skip
+    if args.coherence:
+        for module, value in sorted(coherence(base, args.seed).items(), key=lambda kv: -kv[1]):
+            print(f"{module:<12}{value:>7.3f}")
+        return 0
     results: dict[str, Any] = {}
     for name in args.only or list(VARIANTS):
         what, changes = VARIANTS[name]
