@@ -23,6 +23,12 @@ rollout_app = typer.Typer(
     help="Staged rollouts on an OTA server (operator key).", no_args_is_help=True
 )
 
+# How long an idle keep-alive connection stays open. Above httpx's default expiry
+# (5 s, which equals uvicorn's default): with equal timeouts a client may send a request
+# on a connection the server is closing at that moment, and it fails with "Server
+# disconnected without sending a response" (seen in CI between two releases).
+KEEP_ALIVE_S = 15
+
 _SERVER = typer.Option(..., "--server", help="Base URL of the OTA server.")
 _OPERATOR_ENV = typer.Option(
     "FEDOTA_OPERATOR_KEY", "--key-env", help="Environment variable holding the operator key."
@@ -86,7 +92,7 @@ def serve(
     app = create_app(settings)  # fails fast, with one line, on an unmigrated database
     if workers == 1:
         freeze_startup_heap()  # as app_from_env does in each worker (ADR 0009)
-        uvicorn.run(app, host=host, port=port, log_config=None)
+        uvicorn.run(app, host=host, port=port, log_config=None, timeout_keep_alive=KEEP_ALIVE_S)
     else:
         uvicorn.run(
             "server.ota.app:app_from_env",
@@ -95,6 +101,7 @@ def serve(
             port=port,
             workers=workers,
             log_config=None,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
 
 

@@ -41,6 +41,13 @@ def wait_until_ready(
         time.sleep(0.2)
 
 
+# Idle pooled connections are dropped after this long, well before any server closes
+# them (``fedota serve``: 15 s; uvicorn's default: 5 s). Reusing a connection the server
+# is closing at that moment fails with "Server disconnected without sending a
+# response", and a publish (POST) is not safe to retry blindly.
+KEEPALIVE_EXPIRY_S = 1.0
+
+
 class OtaRemote:
     """Calls one OTA server with one role key."""
 
@@ -49,6 +56,7 @@ class OtaRemote:
             base_url=server.rstrip("/"),
             headers={"Authorization": f"Bearer {key}"},
             timeout=timeout_s,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
