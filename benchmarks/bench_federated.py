@@ -242,30 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         base = _base_model(args, tmp)
         rows = trainer_rows(base, plan, args.seed)
         common = dict(num_clients=plan.clients, clients_per_round=plan.clients_per_round)
+        no_dp = dict(dp_mode="none", aggregation="fedavg", local_steps=plan.local_steps)
         rows["fed-no-dp"] = federated_row(
-            "fed-no-dp",
-            base,
-            tmp,
-            plan,
-            args.seed,
-            dp_mode="none",
-            aggregation="fedavg",
-            local_steps=plan.local_steps,
-            **common,
+            "fed-no-dp", base, tmp, plan, args.seed, **no_dp, **common
         )
         # The record-DP default also adapts the output head: the same non-private run
         # with the head shows that its gain is not bought by a larger adapter alone.
         rows["fed-no-dp-head"] = federated_row(
-            "fed-no-dp-head",
-            base,
-            tmp,
-            plan,
-            args.seed,
-            dp_mode="none",
-            aggregation="fedavg",
-            local_steps=plan.local_steps,
-            lora_head=True,
-            **common,
+            "fed-no-dp-head", base, tmp, plan, args.seed, lora_head=True, **no_dp, **common
         )
         rows["fed-record-dp"] = federated_row(
             "fed-record-dp",
