@@ -147,6 +147,7 @@ def federated_row(
     t0 = time.monotonic()
     summary = run_federated(cfg).data
     final, rounds = summary["final"], summary["rounds"]
+    trained = [r for r in rounds if r["clients_trained"]]
     return {
         "eval_loss": final["eval_loss"],
         "eval_accuracy": final["eval_accuracy"],
@@ -161,8 +162,10 @@ def federated_row(
         "rounds": cfg.rounds,
         "client_settings": cfg.client_hyperparameters(),
         "aggregation": summary["config"]["aggregation"],
-        "upload_bytes_per_client_per_round": sum(r["upload_bytes_per_client"] for r in rounds)
-        / max(len(rounds), 1),
+        # over the rounds someone trained in: Poisson sampling (user-level DP) can pick
+        # nobody, and an empty round uploads nothing
+        "upload_bytes_per_client_per_round": sum(r["upload_bytes_per_client"] for r in trained)
+        / max(len(trained), 1),
         "wall_s": round(time.monotonic() - t0, 1),
     }
 
