@@ -229,7 +229,11 @@ def handle_train(msg: Message, s: ClientSettings) -> RecordDict:
         return RecordDict({STATUS: _status(part, "no_data", "held-out clients never train")})
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
-    planned = int(config.get("num-server-rounds", s.planned_rounds))  # type: ignore[arg-type]
+    # The rounds this phone is scheduled to train in (the server's balanced schedule),
+    # else every round: record-level DP spreads the phone's ε over them.
+    planned = int(
+        config.get("planned-rounds", config.get("num-server-rounds", s.planned_rounds))  # type: ignore[arg-type]
+    )
     settings = TrainSettings(
         local_steps=s.local_steps,
         learning_rate=s.learning_rate,

@@ -87,7 +87,9 @@ def _privacy(
             "clip": float(run_config.get("max-grad-norm", 1.0)),
             "accountant": str(run_config.get("accountant", "prv")),
             "unit": "one training example (packed text block) of one device",
-            "note": "largest cumulative ε over devices, from each device's privacy ledger",
+            "note": "largest cumulative ε over devices, from each device's privacy ledger; "
+            "noise_multiplier is the largest σ any device used (a device scheduled in fewer "
+            "rounds spends its ε over fewer rounds, with a smaller σ)",
         }
     if mode == "user":
         user = {
@@ -140,6 +142,9 @@ def build_summary(
             "clients": num_clients,
             "heldout_clients": num_heldout_clients,
             "clients_per_round": int(run_config.get("clients-per-round", 0)),
+            "client_sampling": (
+                "poisson" if mode == "user" else run_config.get("client-sampling", "balanced")
+            ),
             "rounds": int(run_config.get("num-server-rounds", len(rounds))),
             "aggregation": run_config.get("aggregation"),
             "dp_mode": mode,

@@ -15,9 +15,10 @@ from typing import Any
 
 from server.errors import ServerInputError
 
-__all__ = ["AGGREGATIONS", "DP_MODES", "FederationConfig"]
+__all__ = ["AGGREGATIONS", "CLIENT_SAMPLINGS", "DP_MODES", "FederationConfig"]
 
 AGGREGATIONS = ("fedavg", "ffa")
+CLIENT_SAMPLINGS = ("balanced", "uniform")
 DP_MODES = ("none", "record", "user")
 
 
@@ -43,6 +44,8 @@ class FederationConfig:
         seed: seeds client sampling and the central noise.
         checkpoint_dir: where to checkpoint after each round (``None``: no checkpoints).
         eval_max_clients: training clients evaluated per round (seeded subset; 0 = all).
+        client_sampling: ``balanced`` (fewest rounds trained first) or ``uniform``
+            (independently each round); user-level DP always samples Poisson.
     """
 
     num_rounds: int = 3
@@ -61,6 +64,7 @@ class FederationConfig:
     seed: int = 0
     checkpoint_dir: Path | None = None
     eval_max_clients: int = 0
+    client_sampling: str = "balanced"
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,6 +84,10 @@ class FederationConfig:
             problems.append(f"target-epsilon={self.target_epsilon} (need a finite ε > 0)")
         if not 0 < self.delta < 1:
             problems.append(f"delta={self.delta} (need 0 < δ < 1)")
+        if self.client_sampling not in CLIENT_SAMPLINGS:
+            problems.append(
+                f"client-sampling={self.client_sampling!r} (need one of {CLIENT_SAMPLINGS})"
+            )
         if self.user_clip <= 0:
             problems.append(f"user-clip={self.user_clip} (need > 0)")
         if problems:
@@ -125,6 +133,7 @@ class FederationConfig:
             seed=get("seed", d.seed, int),
             checkpoint_dir=Path(ckpt) if ckpt else None,
             eval_max_clients=get("eval-max-clients", d.eval_max_clients, int),
+            client_sampling=get("client-sampling", d.client_sampling, str),
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -133,6 +142,7 @@ class FederationConfig:
             "aggregation": self.aggregation,
             "dp_mode": self.dp_mode,
             "clients_per_round": self.clients_per_round,
+            "client_sampling": self.client_sampling,
             "seed": self.seed,
             "user_clip": self.user_clip,
             "target_epsilon": self.target_epsilon,

@@ -32,7 +32,8 @@ def build_strategy(cfg: FederationConfig) -> UpdateValidation:
         clients_per_round=cfg.clients_per_round,
         min_clients=cfg.min_clients,
         seed=cfg.seed,
-        sampling="poisson" if user_dp else "fixed",
+        sampling="poisson" if user_dp else cfg.client_sampling,
+        num_rounds=cfg.num_rounds,
         eval_max_clients=cfg.eval_max_clients,
     )
     if user_dp:

@@ -9,9 +9,9 @@
   noise, fixed denominator) and keeps the user-level accountant.
 
 Compose as ``UpdateValidation(CentralDP(LoraStrategy(...)))`` so that DP only ever sees
-validated updates. Invariants: sampling and noise depend only on ``(seed, round)``,
-and contributions are summed in client-id order, so a resumed run reproduces an
-uninterrupted one.
+validated updates. Invariants: sampling and noise depend only on the seed, the round
+and the population, and contributions are summed in client-id order, so a resumed run
+reproduces an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ from server.federation.records import (
     numpy_to_arrays,
 )
 
-__all__ = ["LoraStrategy", "Population"]
+__all__ = ["SAMPLINGS", "LoraStrategy", "Population"]
 
 logger = logging.getLogger(__name__)
+
+SAMPLINGS = ("balanced", "uniform", "poisson")
 
 
 @dataclass
@@ -68,8 +70,14 @@ class LoraStrategy(Strategy):
         clients_per_round: clients per round (``fixed``) or its expectation (``poisson``).
         min_clients: fewest usable updates for a round to change the global adapter.
         seed: seeds the per-round sampling.
-        sampling: ``fixed`` (that many without replacement) or ``poisson`` (each client
+        sampling: ``balanced`` (that many per round, those that have trained in the
+            fewest rounds so far first, seeded ties), ``uniform`` (that many, uniformly
+            without replacement, independently each round) or ``poisson`` (each client
             independently with rate ``clients_per_round / N``, as user-level DP assumes).
+        num_rounds: rounds in the run; with ``balanced``/``uniform`` each sampled
+            client is told how many of them it is scheduled to train in
+            (``planned-rounds``), so a phone under record-level DP spreads its ε over
+            the rounds it will actually train in (docs/adr/0007).
         eval_max_clients: evaluate on at most this many training clients (a seeded
             subset, the same every round) plus every held-out client; 0 = all.
     """
@@ -81,19 +89,25 @@ class LoraStrategy(Strategy):
         clients_per_round: int,
         min_clients: int,
         seed: int,
-        sampling: str = "fixed",
+        sampling: str = "balanced",
+        num_rounds: int = 0,
         eval_max_clients: int = 0,
     ) -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling={sampling!r} is not one of {SAMPLINGS}")
         self.aggregation = aggregation
         self.clients_per_round = clients_per_round
         self.min_clients = min_clients
         self.seed = seed
         self.sampling = sampling
+        self.num_rounds = num_rounds
         self.eval_max_clients = eval_max_clients
         self.population = Population()
         self.global_adapter: dict[str, np.ndarray] = {}
         self.sampled: dict[int, list[str]] = {}
         self.record_epsilon = 0.0
+        self._schedule_ids: list[str] = []
+        self._schedule_rounds: list[list[str]] = []
 
     # -- sampling --------------------------------------------------------------
     @property
@@ -103,14 +117,56 @@ class LoraStrategy(Strategy):
         return min(1.0, self.clients_per_round / n) if n else 0.0
 
     def sample(self, server_round: int) -> list[str]:
-        """The client ids that train in ``server_round`` (a pure function of seed, round)."""
+        """The client ids that train in ``server_round``.
+
+        A pure function of (seed, round, population): a resumed run samples as an
+        uninterrupted one. ``balanced`` replays the rounds before ``server_round``.
+        """
         ids = sorted(self.population.train)
+        if self.sampling == "balanced":
+            return self._schedule(ids, server_round)[-1]
         rng = np.random.default_rng([self.seed, server_round, 0x5A])
         if self.sampling == "poisson":
             keep = rng.random(len(ids)) < self.sample_rate
             return [cid for cid, k in zip(ids, keep, strict=True) if k]
         k = min(self.clients_per_round, len(ids))
         return sorted(ids[i] for i in rng.choice(len(ids), size=k, replace=False))
+
+    def _schedule(self, ids: list[str], rounds: int) -> list[list[str]]:
+        """Balanced sampling of rounds 1..``rounds``: fewest rounds trained first.
+
+        Round r depends only on the rounds before it, so the schedule is extended
+        lazily and kept for the population it was made for.
+        """
+        if self._schedule_ids != ids:
+            self._schedule_ids, self._schedule_rounds = list(ids), []
+        chosen = self._schedule_rounds
+        counts = dict.fromkeys(ids, 0)
+        for picked in chosen:
+            for cid in picked:
+                counts[cid] += 1
+        k = min(self.clients_per_round, len(ids))
+        while len(chosen) < rounds:
+            ties = np.random.default_rng([self.seed, len(chosen) + 1, 0x5A]).random(len(ids))
+            order = sorted(range(len(ids)), key=lambda i: (counts[ids[i]], ties[i]))
+            chosen.append(sorted(ids[i] for i in order[:k]))
+            for cid in chosen[-1]:
+                counts[cid] += 1
+        return chosen[:rounds]
+
+    def planned_rounds(self) -> dict[str, int]:
+        """Client id -> rounds of the run it is scheduled to train in (``{}``: unknown).
+
+        Known for ``balanced`` and ``uniform`` sampling when ``num_rounds`` is set; under
+        ``poisson`` sampling any client may train in any round.
+        """
+        if self.sampling == "poisson" or self.num_rounds < 1:
+            return {}
+        counts = dict.fromkeys(self.population.train, 0)
+        for r in range(1, self.num_rounds + 1):
+            for cid in self.sample(r):
+                counts[cid] += 1
+        return counts
 
     # -- Strategy interface ----------------------------------------------------
     def summary(self) -> None:
@@ -131,8 +187,21 @@ class LoraStrategy(Strategy):
         chosen = self.sample(server_round)
         self.sampled[server_round] = chosen
         config["server-round"] = server_round
-        record = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return _messages(record, [self.population.train[c] for c in chosen], MessageType.TRAIN)
+        planned = self.planned_rounds()
+        if not planned:
+            record = RecordDict({ARRAYS: arrays, CONFIG: config})
+            return _messages(record, [self.population.train[c] for c in chosen], MessageType.TRAIN)
+        # Each client learns how many rounds it is scheduled in (its own config).
+        return [
+            Message(
+                content=RecordDict(
+                    {ARRAYS: arrays, CONFIG: ConfigRecord({**config, "planned-rounds": planned[c]})}
+                ),
+                message_type=MessageType.TRAIN,
+                dst_node_id=self.population.train[c],
+            )
+            for c in chosen
+        ]
 
     def contributions(self, replies: Iterable[TrainReply]) -> dict[str, Contribution]:
         """Deltas of the usable replies against the global adapter they started from."""

@@ -65,6 +65,35 @@ def test_one_record_dp_ffa_round_with_real_phones(
     assert ev["clients-tokens"] > 0 and ev["heldout-tokens"] > 0
 
 
+def test_each_phone_spends_its_epsilon_over_the_rounds_it_is_scheduled_in(
+    tmp_path: Path, micro_base: Path, partitions: Path
+) -> None:
+    """Balanced sampling: 3 phones, 2 per round, 2 rounds -> one phone trains twice.
+
+    Each phone is told its own number of rounds, so a phone that trains once spends
+    its whole ε = 8 in that round (less noise) instead of planning for every round.
+    """
+    from client.train import PrivacyLedger
+
+    overrides = {
+        "base-model": str(micro_base), "data-dir": str(partitions),
+        "state-dir": str(tmp_path / "devices"), "dp-mode": "record", "target-epsilon": 8.0,
+        "local-steps": 2, "batch-size": 8, "num-server-rounds": 2,
+    }  # fmt: skip
+    app = make_client_app(overrides)
+    grid = LoopbackGrid({20 + i: (app, {"partition-id": i}) for i in range(4)})
+    cfg = FederationConfig(num_rounds=2, clients_per_round=2, min_clients=2, dp_mode="record")
+    run_federation(grid, cfg, build_strategy(cfg))
+
+    ledgers = [PrivacyLedger(p.parent, delta=1e-5) for p in (tmp_path / "devices").rglob("*.json")]
+    assert sorted(len(led.rounds) for led in ledgers) == [1, 1, 2]
+    for led in ledgers:
+        assert 7.5 < led.spent_epsilon() <= 8.0  # every phone's budget used, none exceeded
+    once = {led.rounds[0].noise_multiplier for led in ledgers if len(led.rounds) == 1}
+    twice = next(led for led in ledgers if len(led.rounds) == 2).rounds
+    assert twice[0] == twice[1] and max(once) < twice[0].noise_multiplier
+
+
 def test_evaluation_does_not_depend_on_the_training_block_length(
     tmp_path: Path, micro_base: Path, partitions: Path
 ) -> None:

@@ -223,3 +223,47 @@ def test_user_level_dp_mean_is_unbiased_with_many_clients() -> None:
 def test_record_level_epsilon_is_the_max_reported_by_clients() -> None:
     history, _ = run(cfg(clients_per_round=6))
     assert history[-1]["train"]["record-epsilon"] == pytest.approx(0.5 * 5)
+
+
+def _strategy(sampling: str, *, clients: int = 6, per_round: int = 4, rounds: int = 5) -> Any:
+    from server.federation.strategy import LoraStrategy
+
+    s = LoraStrategy(
+        aggregation="ffa", clients_per_round=per_round, min_clients=1, seed=7,
+        sampling=sampling, num_rounds=rounds,
+    )  # fmt: skip
+    s.population.train = {f"c{i}": 100 + i for i in range(clients)}
+    return s
+
+
+def test_balanced_sampling_spreads_rounds_evenly_and_tells_each_client_its_rounds() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    s = _strategy("balanced")
+    picked = [s.sample(r) for r in range(1, 6)]
+    assert all(len(p) == 4 for p in picked)
+    counts = {c: sum(c in p for p in picked) for c in s.population.train}
+    assert max(counts.values()) - min(counts.values()) <= 1  # 20 slots over 6 clients: 3 or 4
+    assert s.planned_rounds() == counts
+    assert [_strategy("balanced").sample(r) for r in range(5, 0, -1)] == picked[::-1]  # replayable
+    config = ConfigRecord({"num-server-rounds": 5})
+    messages = list(s.configure_train(2, ArrayRecord(), config, None))  # type: ignore[arg-type]
+    by_node = {m.metadata.dst_node_id: m.content.config_records["config"] for m in messages}
+    assert sorted(by_node) == sorted(s.population.train[c] for c in picked[1])
+    for cid in picked[1]:
+        assert by_node[s.population.train[cid]]["planned-rounds"] == counts[cid]
+
+
+def test_uniform_sampling_draws_each_round_alone_and_poisson_plans_nothing() -> None:
+    uniform = _strategy("uniform", per_round=2, rounds=6)
+    counts = uniform.planned_rounds()
+    assert sum(counts.values()) == 12 and counts == {
+        c: sum(c in uniform.sample(r) for r in range(1, 7)) for c in uniform.population.train
+    }
+    assert _strategy("poisson").planned_rounds() == {}
+    with pytest.raises(ValueError, match="sampling"):
+        _strategy("round-robin")
+    from server.errors import ServerInputError
+
+    with pytest.raises(ServerInputError, match="client-sampling"):
+        FederationConfig.from_run_config({"client-sampling": "sometimes"})
