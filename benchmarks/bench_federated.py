@@ -9,7 +9,11 @@ One run, same synthetic data (the generator's defaults), base model and seed:
                       default adapts it; its gain is kept against both rows)
 * ``fed-record-dp``   federated, ``ffa``, record-level DP-SGD on each phone, ε = 8 per
                       phone, ``fedota simulate``'s defaults plus any overrides in
-                      ``Plan.record_dp`` (the settings used are printed)
+                      ``Plan.record_dp`` (the settings used are printed); clients
+                      are sampled balanced (fewest rounds first) and each phone
+                      spreads its ε over the rounds it is scheduled in
+* ``fed-record-dp-uniform``  the same with each round's clients drawn alone (the
+                      sampling before; every phone plans its ε over every round)
 * ``fed-user-dp-N``   federated, ``ffa``, central user-level DP-FedAvg, ε = 8, for two
                       populations N (100 and 1,000; ``--quick``: 8 and 24) with the SAME
                       number of clients per round, so q = m / N and the calibrated σ
@@ -190,6 +194,9 @@ def gains(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     fed_head = gain("fed-no-dp-head")
     if fed_head and rec is not None:
         out["record_dp_gain_kept_vs_fed_no_dp_head"] = rec / fed_head
+    uniform = gain("fed-record-dp-uniform")
+    if fed and uniform is not None:
+        out["record_dp_gain_kept_uniform_sampling"] = uniform / fed
     users = sorted((int(k.rsplit("-", 1)[1]), gain(k)) for k in rows if k.startswith("fed-user"))
     for n, g in users:
         out[f"user_dp_{n}_gain"] = g
@@ -254,18 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         rows["fed-no-dp-head"] = federated_row(
             "fed-no-dp-head", base, tmp, plan, args.seed, lora_head=True, **no_dp, **common
         )
+        record = dict(dp_mode="record", target_epsilon=8.0, aggregation="ffa", **plan.record_dp)
         rows["fed-record-dp"] = federated_row(
-            "fed-record-dp",
-            base,
-            tmp,
-            plan,
-            args.seed,
-            dp_mode="record",
-            target_epsilon=8.0,
-            aggregation="ffa",
-            **plan.record_dp,
-            **common,
+            "fed-record-dp", base, tmp, plan, args.seed, **record, **common
         )
+        # The sampling before balanced sampling: each round drawn alone, so every phone
+        # plans its ε over every round.
+        rows["fed-record-dp-uniform"] = federated_row(
+            "fed-record-dp-uniform", base, tmp, plan, args.seed, **record, **common,
+            extra={"client-sampling": "uniform"},
+        )  # fmt: skip
         for n in plan.user_populations:
             rows[f"fed-user-dp-{n}"] = federated_row(
                 f"fed-user-dp-{n}",

@@ -44,31 +44,47 @@ from simulation.federated import FederatedConfig
 CLIENTS, PER_ROUND, SEED = 6, 3, 0
 
 # Every variant starts from DEFAULTS (fedota simulate's record-DP default, read from
-# simulate itself) and changes the keys it names. NO_HEAD is the default before the
-# output head was adapted, which the variants marked "no head" were measured against;
-# OLD is the default before that (batch-128), which most other variants change.
+# simulate itself) and changes the keys it names. UNIFORM is the default before
+# balanced sampling (each round drawn alone, every phone planning for every round, 5
+# steps); NO_HEAD is the one before the output head was adapted, which the variants
+# marked "no head" were measured against; OLD is the one before that (batch-128),
+# which most other variants change.
 _SIMULATE = FederatedConfig(out_dir=Path("unused"), dp_mode="record").client_hyperparameters()
 DEFAULTS: dict[str, Any] = {
     "rank": _SIMULATE["lora-rank"], "lr": _SIMULATE["learning-rate"],
     "steps": _SIMULATE["local-steps"], "batch": _SIMULATE["batch-size"],
     "seq_len": _SIMULATE["seq-len"], "head": _SIMULATE["lora-head"], "rounds": 3,
     "epsilon": 8.0, "ffa": True, "dp": True, "per_round": PER_ROUND, "min_texts": 500,
-    "target_modules": None, "principal_a": False, "planned_rounds": None, "clip": 1.0,
-    "seed": SEED,
+    "target_modules": None, "principal_a": False, "activation_a": None, "clip": 1.0,
+    "sampling": "balanced", "plan": "scheduled", "snr_weights": False, "projection": None,
+    "public_texts": 600, "seed": SEED,
 }  # fmt: skip
-NO_HEAD: dict[str, Any] = {"head": False}
+UNIFORM: dict[str, Any] = {"sampling": "uniform", "plan": "every-round", "steps": 5}
+NO_HEAD: dict[str, Any] = {**UNIFORM, "head": False}
 OLD: dict[str, Any] = {**NO_HEAD, "steps": 10, "batch": 128}
 NO_DP_ROW: dict[str, Any] = {**NO_HEAD, "ffa": False, "dp": False, "lr": 5e-3, "batch": 8,
                              "seq_len": 64, "steps": 10}  # fmt: skip
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "default": ("5 steps on every text (q = 1), rank 8, lr 0.03, LoRA on every linear "
-                "projection and the output head: fedota simulate's default", {}),
-    "no-head": ("the default without LoRA on the output head: the previous default", NO_HEAD),
-    "head-lr-0.015": ("the default at lr 0.015", {"lr": 1.5e-2}),
-    "head-only": ("the default with LoRA on the output head only",
+    "default": ("balanced sampling, each phone's epsilon over its scheduled rounds, 8 steps "
+                "on every text (q = 1), rank 8, lr 0.03, LoRA on every linear projection "
+                "and the output head: fedota simulate's default", {}),
+    "balanced-steps-5": ("the default with 5 steps", {"steps": 5}),
+    "balanced-steps-12": ("the default with 12 steps", {"steps": 12}),
+    "snr-weights": ("the default, updates weighted by examples / sigma",
+                    {"snr_weights": True}),
+    "lr-0.04": ("the default at lr 0.04", {"lr": 4e-2}),
+    "lr-0.02": ("the default at lr 0.02", {"lr": 2e-2}),
+    "uniform": ("each round's clients drawn alone, every phone planning epsilon over every "
+                "round, 5 steps: the previous default", UNIFORM),
+    "exact-participation": ("uniform, each phone planning over the rounds it is drawn in",
+                            {**UNIFORM, "plan": "scheduled"}),
+    "no-head": ("uniform without LoRA on the output head: the default before", NO_HEAD),
+    "head-lr-0.015": ("uniform at lr 0.015", {**UNIFORM, "lr": 1.5e-2}),
+    "head-only": ("uniform with LoRA on the output head only",
                   {**NO_HEAD, "target_modules": ("lm_head",)}),
-    "rank-32": ("rank 32, lr 0.015 (4x the upload)", {"rank": 32, "lr": 1.5e-2}),
-    "rank-64": ("rank 64, lr 0.01 (8x the upload)", {"rank": 64, "lr": 1e-2}),
+    "rank-32": ("uniform, rank 32, lr 0.015 (4x the upload)",
+                {**UNIFORM, "rank": 32, "lr": 1.5e-2}),
+    "rank-64": ("uniform, rank 64, lr 0.01 (8x the upload)", {**UNIFORM, "rank": 64, "lr": 1e-2}),
     "rank-32-no-head": ("no head, rank 32, lr 0.015", {**NO_HEAD, "rank": 32, "lr": 1.5e-2}),
     "rank-64-no-head": ("no head, rank 64, lr 0.01", {**NO_HEAD, "rank": 64, "lr": 1e-2}),
     "epsilon-32": ("no head, epsilon = 32 instead of 8", {**NO_HEAD, "epsilon": 32.0}),
@@ -98,7 +114,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "all-clients": ("batch-128 with all 6 clients in every round", {**OLD, "per_round": CLIENTS}),
     "more-rounds": ("batch-128 for 8 rounds", {**OLD, "rounds": 8}),
     "participation": ("batch-128 with epsilon planned over 2 rounds (a phone trains in 1.5)",
-                      {**OLD, "planned_rounds": 2}),
+                      {**OLD, "plan": 2}),
     "clip-0.1": ("batch-128 with clipping bound C = 0.1", {**OLD, "clip": 0.1}),
     "principal-a": ("batch-128 with FFA A = top-r right singular vectors of the base "
                     "weight, lr 0.01", {**OLD, "principal_a": True, "lr": 1e-2}),
@@ -120,7 +136,116 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "seeded-a-no-noise": ("fed-no-dp with ffa", {**NO_DP_ROW, "ffa": True}),
     "principal-a-no-noise": ("fed-no-dp with ffa and the principal A",
                              {**NO_DP_ROW, "ffa": True, "principal_a": True}),
+    "fed-no-dp-balanced": ("fed-no-dp with balanced sampling: the benchmark's row now",
+                           {**NO_DP_ROW, "sampling": "balanced"}),
+    "activation-a": ("uniform, A = top-r principal directions of each module's input on "
+                     "public text", {**UNIFORM, "activation_a": "top"}),
+    "activation-a-lr-0.01": ("activation-a at lr 0.01",
+                             {**UNIFORM, "activation_a": "top", "lr": 1e-2}),
+    "activation-a-lr-0.003": ("activation-a at lr 0.003",
+                              {**UNIFORM, "activation_a": "top", "lr": 3e-3}),
+    "activation-sub-a": ("uniform, A = a seeded random basis of the top-4r input subspace, "
+                         "lr 0.01", {**UNIFORM, "activation_a": "subspace", "lr": 1e-2}),
+    "project-64": ("uniform, noisy gradients projected on the top-64 public gradient subspace",
+                   {**UNIFORM, "projection": 64}),
+    "project-64-lr-0.003": ("project-64 at lr 0.003", {**UNIFORM, "projection": 64, "lr": 3e-3}),
+    "project-64-lr-0.001": ("project-64 at lr 0.001", {**UNIFORM, "projection": 64, "lr": 1e-3}),
 }  # fmt: skip
+
+
+def activation_a(trainer: Any, seed: int, mode: str) -> None:
+    """Replace the shared A init by the top principal directions of each module's input.
+
+    The inputs are the base model's activations on public text (no private data), so
+    every party can rebuild A. Rows keep the seeded init's norm (1/sqrt(3)).
+    """
+    from client.train.data import pack_texts
+    from simulation.data import generate_public_texts
+
+    modules = dict(trainer.model.named_modules())
+    init = trainer.slots._init
+    names = [n for n in init if ".lora_A." in n]
+    second: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in names:
+        layer = modules[name.split(".lora_A.")[0]]
+
+        def hook(_m: Any, args: tuple[Any, ...], name: str = name) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            second[name] = second.get(name, 0) + x.T @ x
+
+        hooks.append(layer.register_forward_pre_hook(hook))
+    texts = list(generate_public_texts(512, seed + 99991))
+    blocks = pack_texts(trainer.tokenizer, texts, 64, pack=True)
+    trainer.slots.load(None)
+    with torch.no_grad():
+        for i in range(0, len(blocks), 32):
+            sl = slice(i, i + 32)
+            trainer.model(input_ids=blocks.input_ids[sl], attention_mask=blocks.attention_mask[sl])
+    for h in hooks:
+        h.remove()
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        rank = init[name].shape[0]
+        _, vecs = torch.linalg.eigh(second[name].double())
+        if mode == "top":
+            a = vecs[:, -rank:].flip(1).T
+        else:  # a seeded random basis of the top-4r subspace
+            sub = vecs[:, -4 * rank :]
+            q, _ = torch.linalg.qr(torch.randn(sub.shape[1], rank, generator=gen).double())
+            a = (sub @ q).T
+        init[name] = (a / 3**0.5).to(init[name].dtype).contiguous()
+
+
+class PublicSubspace:
+    """Top-k right singular vectors of per-text gradients on public text (post-processing)."""
+
+    basis: torch.Tensor | None = None
+
+    @classmethod
+    def fit(cls, trainer: Any, adapter: Any, texts: list[str], k: int) -> None:
+        from client.train._loops import per_sample_loss
+        from client.train.data import pack_texts
+
+        trainer.slots.load(adapter)
+        params = [trainer.slots.params[n] for n in trainer.slots.exchanged]
+        blocks = pack_texts(trainer.tokenizer, texts, DEFAULTS["seq_len"], pack=False).trimmed()
+        rows = []
+        trainer.model.train()
+        for i in range(len(blocks)):
+            for p in params:
+                p.grad = None
+            sl = slice(i, i + 1)
+            per_sample_loss(
+                trainer.model, blocks.input_ids[sl], blocks.attention_mask[sl], blocks.labels[sl]
+            ).sum().backward()
+            g = torch.cat([p.grad.flatten() for p in params])  # type: ignore[union-attr]
+            rows.append(g / g.norm().clamp(min=1e-12))
+        for p in params:
+            p.grad = None
+        trainer.model.eval()
+        _, _, vh = torch.linalg.svd(torch.stack(rows), full_matrices=False)
+        cls.basis = vh[:k].contiguous()
+
+    @classmethod
+    def install(cls) -> None:
+        from opacus.optimizers.optimizer import DPOptimizer
+
+        original = DPOptimizer.scale_grad
+
+        def scale_then_project(self: Any) -> None:
+            original(self)
+            if cls.basis is None:
+                return
+            ps = [p for p in self.params if p.grad is not None]
+            g = torch.cat([p.grad.flatten() for p in ps])
+            g = cls.basis.T @ (cls.basis @ g)
+            i = 0
+            for p in ps:
+                p.grad.copy_(g[i : i + p.numel()].view_as(p))
+                i += p.numel()
+
+        DPOptimizer.scale_grad = scale_then_project  # type: ignore[method-assign]
 
 
 def principal_a(trainer: Any) -> None:
@@ -157,6 +282,8 @@ def run_variant(base: Path, cfg: dict[str, Any]) -> list[dict[str, float]]:
     trainer = LocalTrainer(base, lora)
     if cfg["principal_a"]:
         principal_a(trainer)
+    if cfg["activation_a"]:
+        activation_a(trainer, cfg["seed"], cfg["activation_a"])
 
     def evaluate(adapter: Any) -> dict[str, float]:
         loss = acc = tokens = 0.0
@@ -175,16 +302,37 @@ def run_variant(base: Path, cfg: dict[str, Any]) -> list[dict[str, float]]:
         if cfg["dp"]
         else DPSettings()
     )
-    planned = cfg["planned_rounds"] or cfg["rounds"]
+    schedule = [sorted(rng.sample(range(CLIENTS), cfg["per_round"])) for _ in range(cfg["rounds"])]
+    if cfg["sampling"] == "balanced":  # fewest rounds so far first, seeded ties
+        counts = [0] * CLIENTS
+        for rnd in range(cfg["rounds"]):
+            order = sorted(range(CLIENTS), key=lambda c: (counts[c], rng.random()))
+            schedule[rnd] = sorted(order[: cfg["per_round"]])
+            for c in schedule[rnd]:
+                counts[c] += 1
+    times = [sum(i in chosen for chosen in schedule) for i in range(CLIENTS)]
+    logging.info("schedule %s, rounds per phone %s", schedule, times)
+    if cfg["projection"]:
+        from simulation.data import generate_public_texts
+
+        public = list(generate_public_texts(cfg["public_texts"], cfg["seed"] + 12345))
+        PublicSubspace.install()
     for rnd in range(cfg["rounds"]):
         updates = []
-        for i in sorted(rng.sample(range(CLIENTS), cfg["per_round"])):
+        if cfg["projection"]:
+            PublicSubspace.fit(trainer, adapter, public, cfg["projection"])
+        for i in schedule[rnd]:
+            plan = cfg["plan"]  # "scheduled", "every-round" or a number of rounds
+            planned = {"scheduled": times[i], "every-round": cfg["rounds"]}.get(plan, plan)
             settings = TrainSettings(
                 local_steps=cfg["steps"], learning_rate=cfg["lr"], batch_size=cfg["batch"],
                 seq_len=cfg["seq_len"], seed=rnd * 1000 + i, planned_rounds=planned,
             )  # fmt: skip
             result = trainer.train(adapter, list(data.clients[i].train), settings, dp)
-            updates.append((result.num_examples, result.adapter))
+            weight = result.num_examples
+            if cfg["snr_weights"] and result.noise_multiplier:
+                weight /= result.noise_multiplier  # less noise, more weight
+            updates.append((weight, result.adapter))
         total = sum(n for n, _ in updates)
         adapter = {
             k: cast(torch.Tensor, sum(n * u[k] for n, u in updates)) / total for k in updates[0][1]

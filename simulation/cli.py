@@ -136,7 +136,7 @@ def simulate(
         None,
         "--local-steps",
         min=1,
-        help="Optimizer steps per client per round (default: 5 under record-level DP, else 10).",
+        help="Optimizer steps per client per round (default: 8 under record-level DP, else 10).",
     ),
     lora_rank: int | None = typer.Option(
         None, "--lora-rank", min=1, help="LoRA rank (default: 8); the upload grows with it."
