@@ -67,7 +67,7 @@ class LoraStrategy(Strategy):
 
     Args:
         aggregation: ``fedavg`` (A and B averaged) or ``ffa`` (clients send B only).
-        clients_per_round: clients per round (``fixed``) or its expectation (``poisson``).
+        clients_per_round: clients per round, or its expectation under ``poisson``.
         min_clients: fewest usable updates for a round to change the global adapter.
         seed: seeds the per-round sampling.
         sampling: ``balanced`` (that many per round, those that have trained in the
@@ -77,7 +77,7 @@ class LoraStrategy(Strategy):
         num_rounds: rounds in the run; with ``balanced``/``uniform`` each sampled
             client is told how many of them it is scheduled to train in
             (``planned-rounds``), so a phone under record-level DP spreads its ε over
-            the rounds it will actually train in (docs/adr/0007).
+            the rounds it will actually train in (ADR 0006, decision 7).
         eval_max_clients: evaluate on at most this many training clients (a seeded
             subset, the same every round) plus every held-out client; 0 = all.
     """
@@ -124,6 +124,8 @@ class LoraStrategy(Strategy):
         """
         ids = sorted(self.population.train)
         if self.sampling == "balanced":
+            if server_round < 1:
+                raise ValueError(f"training rounds start at 1, not {server_round}")
             return self._schedule(ids, server_round)[-1]
         rng = np.random.default_rng([self.seed, server_round, 0x5A])
         if self.sampling == "poisson":
