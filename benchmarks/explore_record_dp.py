@@ -3,21 +3,29 @@
 An in-process replica of ``bench_federated.py``'s record-level DP row, without Ray, so a
 variant takes 2-10 minutes on one core: the default synthetic data (6 clients), the
 tiny base, 3 clients per round (seeded), 3 rounds, ``ffa`` averaged weighted by
-examples, DP-SGD at ε = 8 per phone planned over every round, and every round
-evaluated on the training clients' held-out text in 64-token blocks (the benchmark's
-evaluation). Client sampling differs from the Flower ``ServerApp``'s, so absolute
-numbers differ slightly from ``bench_federated.py``; compare variants with each other.
+examples, DP-SGD at ε = 8 per phone, and every round evaluated on the training
+clients' held-out text in 64-token blocks (the benchmark's evaluation). Clients are
+sampled balanced (fewest rounds so far first) or uniformly, each round alone; the
+random draws differ from the Flower ``ServerApp``'s, so absolute numbers differ
+slightly from ``bench_federated.py``; compare variants with each other.
 
-``default`` is ``fedota simulate``'s record-DP default (5 steps, each on every text of
-the phone, q = 1, LoRA on every linear projection and the output head). Variants
-marked "no head" change one thing from the default before the head was adapted
-(``no-head``); most others change one thing from the default before that, 10 steps of
-128 texts (``batch-128``). ``fed-no-dp`` is the benchmark's non-private row (the gain
-the DP row is compared with); ``fed-no-dp-head`` is the same with the head.
+``default`` is ``fedota simulate``'s record-DP default: balanced sampling, each phone
+planning its ε over the rounds it is scheduled in, 8 steps each on every text of the
+phone (q = 1), LoRA on every linear projection and the output head. Variants marked
+"uniform" change one thing from the default before balanced sampling (``uniform``:
+each round drawn alone, every phone planning for every round, 5 steps); "no head"
+ones from the default before the head was adapted (``no-head``); most others from the
+default before that, 10 steps of 128 texts (``batch-128``). ``fed-no-dp`` is the
+benchmark's non-private row before balanced sampling, ``fed-no-dp-balanced`` the row
+now (the gain the DP row is compared with); ``fed-no-dp-head`` adds the head.
 
-The ``principal-a`` variants freeze FFA's A at the top-r right singular vectors of each
-dequantized base weight instead of the seeded random init. That is an experiment, not
-a product setting (DESIGN decision 3 fixes A at a seeded init); it is patched in here.
+Experiments patched in here, not product settings: the ``principal-a`` variants freeze
+FFA's A at the top-r right singular vectors of each dequantized base weight, the
+``activation-a`` ones at the principal directions of each module's input on public
+text (DESIGN decision 3 fixes A at a seeded init); the ``project`` ones project each
+noisy gradient (after Opacus adds the noise, so ε is unchanged) on the top-k right
+singular vectors of per-text gradients on public text; ``snr-weights`` weights the
+average by examples / σ.
 
 Usage::
 
