@@ -42,6 +42,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -205,6 +206,32 @@ def activation_a(trainer: Any, seed: int, mode: str) -> None:
         init[name] = (a / 3**0.5).to(init[name].dtype).contiguous()
 
 
+def per_text_gradients(
+    trainer: Any, texts: list[str], params: list[torch.nn.Parameter]
+) -> Iterator[int]:
+    """Back-propagate each text alone (one block each, as DP-SGD sees them).
+
+    Yields the text's index while ``p.grad`` of every parameter holds that text's
+    gradient; the model is in train mode meanwhile and the grads are cleared after.
+    """
+    from client.train._loops import per_sample_loss
+    from client.train.data import pack_texts
+
+    blocks = pack_texts(trainer.tokenizer, texts, DEFAULTS["seq_len"], pack=False).trimmed()
+    trainer.model.train()
+    for i in range(len(blocks)):
+        for p in params:
+            p.grad = None
+        sl = slice(i, i + 1)
+        per_sample_loss(
+            trainer.model, blocks.input_ids[sl], blocks.attention_mask[sl], blocks.labels[sl]
+        ).sum().backward()
+        yield i
+    for p in params:
+        p.grad = None
+    trainer.model.eval()
+
+
 class PublicSubspace:
     """Top-k right singular vectors of per-text gradients on public text (post-processing)."""
 
@@ -212,26 +239,12 @@ class PublicSubspace:
 
     @classmethod
     def fit(cls, trainer: Any, adapter: Any, texts: list[str], k: int) -> None:
-        from client.train._loops import per_sample_loss
-        from client.train.data import pack_texts
-
         trainer.slots.load(adapter)
         params = [trainer.slots.params[n] for n in trainer.slots.exchanged]
-        blocks = pack_texts(trainer.tokenizer, texts, DEFAULTS["seq_len"], pack=False).trimmed()
         rows = []
-        trainer.model.train()
-        for i in range(len(blocks)):
-            for p in params:
-                p.grad = None
-            sl = slice(i, i + 1)
-            per_sample_loss(
-                trainer.model, blocks.input_ids[sl], blocks.attention_mask[sl], blocks.labels[sl]
-            ).sum().backward()
+        for _ in per_text_gradients(trainer, texts, params):
             g = torch.cat([p.grad.flatten() for p in params])  # type: ignore[union-attr]
             rows.append(g / g.norm().clamp(min=1e-12))
-        for p in params:
-            p.grad = None
-        trainer.model.eval()
         _, _, vh = torch.linalg.svd(torch.stack(rows), full_matrices=False)
         cls.basis = vh[:k].contiguous()
 
@@ -358,8 +371,6 @@ def coherence(base: Path, seed: int) -> dict[str, float]:
     way). DP-SGD's signal against its noise grows with it.
     """
     from client.train import LocalTrainer, LoraSettings
-    from client.train._loops import per_sample_loss
-    from client.train.data import pack_texts
     from simulation.data import SyntheticConfig, generate_synthetic
 
     data = generate_synthetic(
@@ -376,20 +387,9 @@ def coherence(base: Path, seed: int) -> dict[str, float]:
     def kind(name: str) -> str:
         return name.split(".lora_")[0].rsplit(".", 1)[-1]
 
-    blocks = pack_texts(
-        trainer.tokenizer, list(data.clients[0].train), DEFAULTS["seq_len"], pack=False
-    ).trimmed()
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     norms: dict[str, float] = {}
-    trainer.model.train()
-    for i in range(len(blocks)):
-        for p in params.values():
-            p.grad = None
-        sl = slice(i, i + 1)
-        loss = per_sample_loss(
-            trainer.model, blocks.input_ids[sl], blocks.attention_mask[sl], blocks.labels[sl]
-        )
-        loss.sum().backward()
+    for _ in per_text_gradients(trainer, list(data.clients[0].train), list(params.values())):
         squares: dict[str, float] = {}
         for n, p in params.items():
             assert p.grad is not None
