@@ -189,19 +189,15 @@ class LoraStrategy(Strategy):
         chosen = self.sample(server_round)
         self.sampled[server_round] = chosen
         config["server-round"] = server_round
-        planned = self.planned_rounds()
-        if not planned:
-            record = RecordDict({ARRAYS: arrays, CONFIG: config})
-            return _messages(record, [self.population.train[c] for c in chosen], MessageType.TRAIN)
-        # Each client learns how many rounds it is scheduled in (its own config).
+        planned = self.planned_rounds()  # {} under Poisson sampling
+
+        def record(cid: str) -> RecordDict:
+            # Each client learns how many rounds it is scheduled in (its own config).
+            mine = {"planned-rounds": planned[cid]} if cid in planned else {}
+            return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**config, **mine})})
+
         return [
-            Message(
-                content=RecordDict(
-                    {ARRAYS: arrays, CONFIG: ConfigRecord({**config, "planned-rounds": planned[c]})}
-                ),
-                message_type=MessageType.TRAIN,
-                dst_node_id=self.population.train[c],
-            )
+            Message(record(c), message_type=MessageType.TRAIN, dst_node_id=self.population.train[c])
             for c in chosen
         ]
 
