@@ -24,10 +24,14 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "server" / "ota"))
+# pg_cluster lives beside the OTA tests. Appended, not inserted: tests/ holds a
+# ``client`` directory that must not shadow the ``client`` package when this file
+# runs alone (--import-mode=importlib).
+sys.path.append(str(Path(__file__).parent / "server" / "ota"))
 
-from deployment_helpers import (
+from pg_cluster import running_cluster
+
+from tests.deployment_helpers import (
     BIN,
     REPO,
     Processes,
@@ -39,7 +43,6 @@ from deployment_helpers import (
     write_app,
     write_flwr_config,
 )
-from pg_cluster import running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 NODES = 3
