@@ -164,9 +164,15 @@ class LoraStrategy(Strategy):
         """
         if self.sampling == "poisson" or self.num_rounds < 1:
             return {}
-        counts = dict.fromkeys(self.population.train, 0)
-        for r in range(1, self.num_rounds + 1):
-            for cid in self.sample(r):
+        ids = sorted(self.population.train)
+        rounds = (
+            self._schedule(ids, self.num_rounds)  # the whole schedule in one pass
+            if self.sampling == "balanced"
+            else [self.sample(r) for r in range(1, self.num_rounds + 1)]
+        )
+        counts = dict.fromkeys(ids, 0)
+        for picked in rounds:
+            for cid in picked:
                 counts[cid] += 1
         return counts
 
