@@ -30,13 +30,21 @@ held-out text, whatever block length its training used), so each run's round 0 e
 the ``base`` row and gains compare directly. Step-time ratios (DP vs plain, NF4 vs fp32) and peak
 memory per client are measured by ``benchmarks/bench_client_train.py``.
 
+Every row is run once per seed (``--seeds``, default 0 1 2): the seed sets the
+synthetic data, the base model's pretraining, the LoRA init and the client sampling.
+Each seed's table is printed, then the median over seeds of every row and of every
+target ratio, next to each seed's ratio: one seed's ratio moves by a few hundredths
+with the draw, so a target is
+judged on the median and every seed's value is shown beside it.
+
 Federated rows run through ``simulation.federated.run_federated`` — the Ray simulation
 engine, exactly as ``fedota simulate``. The others use ``client.train.LocalTrainer``.
 
 Usage::
 
     python benchmarks/bench_federated.py --quick            # micro base, minutes on 2 cores
-    python benchmarks/bench_federated.py                    # tiny preset base (long)
+    python benchmarks/bench_federated.py                    # tiny base, seeds 0 1 2 (long)
+    python benchmarks/bench_federated.py --seeds 0          # one seed
     python benchmarks/bench_federated.py --base-model DIR --out runs/bench_federated.json
 """
 
@@ -46,6 +54,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -219,7 +228,7 @@ def gains(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def _base_model(args: argparse.Namespace, tmp: Path) -> Path:
+def _base_model(args: argparse.Namespace, tmp: Path, seed: int) -> Path:
     if args.base_model:
         return Path(args.base_model)
     if args.quick:
@@ -227,74 +236,113 @@ def _base_model(args: argparse.Namespace, tmp: Path) -> Path:
         from simulation.data import generate_public_texts
 
         preset = BasePreset("micro", 512, 64, 2, 4, 2, 128, 32, 30, 8, 3e-3)
-        init_base_model(
-            tmp / "micro", public_texts=generate_public_texts(600, 0), preset=preset, seed=0
-        )
+        if not (tmp / "micro").exists():
+            init_base_model(
+                tmp / "micro", public_texts=generate_public_texts(600, 0), preset=preset, seed=0
+            )
         return tmp / "micro"
     from simulation.base_model import ensure_base_model
 
-    return ensure_base_model(Path.home() / ".cache" / "fedota", preset="tiny", seed=args.seed)
+    return ensure_base_model(Path.home() / ".cache" / "fedota", preset="tiny", seed=seed)
+
+
+def run_seed(args: argparse.Namespace, plan: Plan, tmp: Path, seed: int) -> dict[str, Any]:
+    """Every row for one seed (data, base model, initialisation and client sampling)."""
+    started = time.monotonic()
+    base = _base_model(args, tmp, seed)
+    out = tmp / f"seed-{seed}"
+    rows = trainer_rows(base, plan, seed)
+    common = dict(num_clients=plan.clients, clients_per_round=plan.clients_per_round)
+    no_dp = dict(dp_mode="none", aggregation="fedavg", local_steps=plan.local_steps)
+    rows["fed-no-dp"] = federated_row("fed-no-dp", base, out, plan, seed, **no_dp, **common)
+    # The record-DP default also adapts the output head: the same non-private run
+    # with the head shows that its gain is not bought by a larger adapter alone.
+    rows["fed-no-dp-head"] = federated_row(
+        "fed-no-dp-head", base, out, plan, seed, lora_head=True, **no_dp, **common
+    )
+    record = dict(dp_mode="record", target_epsilon=8.0, aggregation="ffa", **plan.record_dp)
+    rows["fed-record-dp"] = federated_row(
+        "fed-record-dp", base, out, plan, seed, **record, **common
+    )
+    # The sampling before balanced sampling: each round drawn alone, so every phone
+    # plans its ε over every round.
+    rows["fed-record-dp-uniform"] = federated_row(
+        "fed-record-dp-uniform", base, out, plan, seed, **record, **common,
+        extra={"client-sampling": "uniform"},
+    )  # fmt: skip
+    for n in plan.user_populations:
+        rows[f"fed-user-dp-{n}"] = federated_row(
+            f"fed-user-dp-{n}",
+            base,
+            out,
+            plan,
+            seed,
+            dp_mode="user",
+            target_epsilon=8.0,
+            aggregation="ffa",
+            num_clients=n,
+            clients_per_round=plan.user_clients_per_round,  # fixed: q = m / N falls
+            rounds=plan.user_rounds,
+            **plan.user_dp,
+            extra={"eval-max-clients": plan.eval_max_clients},
+        )
+    return {
+        "seed": seed,
+        "base_model": str(base),
+        "rows": rows,
+        "ratios": gains(rows),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per row, the median accuracy and loss over seeds; per target, the median ratio."""
+    rows = {
+        name: {
+            key: statistics.median(r["rows"][name][key] for r in runs)
+            for key in ("eval_accuracy", "eval_loss", "heldout_clients_accuracy")
+        }
+        for name in runs[0]["rows"]
+    }
+    ratios = {
+        key: statistics.median(vals)
+        for key in runs[0]["ratios"]
+        if (vals := [r["ratios"][key] for r in runs if r["ratios"].get(key) is not None])
+    }
+    return {"rows": rows, "ratios": ratios}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="micro base, small populations")
     parser.add_argument("--base-model", default=None, help="base model directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="one full run per seed (data, base model, init, sampling); medians are reported",
+    )
     parser.add_argument("--out", default="runs/bench_federated.json")
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     plan = QUICK if args.quick else FULL
     started = time.monotonic()
+    runs = []
     with tempfile.TemporaryDirectory(prefix="bench-fed-") as tmp_name:
-        tmp = Path(tmp_name)
-        base = _base_model(args, tmp)
-        rows = trainer_rows(base, plan, args.seed)
-        common = dict(num_clients=plan.clients, clients_per_round=plan.clients_per_round)
-        no_dp = dict(dp_mode="none", aggregation="fedavg", local_steps=plan.local_steps)
-        rows["fed-no-dp"] = federated_row(
-            "fed-no-dp", base, tmp, plan, args.seed, **no_dp, **common
-        )
-        # The record-DP default also adapts the output head: the same non-private run
-        # with the head shows that its gain is not bought by a larger adapter alone.
-        rows["fed-no-dp-head"] = federated_row(
-            "fed-no-dp-head", base, tmp, plan, args.seed, lora_head=True, **no_dp, **common
-        )
-        record = dict(dp_mode="record", target_epsilon=8.0, aggregation="ffa", **plan.record_dp)
-        rows["fed-record-dp"] = federated_row(
-            "fed-record-dp", base, tmp, plan, args.seed, **record, **common
-        )
-        # The sampling before balanced sampling: each round drawn alone, so every phone
-        # plans its ε over every round.
-        rows["fed-record-dp-uniform"] = federated_row(
-            "fed-record-dp-uniform", base, tmp, plan, args.seed, **record, **common,
-            extra={"client-sampling": "uniform"},
-        )  # fmt: skip
-        for n in plan.user_populations:
-            rows[f"fed-user-dp-{n}"] = federated_row(
-                f"fed-user-dp-{n}",
-                base,
-                tmp,
-                plan,
-                args.seed,
-                dp_mode="user",
-                target_epsilon=8.0,
-                aggregation="ffa",
-                num_clients=n,
-                clients_per_round=plan.user_clients_per_round,  # fixed: q = m / N falls
-                rounds=plan.user_rounds,
-                **plan.user_dp,
-                extra={"eval-max-clients": plan.eval_max_clients},
-            )
+        for i, seed in enumerate(args.seeds, 1):
+            logger.info("seed %d (%d of %d)", seed, i, len(args.seeds))
+            runs.append(run_seed(args, plan, Path(tmp_name), seed))
     result = {
         "benchmark": "bench_federated",
         "quick": args.quick,
-        "seed": args.seed,
+        "seeds": args.seeds,
         "plan": plan.__dict__,
-        "base_model": str(base),
-        "rows": rows,
-        "ratios": gains(rows),
+        "runs": runs,
+        "median": medians(runs),
         "wall_s": round(time.monotonic() - started, 1),
         "see_also": "benchmarks/bench_client_train.py for step time and memory",
     }
@@ -305,21 +353,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(result: dict[str, Any]) -> str:
+def _seed_report(run: dict[str, Any]) -> list[str]:
     lines = [
-        f"{'condition':<20}{'acc':>8}{'loss':>9}{'new-user acc':>14}{'round-0 acc':>13}{'ε':>7}"
+        f"seed {run['seed']} (base {run['base_model']}, {run['wall_s']} s)",
+        f"{'condition':<24}{'acc':>8}{'loss':>9}{'new-user acc':>14}{'round-0 acc':>13}{'ε':>7}",
     ]
-    for name, r in result["rows"].items():
+    for name, r in run["rows"].items():
         eps = r.get("epsilon")
         start = r.get("baseline_accuracy")
         lines.append(
-            f"{name:<20}{r['eval_accuracy']:>8.4f}{r['eval_loss']:>9.4f}"
+            f"{name:<24}{r['eval_accuracy']:>8.4f}{r['eval_loss']:>9.4f}"
             f"{r['heldout_clients_accuracy']:>14.4f}"
             f"{'' if start is None else f'{start:.4f}':>13}"
             f"{eps if eps is None else round(eps, 2)!s:>7}"
         )
     lines.append("settings of the federated rows:")
-    for name, r in result["rows"].items():
+    for name, r in run["rows"].items():
         if "client_settings" in r:
             sigma = r.get("noise_multiplier")
             lines.append(
@@ -328,7 +377,30 @@ def report(result: dict[str, Any]) -> str:
                 + ("" if sigma is None else f", σ={sigma:.3f}")
                 + f", {r['wall_s']} s"
             )
-    lines += [f"{k}: {v if v is None else round(v, 3)}" for k, v in result["ratios"].items()]
+    return lines
+
+
+def report(result: dict[str, Any]) -> str:
+    """Each seed's table, then the medians over seeds and every seed's target ratios."""
+    lines: list[str] = []
+    for run in result["runs"]:
+        lines += [*_seed_report(run), ""]
+    seeds = result["seeds"]
+    med = result["median"]
+    lines.append(f"median over seeds {seeds}:")
+    lines.append(f"{'condition':<24}{'acc':>8}{'loss':>9}{'new-user acc':>14}")
+    for name, r in med["rows"].items():
+        lines.append(
+            f"{name:<24}{r['eval_accuracy']:>8.4f}{r['eval_loss']:>9.4f}"
+            f"{r['heldout_clients_accuracy']:>14.4f}"
+        )
+    lines.append(f"{'target ratio':<40}{'median':>8}" + "".join(f"{f'seed {s}':>9}" for s in seeds))
+    for key, value in med["ratios"].items():
+        per_seed = [run["ratios"].get(key) for run in result["runs"]]
+        lines.append(
+            f"{key:<40}{value:>8.3f}"
+            + "".join(f"{'-' if v is None else f'{v:.3f}':>9}" for v in per_seed)
+        )
     lines.append(f"wall: {result['wall_s']} s")
     return "\n".join(lines)
 
