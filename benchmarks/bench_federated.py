@@ -13,7 +13,8 @@ One run, same synthetic data (the generator's defaults), base model and seed:
                       are sampled balanced (fewest rounds first) and each phone
                       spreads its ε over the rounds it is scheduled in
 * ``fed-record-dp-uniform``  the same with each round's clients drawn alone (the
-                      sampling before; every phone plans its ε over every round)
+                      sampling before; each phone plans its ε over the rounds
+                      the seeded draws pick it for)
 * ``fed-user-dp-N``   federated, ``ffa``, central user-level DP-FedAvg, ε = 8, for two
                       populations N (100 and 1,000; ``--quick``: 8 and 24) with the SAME
                       number of clients per round, so q = m / N and the calibrated σ
@@ -264,8 +265,8 @@ def run_seed(args: argparse.Namespace, plan: Plan, tmp: Path, seed: int) -> dict
     rows["fed-record-dp"] = federated_row(
         "fed-record-dp", base, out, plan, seed, **record, **common
     )
-    # The sampling before balanced sampling: each round drawn alone, so every phone
-    # plans its ε over every round.
+    # The sampling before balanced sampling: each round drawn alone (a phone may be
+    # drawn in every round or in none).
     rows["fed-record-dp-uniform"] = federated_row(
         "fed-record-dp-uniform", base, out, plan, seed, **record, **common,
         extra={"client-sampling": "uniform"},
