@@ -36,7 +36,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 pytest: setup postgres
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q --durations=15
 
 test: lint typecheck pytest
 
