@@ -305,9 +305,10 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         }
         for name in runs[0]["rows"]
     }
+    keys = dict.fromkeys(key for r in runs for key in r["ratios"])  # every seed's, in order
     ratios = {
         key: statistics.median(vals)
-        for key in runs[0]["ratios"]
+        for key in keys
         if (vals := [r["ratios"][key] for r in runs if r["ratios"].get(key) is not None])
     }
     return {"rows": rows, "ratios": ratios}

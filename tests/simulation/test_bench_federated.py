@@ -1,0 +1,90 @@
+"""bench_federated's multi-seed summary: the targets are judged on the median of the
+per-seed ratios, and every seed's ratio is printed beside it.
+
+The benchmark itself takes about an hour on the tiny base; these tests feed its
+summary functions the rows of a run, so they cover the arithmetic the README quotes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "bench_federated", REPO / "benchmarks" / "bench_federated.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_federated"] = module  # dataclasses resolve their module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(acc: float, start: float | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "eval_accuracy": acc,
+        "eval_loss": 5 - acc,
+        "heldout_clients_accuracy": acc,
+    }
+    if start is not None:
+        row["baseline_accuracy"] = start
+    return row
+
+
+def _run(bench: ModuleType, seed: int, fed: float, rec: float) -> dict[str, Any]:
+    rows = {
+        "base": _row(0.4),
+        "centralized": _row(0.8),
+        "fed-no-dp": _row(fed, start=0.4),
+        "fed-record-dp": _row(rec, start=0.4),
+    }
+    return {"seed": seed, "base_model": "b", "rows": rows, "ratios": bench.gains(rows), "wall_s": 1}
+
+
+def test_gains_are_against_each_rows_own_round_zero(bench: ModuleType) -> None:
+    ratios = _run(bench, 0, fed=0.6, rec=0.5)["ratios"]
+    assert ratios["fed_no_dp_gap_closed"] == pytest.approx(0.2 / 0.4)
+    assert ratios["record_dp_gain_kept"] == pytest.approx(0.1 / 0.2)
+
+
+def test_median_of_per_seed_ratios_and_every_seed_printed(bench: ModuleType) -> None:
+    runs = [
+        _run(bench, 0, fed=0.6, rec=0.49),  # keeps 0.45
+        _run(bench, 1, fed=0.7, rec=0.58),  # keeps 0.60
+        _run(bench, 2, fed=0.6, rec=0.50),  # keeps 0.50
+    ]
+    med = bench.medians(runs)
+    assert med["ratios"]["record_dp_gain_kept"] == pytest.approx(0.5)
+    assert med["rows"]["fed-record-dp"]["eval_accuracy"] == pytest.approx(0.50)
+    assert med["rows"]["fed-no-dp"]["eval_accuracy"] == pytest.approx(0.6)
+    text = bench.report({"seeds": [0, 1, 2], "runs": runs, "median": med, "wall_s": 3})
+    line = next(ln for ln in text.splitlines() if ln.startswith("record_dp_gain_kept "))
+    assert line.split()[1:] == ["0.500", "0.450", "0.600", "0.500"]
+    assert "median over seeds [0, 1, 2]:" in text
+
+
+def test_a_ratio_missing_on_one_seed_is_the_median_of_the_others(bench: ModuleType) -> None:
+    runs = [_run(bench, 0, fed=0.6, rec=0.5), _run(bench, 1, fed=0.4, rec=0.45)]
+    # seed 1's federated run learned nothing: no gain to keep a share of
+    assert "record_dp_gain_kept" not in runs[1]["ratios"]
+    med = bench.medians(runs)
+    assert med["ratios"]["record_dp_gain_kept"] == pytest.approx(0.5)
+    text = bench.report({"seeds": [0, 1], "runs": runs, "median": med, "wall_s": 2})
+    line = next(ln for ln in text.splitlines() if ln.startswith("record_dp_gain_kept "))
+    assert line.split()[1:] == ["0.500", "0.500", "-"]
+
+
+def test_repeated_seeds_are_refused(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds", "0", "0"])
+    assert "--seeds repeats a seed" in capsys.readouterr().err
