@@ -1,6 +1,7 @@
 """Federated utility side by side (issue 3 benchmarks, federation half).
 
-One run, same synthetic data (the generator's defaults), base model and seed:
+For each seed, one run of every row on the same synthetic data (the generator's
+defaults), base model and seed:
 
 * ``base``            the base model, no training (round 0 of every run)
 * ``local-only``      each client trains alone for ``rounds × local_steps`` steps
@@ -32,11 +33,11 @@ the ``base`` row and gains compare directly. Step-time ratios (DP vs plain, NF4 
 memory per client are measured by ``benchmarks/bench_client_train.py``.
 
 Every row is run once per seed (``--seeds``, default 0 1 2): the seed sets the
-synthetic data, the base model's pretraining, the LoRA init and the client sampling.
-Each seed's table is printed, then the median over seeds of every row and of every
-target ratio, next to each seed's ratio: one seed's ratio moves by a few hundredths
-with the draw, so a target is
-judged on the median and every seed's value is shown beside it.
+synthetic data, the base model's pretraining (not with ``--quick`` or
+``--base-model``, whose base is shared), the LoRA init and the client sampling. Each
+seed's table is printed, then the median over seeds of every row and of every target
+ratio, next to each seed's ratio: one seed's ratio moves by a few hundredths with the
+draw, so a target is judged on the median and every seed's value is shown beside it.
 
 Federated rows run through ``simulation.federated.run_federated`` — the Ray simulation
 engine, exactly as ``fedota simulate``. The others use ``client.train.LocalTrainer``.
