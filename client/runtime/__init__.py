@@ -8,6 +8,7 @@ from client.runtime.budget import BudgetTooSmallError, MemoryPlan, plan_memory
 from client.runtime.quantized import (
     QuantizedModelError,
     is_prequantized,
+    keep_float_compute,
     load_quantized,
     nf4_config,
     quantize_checkpoint,
@@ -33,6 +34,7 @@ __all__ = [
     "QuantizedRuntime",
     "RequestTooLargeError",
     "is_prequantized",
+    "keep_float_compute",
     "load_quantized",
     "nf4_config",
     "plan_memory",

@@ -19,6 +19,7 @@ from transformers import (
 from client.runtime import (
     QuantizedModelError,
     is_prequantized,
+    keep_float_compute,
     load_quantized,
     quantize_checkpoint,
     save_quantized,
@@ -71,6 +72,60 @@ def test_float_checkpoint_loads_as_nf4_and_round_trips(arch: str, tmp_path: Path
     assert len(_linear4bit_modules(reloaded)) == len(layers)
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, expected)
+
+
+def _has_avx512bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def test_evaluation_keeps_float_matmuls_and_the_gradient_through_the_base(
+    tmp_path: Path,
+) -> None:
+    """An evaluated model trains like a fresh one (bitsandbytes' bf16 CPU kernel is off).
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` at its first no-grad
+    eval forward and runs it in bfloat16 from then on, without a backward; the input
+    gradient below would then differ from a fresh model's.
+    """
+    src = _tiny_random("llama", tmp_path / "float")
+    evaluated, fresh = load_quantized(src), load_quantized(src)
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        evaluated(x)
+    import bitsandbytes.functional as bnbf
+
+    for layer in _linear4bit_modules(evaluated):
+        state = layer.weight.quant_state
+        assert not getattr(state, "packing_format_for_cpu", False)
+        h = torch.randn(3, layer.in_features)
+        with torch.no_grad():
+            reference = h @ bnbf.dequantize_4bit(layer.weight.data, state).T
+            torch.testing.assert_close(layer(h), reference, rtol=1e-5, atol=1e-6)
+
+    grads = []
+    for model in (evaluated, fresh):
+        model.train()
+        embeds = model.get_input_embeddings()(x).detach().requires_grad_(True)
+        model(inputs_embeds=embeds).logits.square().mean().backward()
+        grads.append(embeds.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.skipif(not _has_avx512bf16(), reason="bitsandbytes repacks only on AVX512-BF16")
+def test_a_model_repacked_before_keep_float_compute_is_refused(tmp_path: Path) -> None:
+    model = load_quantized(_tiny_random("llama", tmp_path / "float"))
+    for layer in _linear4bit_modules(model):
+        layer.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on this CPU
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 4)))
+    assert any(
+        getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+        for layer in _linear4bit_modules(model)
+    )
+    with pytest.raises(QuantizedModelError, match="repacked"):
+        keep_float_compute(model)
 
 
 def test_prequantized_checkpoint_holds_packed_weights_only(tmp_path: Path) -> None:
