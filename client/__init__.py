@@ -5,6 +5,26 @@ Stages: ① train (``client.train``) · ⑤ download, ⑥ verify, ⑦ apply (``c
 sqlalchemy (enforced by ``tests/test_import_directions.py``).
 """
 
+import logging
+
 from client.errors import ClientError, ClientInputError
+
+
+class _SkipUnusedKernelNotice(logging.Filter):
+    """Drop bitsandbytes' import-time notice about a CPU kernel fedota never runs.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes 0.50.2 tries to fetch a fused
+    bfloat16 4-bit kernel from the Hugging Face hub and logs a warning when it cannot.
+    fedota keeps every NF4 matmul in float (``client.runtime.keep_float_compute``, ADR
+    0010) and never uses that kernel, so the warning only pollutes stderr. Installed
+    here, before any submodule can import bitsandbytes; other bitsandbytes warnings
+    pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_SkipUnusedKernelNotice())
 
 __all__ = ["ClientError", "ClientInputError"]

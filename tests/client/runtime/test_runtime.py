@@ -136,10 +136,13 @@ def test_adapter_of_wrong_shape_is_rejected(small_runtime: QuantizedRuntime) -> 
 def test_stream_yields_the_same_text_as_generate(tiny_base: Path) -> None:
     # The tiny base (400 pretraining steps), not the micro one: 30 steps on short chat
     # messages leave a model that ends every prompt at once (EOS), which streams nothing.
+    # The base's bytes follow the CPU's instruction set, so one prompt may still end at
+    # once on some machines ("running late for" does on AVX-512): most must stream.
     runtime = QuantizedRuntime(tiny_base / "nf4", budget_bytes=None)
-    prompts = ("the city council", "hey, are we still on for", "running late for")
+    prompts = ("the city council", "hey, are we still on for", "running late for",
+               "the weather today")  # fmt: skip
     streamed = {p: list(runtime.stream(p, 16)) for p in prompts}
-    assert min(len(pieces) for pieces in streamed.values()) > 1
+    assert sum(len(pieces) > 1 for pieces in streamed.values()) >= 3, streamed
     for prompt, pieces in streamed.items():
         assert "".join(pieces) == runtime.generate(prompt, 16).text
 
