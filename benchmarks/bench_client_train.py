@@ -8,6 +8,10 @@ Side by side in one run, same base, data, seed and LoRA (r=8, all linear project
 * ``fp32``         fp32 base + LoRA, plain step (the unquantized baseline)
 * ``fp32-dp``      fp32 base + LoRA, DP-SGD (hooks)
 
+Every text is longer than a block, so plain training (texts packed into blocks) and
+DP training (one text per block) cut the same blocks, checked before timing: a DP step
+does the same work as a plain one and the ratio is the cost of DP-SGD alone.
+
 Seconds per step are measured through the public API: the median over repeats of
 (time(train with K2 steps) - time(train with K1 steps)) / (K2 - K1), which cancels
 the fixed per-round cost (packing, Opacus wrapping, accounting); configs are
@@ -127,7 +131,13 @@ def build_random_base(out: Path, shape: Shape = QUICK_SHAPE) -> Path:
     return out
 
 
-def synthetic_texts(n: int, seed: int) -> list[str]:
+def synthetic_texts(n: int, seed: int, sentences: int = 8) -> list[str]:
+    """``n`` texts of ``sentences`` short sentences each (about 100 tokens).
+
+    Every text is longer than a block, so packed (plain) and one-text-per-block (DP)
+    training cut the same blocks and a step does the same work in both: the step-time
+    ratio is the cost of DP-SGD, not of a different number of tokens.
+    """
     import random
 
     rng = random.Random(seed)
@@ -135,10 +145,30 @@ def synthetic_texts(n: int, seed: int) -> list[str]:
     verbs = ["books a table at", "walks to", "reads about", "writes to", "drives to"]
     objects = ["the station", "the old library", "a small cafe", "the market", "the clinic"]
     return [
-        f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} "
-        f"at {rng.randrange(24)}:00."
+        " ".join(
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} "
+            f"at {rng.randrange(24)}:00."
+            for _ in range(sentences)
+        )
         for _ in range(n)
     ]
+
+
+def check_equal_work(base: Path, texts: list[str], seq_len: int) -> int:
+    """Tokens per block row; raises when plain and DP training would cut different blocks."""
+    from transformers import AutoTokenizer
+
+    from client.train.data import pack_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    packed = pack_texts(tokenizer, texts, seq_len).trimmed()
+    per_text = pack_texts(tokenizer, texts, seq_len, pack=False).trimmed()
+    if not torch.equal(packed.input_ids, per_text.input_ids):
+        raise RuntimeError(
+            "plain and DP training would train on different blocks, so their step times "
+            "would not compare the same work; use texts longer than --seq-len tokens"
+        )
+    return int(packed.input_ids.shape[1])
 
 
 class PeakRss:
@@ -271,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         base, texts = _base_and_texts(args, Path(tmp))
+        width = check_equal_work(base, texts, args.seq_len)
         trainers = {c.name: make_trainer(c, base) for c in CONFIGS}
         times = step_times(CONFIGS, trainers, texts, args)
         memory = {
@@ -295,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0]},
         "settings": {"quick": args.quick, "base": args.base or f"random {args.preset} shape",
                      "batch_size": args.batch_size, "seq_len": args.seq_len,
+                     "block_width": width, "same_blocks_plain_and_dp": True,
                      "lora_rank": 8, "repeats": args.repeats, "k1": args.k1, "k2": args.k2,
                      "memory": "in-process" if args.quick else "fresh subprocess per config"},
         "rows": rows,

@@ -26,4 +26,7 @@ def test_bench_client_train_quick(tmp_path: Path) -> None:
         assert row["weights_mib"] > 0
     assert rows["nf4"]["weights_mib"] < rows["fp32"]["weights_mib"]  # NF4 is smaller
     assert all(math.isfinite(v) and v > 0 for v in summary["ratios"].values())
+    # plain and DP steps train on the same full-width blocks, so the ratio compares one work
+    assert summary["settings"]["same_blocks_plain_and_dp"] is True
+    assert summary["settings"]["block_width"] == summary["settings"]["seq_len"]
     assert "dp_hooks_over_plain_nf4" in done.stdout
