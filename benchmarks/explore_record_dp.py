@@ -73,12 +73,22 @@ NO_HEAD: dict[str, Any] = {**UNIFORM, "head": False}
 OLD: dict[str, Any] = {**NO_HEAD, "steps": 10, "batch": 128}
 NO_DP_ROW: dict[str, Any] = {**NO_HEAD, "ffa": False, "dp": False, "lr": 5e-3, "batch": 8,
                              "seq_len": 64, "steps": 10}  # fmt: skip
+# PEFT matches a target name against the end of a module's path: "layers.0.mlp.up_proj"
+# adapts that one layer's projection.
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("balanced sampling, each phone's epsilon over its scheduled rounds, 8 steps "
                 "on every text (q = 1), rank 8, lr 0.03, LoRA on every linear projection "
                 "and the output head: fedota simulate's default", {}),
     "balanced-steps-5": ("the default with 5 steps", {"steps": 5}),
     "balanced-steps-12": ("the default with 12 steps", {"steps": 12}),
+    "first-layer": ("the default with LoRA on the first layer's projections and the head only",
+                    {"target_modules": tuple(f"layers.0.{m}" for m in _PROJECTIONS)}),
+    "first-two-layers": ("the default with LoRA on the first two layers' projections and the "
+                         "head only",
+                         {"target_modules": tuple(f"layers.{i}.{m}" for i in (0, 1)
+                                                  for m in _PROJECTIONS)}),
     "snr-weights": ("the default, updates weighted by examples / sigma",
                     {"snr_weights": True}),
     "lr-0.04": ("the default at lr 0.04", {"lr": 4e-2}),
