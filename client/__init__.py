@@ -14,11 +14,12 @@ class _SkipUnusedKernelNotice(logging.Filter):
     """Drop bitsandbytes' import-time notice about a CPU kernel fedota never runs.
 
     On CPUs with AVX512-BF16, importing bitsandbytes 0.50.2 tries to fetch a fused
-    bfloat16 4-bit kernel from the Hugging Face hub and logs a warning when it cannot.
-    fedota keeps every NF4 matmul in float (``client.runtime.keep_float_compute``, ADR
-    0010) and never uses that kernel, so the warning only pollutes stderr. Installed
-    here, before any submodule can import bitsandbytes; other bitsandbytes warnings
-    pass.
+    bfloat16 4-bit GEMM kernel from the Hugging Face hub and logs a warning when it
+    cannot. fedota never fetches anything from a hub: training keeps every NF4 matmul in
+    float (``client.runtime.keep_float_compute``), and the runtime uses the bfloat16
+    kernel built into bitsandbytes (ADR 0010), so the warning only pollutes stderr.
+    Installed here, before any submodule can import bitsandbytes; other bitsandbytes
+    warnings pass.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

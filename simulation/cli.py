@@ -85,7 +85,7 @@ def base_model_sample(
     from client.runtime import load_quantized
 
     torch.manual_seed(seed)
-    lm: Any = load_quantized(model)
+    lm: Any = load_quantized(model, inference_only=True)
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     for p in prompt:
         ids = tok(p, return_tensors="pt")

@@ -159,7 +159,7 @@ class QuantizedRuntime:
     def _load(self, device: str) -> None:
         from transformers import AutoTokenizer
 
-        self.model: Any = load_quantized(self.base_dir, device=device)
+        self.model: Any = load_quantized(self.base_dir, device=device, inference_only=True)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.base_dir, local_files_only=True)
         self._peft: Any = None
         self._spec: AdapterSpec | None = None

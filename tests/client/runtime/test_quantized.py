@@ -128,6 +128,32 @@ def test_a_model_repacked_before_keep_float_compute_is_refused(tmp_path: Path) -
         keep_float_compute(model)
 
 
+def test_an_inference_only_model_may_use_the_fused_cpu_kernel(tmp_path: Path) -> None:
+    """``inference_only`` leaves bitsandbytes' kernel choice alone (ADR 0010).
+
+    On CPUs with AVX512-BF16 the layers are repacked at the first no-grad forward and
+    decode in bfloat16; elsewhere nothing changes. Either way the logits stay within
+    bfloat16 error of the float path, and the default load is never repacked.
+    """
+    src = _tiny_random("llama", tmp_path / "float")
+    exact, fast = load_quantized(src), load_quantized(src, inference_only=True)
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        reference = exact(x).logits
+        fast(x)  # the first no-grad forward repacks, where bitsandbytes repacks at all
+        got = fast(x).logits
+
+    def repacked(model: torch.nn.Module) -> bool:
+        return any(
+            getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+            for layer in _linear4bit_modules(model)
+        )
+
+    assert repacked(fast) == _has_avx512bf16()
+    assert not repacked(exact)
+    assert float((got - reference).norm() / reference.norm()) < 2e-2
+
+
 def test_prequantized_checkpoint_holds_packed_weights_only(tmp_path: Path) -> None:
     from safetensors import safe_open
 

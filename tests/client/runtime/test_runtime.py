@@ -109,10 +109,12 @@ def test_hot_swap_changes_outputs_without_touching_the_base(
     small_runtime: QuantizedRuntime,
 ) -> None:
     rt = small_runtime
-    base_weight = next(p for n, p in rt.model.named_parameters() if "q_proj" in n)
-    before = base_weight.detach().clone()
     prompt = "hey ana, are we"
     plain = rt.generate(prompt, 12).text
+    # read after a first request: on AVX512-BF16 CPUs bitsandbytes repacks the NF4
+    # weights for its fused kernel at the first forward (ADR 0010), before any adapter
+    base_weight = next(p for n, p in rt.model.named_parameters() if "q_proj" in n)
+    before = base_weight.detach().clone()
     spec = AdapterSpec(rank=4, alpha=8.0)
     rt.set_adapter(_random_adapter(rt, spec, 1), spec, version=1)
     first = rt.generate(prompt, 12).text
@@ -145,6 +147,30 @@ def test_stream_yields_the_same_text_as_generate(tiny_base: Path) -> None:
     assert sum(len(pieces) > 1 for pieces in streamed.values()) >= 3, streamed
     for prompt, pieces in streamed.items():
         assert "".join(pieces) == runtime.generate(prompt, 16).text
+
+
+def test_the_runtime_loads_its_model_for_inference_only(nf4: Path) -> None:
+    """The runtime never trains, so it keeps bitsandbytes' fused CPU kernel where the
+    CPU has one (ADR 0010); training loads keep float matmuls."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    from client.train import LoraSettings
+    from client.train.trainer import LocalTrainer
+
+    runtime = QuantizedRuntime(nf4)
+    runtime.generate("hey ana", 2)
+    trainer = LocalTrainer(nf4, LoraSettings(rank=2, alpha=4.0))
+
+    def repacked(model: torch.nn.Module) -> bool:
+        return any(
+            getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
+            for m in model.modules()
+            if hasattr(m, "support_avx512bf16_for_cpu")
+        )
+
+    trainer.evaluate(None, ["hey ana, are we still on for tonight"])
+    assert repacked(runtime.model) == bool(has_avx512bf16())
+    assert not repacked(trainer.model)
 
 
 def test_evaluate_reports_loss_and_accuracy(small_runtime: QuantizedRuntime) -> None:
