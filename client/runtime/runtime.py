@@ -189,7 +189,7 @@ class QuantizedRuntime:
         """
         import numpy as np
         import torch
-        from peft import get_peft_model, set_peft_model_state_dict
+        from peft import get_peft_model
 
         t0 = time.perf_counter()
         if state is None:
@@ -217,19 +217,42 @@ class QuantizedRuntime:
             self._peft = get_peft_model(self.model, _lora_config(spec))
             self._peft.eval()
             self._spec = spec
-        result: Any = set_peft_model_state_dict(self._peft, tensors)
-        expected = {k for k in self._peft.state_dict() if ".lora_" in k}
-        missing = [k for k in result.missing_keys if k in expected]
-        if result.unexpected_keys or missing:
-            raise ClientInputError(
-                f"adapter state does not match rank {spec.rank} on "
-                f"{spec.target_modules or 'all linear'}: {len(missing)} tensors missing, "
-                f"{len(result.unexpected_keys)} unexpected (e.g. "
-                f"{(missing or result.unexpected_keys)[0]})"
-            )
+        self._copy_lora_tensors(tensors, spec)
         self._peft.enable_adapter_layers()
         self.adapter_version = version
         return time.perf_counter() - t0
+
+    def _copy_lora_tensors(self, tensors: Mapping[str, Any], spec: AdapterSpec) -> None:
+        """Copy the adapter into the PEFT model's LoRA parameters, by name, in place.
+
+        Not through PEFT's ``set_peft_model_state_dict``: it reads the whole model's
+        ``state_dict()``, and bitsandbytes answers that, for a layer repacked for its
+        fused CPU kernel (ADR 0010), by unpacking the layer and re-quantizing its scales,
+        lossily; the next forward repacks it. Every hot-swap would nudge the base, and
+        the same adapter would score differently before and after another one.
+
+        Raises:
+            ClientInputError: LoRA tensors missing from the state, or unexpected ones.
+        """
+        import torch
+
+        assert self._peft is not None
+        params = {
+            n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): p
+            for n, p in self._peft.named_parameters()
+            if ".lora_A." in n or ".lora_B." in n
+        }
+        missing = sorted(set(params) - set(tensors))
+        unexpected = sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ClientInputError(
+                f"adapter state does not match rank {spec.rank} on "
+                f"{spec.target_modules or 'all linear'}: {len(missing)} tensors missing, "
+                f"{len(unexpected)} unexpected (e.g. {(missing or unexpected)[0]})"
+            )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor.to(params[name].dtype))
 
     def _check_shapes(self, tensors: Mapping[str, Any], spec: AdapterSpec) -> None:
         """Validate an adapter against the base's linear layers before touching the model."""

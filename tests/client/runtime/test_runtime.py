@@ -127,6 +127,25 @@ def test_hot_swap_changes_outputs_without_touching_the_base(
     assert torch.equal(base_weight.detach(), before)
 
 
+def test_an_adapter_scores_the_same_before_and_after_another(
+    small_runtime: QuantizedRuntime,
+) -> None:
+    """Hot-swapping never changes the base: the same adapter gives the same loss, bit for
+    bit, before and after another one was attached. (Loading through PEFT's state-dict
+    path unpacked and lossily re-quantized bitsandbytes' repacked layers on AVX512-BF16
+    CPUs, ADR 0010: the golden loss of a re-released adapter moved by 3e-5.)"""
+    rt = small_runtime
+    spec = AdapterSpec(rank=4, alpha=8.0)
+    texts = ["hey ana, are we still on for coffee", "the city council approved a plan"]
+    rt.set_adapter(_random_adapter(rt, spec, 11), spec)
+    first = rt.evaluate(texts).loss
+    rt.set_adapter(_random_adapter(rt, spec, 12), spec)
+    other = rt.evaluate(texts).loss
+    rt.set_adapter(_random_adapter(rt, spec, 11), spec)
+    assert rt.evaluate(texts).loss == first != other
+    rt.set_adapter(None)
+
+
 def test_adapter_of_wrong_shape_is_rejected(small_runtime: QuantizedRuntime) -> None:
     from client.errors import ClientInputError
 
