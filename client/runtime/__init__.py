@@ -12,6 +12,7 @@ from client.runtime.quantized import (
     load_quantized,
     nf4_config,
     quantize_checkpoint,
+    repacked_layers,
     save_quantized,
 )
 from client.runtime.runtime import (
@@ -39,5 +40,6 @@ __all__ = [
     "nf4_config",
     "plan_memory",
     "quantize_checkpoint",
+    "repacked_layers",
     "save_quantized",
 ]

@@ -189,19 +189,32 @@ def keep_float_compute(model: torch.nn.Module) -> int:
     Raises:
         QuantizedModelError: a layer was already repacked (evaluated before this call).
     """
+    repacked = repacked_layers(model)
+    if repacked:
+        raise QuantizedModelError(
+            f"{repacked[0]} was repacked for bitsandbytes' bfloat16 CPU kernel before "
+            "keep_float_compute ran; call it right after loading"
+        )
     count = 0
-    for name, module in model.named_modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False):
-            raise QuantizedModelError(
-                f"{name} was repacked for bitsandbytes' bfloat16 CPU kernel before "
-                "keep_float_compute ran; call it right after loading"
-            )
-        module.support_avx512bf16_for_cpu = False
-        count += 1
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (a bnb attribute)
+            count += 1
     return count
+
+
+def repacked_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the NF4 layers bitsandbytes has repacked for its fused bfloat16 CPU kernel."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "support_avx512bf16_for_cpu")
+        and getattr(
+            getattr(getattr(module, "weight", None), "quant_state", None),
+            "packing_format_for_cpu",
+            False,
+        )
+    ]
 
 
 def _fsync_dir(path: Path) -> None:

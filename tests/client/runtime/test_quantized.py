@@ -22,6 +22,7 @@ from client.runtime import (
     keep_float_compute,
     load_quantized,
     quantize_checkpoint,
+    repacked_layers,
     save_quantized,
 )
 
@@ -120,10 +121,7 @@ def test_a_model_repacked_before_keep_float_compute_is_refused(tmp_path: Path) -
         layer.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on this CPU
     with torch.no_grad():
         model(torch.randint(0, 256, (1, 4)))
-    assert any(
-        getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
-        for layer in _linear4bit_modules(model)
-    )
+    assert repacked_layers(model)
     with pytest.raises(QuantizedModelError, match="repacked"):
         keep_float_compute(model)
 
@@ -143,14 +141,8 @@ def test_an_inference_only_model_may_use_the_fused_cpu_kernel(tmp_path: Path) ->
         fast(x)  # the first no-grad forward repacks, where bitsandbytes repacks at all
         got = fast(x).logits
 
-    def repacked(model: torch.nn.Module) -> bool:
-        return any(
-            getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
-            for layer in _linear4bit_modules(model)
-        )
-
-    assert repacked(fast) == _has_avx512bf16()
-    assert not repacked(exact)
+    assert bool(repacked_layers(fast)) == _has_avx512bf16()
+    assert not repacked_layers(exact)
     assert float((got - reference).norm() / reference.norm()) < 2e-2
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.runtime import AdapterSpec, BudgetTooSmallError, QuantizedRuntime
+from client.runtime import AdapterSpec, BudgetTooSmallError, QuantizedRuntime, repacked_layers
 from client.runtime.budget import footprint_from_checkpoint, plan_memory
 from client.runtime.runtime import RequestTooLargeError
 
@@ -179,17 +179,9 @@ def test_the_runtime_loads_its_model_for_inference_only(nf4: Path) -> None:
     runtime = QuantizedRuntime(nf4)
     runtime.generate("hey ana", 2)
     trainer = LocalTrainer(nf4, LoraSettings(rank=2, alpha=4.0))
-
-    def repacked(model: torch.nn.Module) -> bool:
-        return any(
-            getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
-            for m in model.modules()
-            if hasattr(m, "support_avx512bf16_for_cpu")
-        )
-
     trainer.evaluate(None, ["hey ana, are we still on for tonight"])
-    assert repacked(runtime.model) == bool(has_avx512bf16())
-    assert not repacked(trainer.model)
+    assert bool(repacked_layers(runtime.model)) == bool(has_avx512bf16())
+    assert not repacked_layers(trainer.model)
 
 
 def test_evaluate_reports_loss_and_accuracy(small_runtime: QuantizedRuntime) -> None:
