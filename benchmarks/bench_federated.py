@@ -32,7 +32,7 @@ held-out text, whatever block length its training used), so each run's round 0 e
 the ``base`` row and gains compare directly. Step-time ratios (DP vs plain, NF4 vs fp32) and peak
 memory per client are measured by ``benchmarks/bench_client_train.py``.
 
-Every row is run once per seed (``--seeds``, default 0 1 2): the seed sets the
+Every row is run once per seed (``--seeds``, default 0 to 4): the seed sets the
 synthetic data, the base model's pretraining (not with ``--quick`` or
 ``--base-model``, whose base is shared), the LoRA init and the client sampling. Each
 seed's table is printed, then the median over seeds of every row and of every target
@@ -45,7 +45,7 @@ engine, exactly as ``fedota simulate``. The others use ``client.train.LocalTrain
 Usage::
 
     python benchmarks/bench_federated.py --quick            # micro base, minutes on 2 cores
-    python benchmarks/bench_federated.py                    # tiny base, seeds 0 1 2 (long)
+    python benchmarks/bench_federated.py                    # tiny base, seeds 0-4 (~1 h)
     python benchmarks/bench_federated.py --seeds 0          # one seed
     python benchmarks/bench_federated.py --base-model DIR --out runs/bench_federated.json
 """
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds",
         type=int,
         nargs="+",
-        default=[0, 1, 2],
+        default=[0, 1, 2, 3, 4],
         help="one full run per seed (data, base model, init, sampling); medians are reported",
     )
     parser.add_argument("--out", default="runs/bench_federated.json")
