@@ -16,15 +16,18 @@ from client.runtime.quantized import (
     save_quantized,
 )
 from client.runtime.runtime import (
+    ADAPTER_NAME,
     POLICIES,
     AdapterSpec,
     EvalStats,
     Generation,
     QuantizedRuntime,
     RequestTooLargeError,
+    lora_parameters,
 )
 
 __all__ = [
+    "ADAPTER_NAME",
     "POLICIES",
     "AdapterSpec",
     "BudgetTooSmallError",
@@ -37,6 +40,7 @@ __all__ = [
     "is_prequantized",
     "keep_float_compute",
     "load_quantized",
+    "lora_parameters",
     "nf4_config",
     "plan_memory",
     "quantize_checkpoint",

@@ -98,6 +98,23 @@ def _warm_up_libraries() -> None:
         _ = x @ bnbf.dequantize_4bit(packed, state).t()
 
 
+#: PEFT's name for the one adapter a model carries (the default of ``get_peft_model``).
+ADAPTER_NAME = "default"
+
+
+def lora_parameters(peft_model: Any) -> dict[str, Any]:
+    """A PEFT model's LoRA parameters by adapter-state name.
+
+    Adapter-state names are PEFT's state-dict names: the parameter names without the
+    adapter name (``...q_proj.lora_A.weight``), as bundles and client updates carry them.
+    """
+    return {
+        n.replace(f".{ADAPTER_NAME}.", "."): p
+        for n, p in peft_model.named_parameters()
+        if ".lora_" in n
+    }
+
+
 def _lora_config(spec: AdapterSpec) -> Any:
     from peft import LoraConfig
 
@@ -237,11 +254,7 @@ class QuantizedRuntime:
         import torch
 
         assert self._peft is not None
-        params = {
-            n.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): p
-            for n, p in self._peft.named_parameters()
-            if ".lora_A." in n or ".lora_B." in n
-        }
+        params = lora_parameters(self._peft)
         missing = sorted(set(params) - set(tensors))
         unexpected = sorted(set(tensors) - set(params))
         if missing or unexpected:

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
+from client.runtime.runtime import ADAPTER_NAME, lora_parameters
 from client.train.errors import AdapterMismatchError, PrivacyGuardError
 from client.train.settings import LoraSettings
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"
 NF4_SUBDIR = "nf4"
 
 
@@ -86,11 +86,6 @@ def attach_lora(model: Any, lora: LoraSettings) -> Any:
     return peft_model
 
 
-def state_name(param_name: str) -> str:
-    """PEFT state-dict name of a LoRA parameter (adapter name removed)."""
-    return param_name.replace(f".{ADAPTER_NAME}.", ".")
-
-
 def seeded_lora_init(
     shapes: Mapping[str, tuple[int, ...]], init_seed: int
 ) -> dict[str, torch.Tensor]:
@@ -124,9 +119,7 @@ class AdapterSlots:
 
     def __init__(self, peft_model: Any, lora: LoraSettings) -> None:
         self.lora = lora
-        self.params: dict[str, torch.nn.Parameter] = {
-            state_name(n): p for n, p in peft_model.named_parameters() if ".lora_" in n
-        }
+        self.params: dict[str, torch.nn.Parameter] = lora_parameters(peft_model)
         if not self.params:
             raise AdapterMismatchError(
                 f"no LoRA layers were attached for target_modules={lora.target_modules}; "
