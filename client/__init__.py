@@ -1,8 +1,10 @@
 """fedota client SDK: what runs on the phone.
 
 Stages: ① train (``client.train``) · ⑤ download, ⑥ verify, ⑦ apply (``client.update``) ·
-⑧ infer (``client.runtime``). Must not import ``server``, ``simulation``, fastapi or
-sqlalchemy (enforced by ``tests/test_import_directions.py``).
+⑧ infer (``client.runtime``). ``client.Device`` is the SDK façade over the device half
+(enroll, update, status, generate, evaluate), documented in ``docs/sdk.md``. Must not
+import ``server``, ``simulation``, fastapi or sqlalchemy (enforced by
+``tests/test_import_directions.py``).
 """
 
 import logging
@@ -28,4 +30,14 @@ class _SkipUnusedKernelNotice(logging.Filter):
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_SkipUnusedKernelNotice())
 
-__all__ = ["ClientError", "ClientInputError"]
+__all__ = ["ClientError", "ClientInputError", "Device"]
+
+
+def __getattr__(name: str) -> object:
+    # The SDK façade is imported on first use, so that importing a submodule (the
+    # trainer, the runtime) does not pull in the update agent's HTTP and TUF stack.
+    if name == "Device":
+        from client.device import Device
+
+        return Device
+    raise AttributeError(f"module 'client' has no attribute {name!r}")

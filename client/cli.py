@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,15 @@ def enroll(
         ..., "--root", exists=True, dir_okay=False, help="Provisioned trusted TUF root.json."
     ),
     base: Path = typer.Option(
-        ..., "--base", exists=True, file_okay=False, help="The device's pre-quantized NF4 base."
+        ...,
+        "--base",
+        exists=True,
+        help="The device's base: a .gguf file (llama.cpp) or a pre-quantized NF4 directory.",
+    ),
+    runtime: str = typer.Option(
+        None,
+        "--runtime",
+        help="llamacpp (a .gguf base) or nf4 (an NF4 directory); default: the base's form.",
     ),
     enroll_secret: str = typer.Option(
         None, "--enroll-secret", help="Fleet enrollment secret (prefer --enroll-secret-env)."
@@ -60,51 +67,30 @@ def enroll(
     ),
 ) -> None:
     """Enroll this device: pin the trusted root, fingerprint the base, get a token."""
-    import httpx
-    from tuf.api.metadata import Metadata, Root
-    from tuf.api.serialization import DeserializationError
-
-    from client.update import api
+    from client.device import Device
+    from client.runtime.interface import RUNTIME_KINDS
     from client.update.errors import DeviceStateError
-    from client.update.health import GOLDEN_FILE, read_golden
-    from client.update.state import DeviceConfig, DeviceState
-    from client.update.transport import Retrier
-    from delta_packager.fingerprint import fingerprint_checkpoint
-    from delta_packager.verify import verify_root_update
 
-    device = DeviceState(state)
-    if (state / "device.json").exists():
-        raise DeviceStateError(f"{state} is already enrolled; use a new --state directory")
+    if runtime is not None and runtime not in RUNTIME_KINDS:
+        raise DeviceStateError(f"unknown --runtime {runtime!r}; choose one of {RUNTIME_KINDS}")
     secret = enroll_secret or os.environ.get(enroll_secret_env)
     if not secret:
         raise DeviceStateError(f"no enrollment secret: set {enroll_secret_env} or --enroll-secret")
-    try:
-        trusted = Metadata[Root].from_bytes(root.read_bytes())
-        if not isinstance(trusted.signed, Root):
-            raise DeserializationError("not root metadata")
-        verify_root_update(None, trusted)
-    except (DeserializationError, ValueError) as e:
-        raise DeviceStateError(f"{root} is not a valid TUF root.json: {e}") from e
-    fingerprint = fingerprint_checkpoint(base)
-    report = api.DeviceReport(fingerprint, None, budget_mb * 2**20)
-    with httpx.Client(base_url=server, timeout=30.0) as http:
-        device_id, token = api.enroll(http, Retrier(), report=report, enrollment_secret=secret)
-    device.tuf_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root, device.tuf_dir / "root.json")
-    if golden is not None:
-        shutil.copyfile(golden, state / GOLDEN_FILE)
-        read_golden(device)  # refuse a malformed file now, not at the first update
-    device.write_config(
-        DeviceConfig(
-            server_url=server,
-            device_id=device_id,
-            token=token,
-            base_dir=str(base.resolve()),
-            base_fingerprint=fingerprint,
-            memory_budget_bytes=budget_mb * 2**20,
-        )
+    device = Device.enroll(
+        state,
+        server=server,
+        root=root,
+        base=base,
+        enrollment_secret=secret,
+        budget_mb=budget_mb,
+        golden=golden,
+        runtime=runtime,
     )
-    typer.echo(f"enrolled device {device_id} (base {fingerprint[:19]}…) in {state}")
+    config = device.config
+    typer.echo(
+        f"enrolled device {config.device_id} ({config.runtime} runtime, base "
+        f"{config.base_fingerprint[:19]}…) in {state}"
+    )
 
 
 @device_app.command("update")
@@ -118,17 +104,9 @@ def update(
 
     Exit codes: 0 updated, 10 no update, 3 rejected/rolled back, 4 transient, 2 bad input.
     """
-    from client.update import check_and_update
-    from client.update.health import default_checker
-    from client.update.state import DeviceState
-    from client.update.transport import Retrier, RetryPolicy
+    from client.device import Device
 
-    device = DeviceState(state)
-    outcome = check_and_update(
-        device,
-        checker=default_checker(device),
-        retrier=Retrier(RetryPolicy(budget_s=retry_budget_s)),
-    )
+    outcome = Device(state).update(retry_budget_s=retry_budget_s)
     if outcome.status == "updated":
         typer.echo(f"updated to adapter version {outcome.version}")
     elif outcome.status == "no_update":
@@ -149,31 +127,9 @@ def status_of(state: Path) -> dict[str, Any]:
     Raises:
         DeviceStateError: not enrolled or corrupt.
     """
-    from client.update.state import SLOTS, DeviceState
-    from client.update.telemetry import TelemetryQueue
+    from client.device import Device
 
-    device = DeviceState(state)
-    config = device.read_config()
-    active = device.active()
-    slots: dict[str, Any] = {}
-    for slot in SLOTS:
-        meta_path = device.slot_dir(slot) / "slot.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-        slots[slot] = None if meta is None else {k: meta[k] for k in ("version", "release_counter")}
-    ledger_path = state / "privacy_ledger.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else None
-    return {
-        "device_id": config.device_id,
-        "server": config.server_url,
-        "base_fingerprint": config.base_fingerprint,
-        "active_version": active.version if active else None,
-        "active_slot": active.slot if active else None,
-        "release_floor": device.release_floor(),
-        "slots": slots,
-        "update_step": device.journal().get("step"),
-        "pending_telemetry": len(TelemetryQueue(device.telemetry_dir).pending()),
-        "privacy_ledger": ledger,
-    }
+    return Device(state).status()
 
 
 @device_app.command("status")
@@ -211,47 +167,25 @@ def infer(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt."),
 ) -> None:
-    """Run the active adapter on the NF4 base within the memory budget, streaming text."""
-    from client.runtime import AdapterSpec, QuantizedRuntime
-    from client.update.errors import DeviceStateError
-    from client.update.state import DeviceState
+    """Run the active adapter on the device's runtime within the memory budget, streaming."""
+    from client.device import Device
 
-    device = DeviceState(state)
-    config = device.read_config()
-    budget = budget_mb * 2**20 if budget_mb else config.memory_budget_bytes
-    active = device.active()
-    adapter = device.read_active()
-    reserve = None if adapter is None else sum(int(a.nbytes) for a in adapter.tensors.values())
-    runtime = QuantizedRuntime(
-        config.base_dir, budget_bytes=budget, policy=policy, adapter_reserve_bytes=reserve
-    )
-    if adapter is not None and active is not None:
-        shape = device.read_adapter_config(active.slot)
-        if shape is None:
-            raise DeviceStateError(
-                f"slot {active.slot} does not record its LoRA shape; run "
-                "`fedota device update` to restage the adapter"
-            )
-        spec = AdapterSpec(
-            int(shape["rank"]), float(shape["alpha"]), tuple(shape["target_modules"]) or None
-        )
-        runtime.set_adapter(dict(adapter.tensors), spec, version=adapter.version)
+    device = Device(state, policy=policy, budget_bytes=budget_mb * 2**20 if budget_mb else None)
+    budget, runtime = device.budget_bytes, device.runtime
     for text in prompt:
         if as_json:
-            g = runtime.generate(text, max_new_tokens, temperature=temperature)
-            typer.echo(
-                json.dumps(
-                    {
-                        "prompt": text,
-                        **g.__dict__,
-                        "budget_bytes": budget,
-                        "adapter_version": runtime.adapter_version,
-                    }
-                )
-            )
+            g = device.generate(text, max_new_tokens, temperature=temperature)
+            record = {
+                "prompt": text,
+                **g.__dict__,
+                "budget_bytes": budget,
+                "adapter_version": runtime.adapter_version,
+                "runtime": runtime.kind,
+            }
+            typer.echo(json.dumps(record))
             continue
         typer.echo(text, nl=False)
-        g = runtime.generate(
+        g = device.generate(
             text,
             max_new_tokens,
             temperature=temperature,
@@ -259,12 +193,15 @@ def infer(
         )
         typer.echo("")
         typer.echo(
-            f"[{g.new_tokens} tokens, {g.new_tokens / max(g.seconds, 1e-9):.1f} tok/s, peak "
-            f"{g.peak_added_bytes / 2**20:.1f} of {budget / 2**20:.0f} MiB, adapter "
+            f"[{runtime.kind}: {g.new_tokens} tokens, "
+            f"{g.new_tokens / max(g.seconds, 1e-9):.1f} tok/s, first token "
+            f"{g.first_token_s * 1000:.0f} ms, peak {g.peak_added_bytes / 2**20:.1f} of "
+            f"{budget / 2**20:.0f} MiB, adapter "
             f"v{runtime.adapter_version if runtime.adapter_version is not None else '-'}"
             f"{', policy ' + g.policy_applied if g.policy_applied else ''}]",
             err=True,
         )
+    device.close()
 
 
 def register(app: typer.Typer) -> None:

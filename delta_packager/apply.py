@@ -9,9 +9,10 @@ Invariants:
 * pure: inputs are never modified; the result holds fresh float32 arrays;
 * deterministic to the bit: per element, ``full`` steps decode, ``delta`` steps compute
   one float32 addition ``previous + decoded`` (IEEE round-to-nearest), no reductions;
-* refusals come before any arithmetic: wrong base fingerprint (THREATS C12/C13), a
-  release counter not above the installed one (B8), a delta that does not start at the
-  installed version or layout (C14: the device must get a full bundle instead).
+* refusals come before any arithmetic: a device base the manifest does not name, as its
+  primary or one of its compatible bases (THREATS C12/C13, I42), a release counter not
+  above the installed one (B8), a delta that does not start at the installed version or
+  layout (C14: the device must get a full bundle instead).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class AdapterState:
     Attributes:
         version: Adapter version (integer, increasing).
         release_counter: Anti-rollback counter of the release that produced it.
-        base_fingerprint: ``"sha256:..."`` of the base model it belongs to.
+        base_fingerprint: ``"sha256:..."`` of the base model it belongs to (the device's
+            base, which the bundle named as its primary or a compatible base).
         tensors: Tensor name -> float32 array (treat as read-only).
     """
 
@@ -104,15 +106,17 @@ def apply_bundle(
         base_fingerprint: Fingerprint of the base model the device actually holds.
 
     Returns:
-        The new state: ``version`` and ``release_counter`` from the bundle.
+        The new state: ``version`` and ``release_counter`` from the bundle, bound to
+        ``base_fingerprint``.
 
     Raises:
-        BaseMismatchError: the bundle or the installed adapter is for another base.
+        BaseMismatchError: the bundle does not name the device's base (as its primary
+            or a compatible base), or the installed adapter is for another base.
         RollbackError: the bundle's release counter is not above the installed one.
         ChainMismatchError: a delta bundle does not start at the installed version.
     """
     m = bundle.manifest
-    if m.base_fingerprint != base_fingerprint:
+    if not m.applies_to(base_fingerprint):
         raise BaseMismatchError(
             f"bundle is built for base {m.base_fingerprint}, the device holds "
             f"{base_fingerprint}: it cannot be applied; fetch a bundle for this base"
@@ -139,6 +143,6 @@ def apply_bundle(
     return AdapterState(
         version=m.to_version,
         release_counter=m.release_counter,
-        base_fingerprint=m.base_fingerprint,
+        base_fingerprint=base_fingerprint,
         tensors=tensors,
     )

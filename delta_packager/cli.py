@@ -57,6 +57,22 @@ def _fingerprint(base: Path | None, base_fingerprint: str | None) -> str:
     return fingerprint_checkpoint(base)
 
 
+def _also_bases(values: list[str]) -> list[str]:
+    """``--also-base`` values as fingerprints: kept as given, or computed from a path."""
+    from delta_packager.errors import PackagerInputError
+    from delta_packager.fingerprint import FINGERPRINT_PREFIX, fingerprint_base, is_fingerprint
+
+    out = []
+    for value in values:
+        if value.startswith(FINGERPRINT_PREFIX) and not is_fingerprint(value):
+            raise PackagerInputError(
+                f"--also-base {value!r} is not a fingerprint; expected sha256: and 64 "
+                "lowercase hex digits, or the path of a .gguf file or NF4 checkpoint dir"
+            )
+        out.append(value if is_fingerprint(value) else fingerprint_base(Path(value)))
+    return out
+
+
 def package(
     new: Path = typer.Option(..., "--new", help="PEFT adapter dir or .safetensors file."),
     out: Path = typer.Option(..., "--out", help="Where to write the bundle."),
@@ -80,8 +96,19 @@ def package(
     max_behind: int = typer.Option(8, help="Devices further behind get a full bundle."),
     ffa: bool = typer.Option(False, "--ffa/--no-ffa", help="Adapter trained with FFA-LoRA."),
     provenance: Path | None = typer.Option(None, help="JSON file with training provenance."),
+    also_base: list[str] | None = typer.Option(
+        None,
+        "--also-base",
+        help="Another base the adapter applies to (repeatable): a sha256:... fingerprint, "
+        "or a .gguf file or NF4 checkpoint dir to fingerprint.",
+    ),
 ) -> None:
-    """Package a new global adapter as the next version's bundle (delta or full)."""
+    """Package a new global adapter as the next version's bundle (delta or full).
+
+    Every bundle of the release names the --base and each --also-base (e.g. the GGUF
+    exports of the same base that llama.cpp devices run); a device holding any of them
+    may apply it. The set belongs to this release: repeat --also-base for every version.
+    """
     from delta_packager.adapter_io import load_adapter
     from delta_packager.errors import PackagerStateError
     from delta_packager.files import atomic_write
@@ -97,6 +124,7 @@ def package(
         max_behind=max_behind,
     )
     fingerprint = _fingerprint(base, base_fingerprint)
+    also = _also_bases(also_base or [])
     prov = _provenance(provenance)
     tensors, adapter_config = load_adapter(new, ffa=ffa or prov.aggregation == "ffa")
     previous = load_state(previous_state) if previous_state is not None else None
@@ -113,6 +141,7 @@ def package(
         adapter_config=adapter_config,
         provenance=prov,
         policy=policy,
+        compatible_bases=also,
     )
     data = result.bundle_bytes
     if from_version is not None and from_version != result.bundle.manifest.from_version:
@@ -121,6 +150,8 @@ def package(
     save_state(result.state, state_dir)
     m = parse_bundle(data).manifest
     source = "full" if m.from_version is None else f"delta from v{m.from_version}"
+    if m.compatible_bases:
+        source += f", {1 + len(m.compatible_bases)} bases"
     typer.echo(
         f"packaged v{m.to_version} ({source}, counter {m.release_counter}): {len(data)} bytes "
         f"-> {out}; state: {state_dir}"

@@ -10,22 +10,42 @@
 Each field is length-prefixed, so no two different inputs frame to the same stream.
 The result is independent of the process, the shard layout and file timestamps, and
 changes when any tensor byte, the quantization config or the tokenizer changes
-(THREATS C12, C13). Only the stdlib is used: the packager stays torch-free.
+(THREATS C12, C13).
+
+``fingerprint_gguf`` fingerprints a GGUF export of a base (what the llama.cpp runtime
+loads, DESIGN decision 11): ``sha256(b"fedota-gguf-fingerprint-v1\\0" + file bytes)``.
+GGUF packs tensors, quantization types and the tokenizer into one file, so every byte
+counts (THREATS I42); each export has its own fingerprint, and a release names every
+base it applies to (``Manifest.compatible_bases``). ``fingerprint_base`` picks the
+right one for a path. Only the stdlib is used: the packager stays torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from delta_packager.errors import PackagerInputError
 
-__all__ = ["FINGERPRINT_PREFIX", "TOKENIZER_FILES", "fingerprint_checkpoint"]
+__all__ = [
+    "FINGERPRINT_PREFIX",
+    "GGUF_MAGIC",
+    "TOKENIZER_FILES",
+    "fingerprint_base",
+    "fingerprint_checkpoint",
+    "fingerprint_gguf",
+    "is_fingerprint",
+    "normalize_bases",
+]
 
 FINGERPRINT_PREFIX = "sha256:"
+#: The first four bytes of every GGUF file (llama.cpp's ``GGUF_MAGIC``).
+GGUF_MAGIC = b"GGUF"
 #: The files that make up a Hugging Face tokenizer: hashed into the fingerprint, and
 #: copied next to every pre-quantized checkpoint so it is self-contained.
 TOKENIZER_FILES = (
@@ -40,6 +60,47 @@ TOKENIZER_FILES = (
 )
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _CHUNK = 1 << 20
+_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+#: Most further bases one release may name (the manifest parser's bound too).
+MAX_COMPATIBLE_BASES = 64
+
+
+def is_fingerprint(value: object) -> bool:
+    """Whether ``value`` is a fingerprint string: ``"sha256:"`` and 64 lowercase hex."""
+    return isinstance(value, str) and _FINGERPRINT.match(value) is not None
+
+
+def normalize_bases(base_fingerprint: str, others: Iterable[str]) -> tuple[str, ...]:
+    """The compatible bases of a release in manifest form: sorted, unique, no primary.
+
+    Args:
+        base_fingerprint: The primary base the packager state is built for.
+        others: Further base fingerprints the same adapter applies to.
+
+    Returns:
+        The sorted, de-duplicated fingerprints.
+
+    Raises:
+        PackagerInputError: one is not a fingerprint, is the primary base itself, or
+            there are more than ``MAX_COMPATIBLE_BASES``.
+    """
+    bases = sorted(set(others))
+    for fp in bases:
+        if not is_fingerprint(fp):
+            raise PackagerInputError(
+                f'compatible base {fp!r} is not a fingerprint; expected "sha256:" and 64 '
+                "lowercase hex digits, e.g. from `fedota base-model fingerprint`"
+            )
+    if base_fingerprint in bases:
+        raise PackagerInputError(
+            f"compatible base {base_fingerprint} is the release's own base; name only "
+            "further bases (e.g. GGUF exports) as compatible"
+        )
+    if len(bases) > MAX_COMPATIBLE_BASES:
+        raise PackagerInputError(
+            f"{len(bases)} compatible bases; at most {MAX_COMPATIBLE_BASES} fit in a manifest"
+        )
+    return tuple(bases)
 
 
 def _frame(h: Any, data: bytes) -> None:
@@ -132,3 +193,60 @@ def fingerprint_checkpoint(quantized_dir: Path | str) -> str:
             _frame(h, fname.encode())
             _frame(h, path.read_bytes())
     return FINGERPRINT_PREFIX + h.hexdigest()
+
+
+def fingerprint_gguf(path: Path | str) -> str:
+    """Fingerprint a GGUF export of a base model (the llama.cpp runtime's base).
+
+    Args:
+        path: The ``.gguf`` file.
+
+    Returns:
+        ``"sha256:"`` followed by 64 lowercase hex digits: the SHA-256 of
+        ``b"fedota-gguf-fingerprint-v1\\0"`` and every byte of the file.
+
+    Raises:
+        PackagerInputError: the file is missing, unreadable, or does not start with the
+            GGUF magic.
+    """
+    gguf = Path(path)
+    h = hashlib.sha256(b"fedota-gguf-fingerprint-v1\0")
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+            if magic != GGUF_MAGIC:
+                raise PackagerInputError(
+                    f"{gguf} is not a GGUF file: it starts with {magic!r}, expected "
+                    f"{GGUF_MAGIC!r}; pass the .gguf export of the base (llama.cpp)"
+                )
+            h.update(magic)
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    except OSError as e:
+        raise PackagerInputError(f"cannot read the GGUF base {gguf}: {e.strerror or e}") from e
+    return FINGERPRINT_PREFIX + h.hexdigest()
+
+
+def fingerprint_base(path: Path | str) -> str:
+    """Fingerprint a base model of either runtime: an NF4 directory or a GGUF file.
+
+    Args:
+        path: A pre-quantized checkpoint directory (``fingerprint_checkpoint``) or a
+            ``.gguf`` file (``fingerprint_gguf``).
+
+    Returns:
+        ``"sha256:"`` followed by 64 lowercase hex digits.
+
+    Raises:
+        PackagerInputError: ``path`` is neither a directory nor a ``.gguf`` file, or the
+            base it names is malformed.
+    """
+    base = Path(path)
+    if base.is_dir():
+        return fingerprint_checkpoint(base)
+    if base.suffix.lower() == ".gguf":
+        return fingerprint_gguf(base)
+    raise PackagerInputError(
+        f"{base} is not a base model: expected a pre-quantized checkpoint directory "
+        "(NF4) or a .gguf file"
+    )

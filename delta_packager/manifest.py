@@ -11,7 +11,10 @@ Invariants checked here (the container checks live in ``delta_packager.format``)
 * each step advances exactly one version, the last reaching ``to_version``; a delta's
   ``from_version`` is the version just before its first step;
 * LoRA tensor shapes agree with ``adapter_config.rank`` (``A`` is r × in, ``B`` out × r).
-* every step names every adapter tensor exactly once (``shapes`` is the layout).
+* every step names every adapter tensor exactly once (``shapes`` is the layout);
+* ``compatible_bases`` (further bases the adapter applies to) is omitted when empty, so
+  bundles that name one base keep their exact bytes; when present it is a sorted list
+  of unique fingerprints other than ``base_fingerprint``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 from delta_packager.encode import ENCODINGS
 from delta_packager.errors import BundleFormatError
+from delta_packager.fingerprint import MAX_COMPATIBLE_BASES, is_fingerprint
 
 __all__ = [
     "FORMAT_VERSION",
@@ -47,7 +51,6 @@ FORMAT_VERSION = 1
 MAX_STEPS = 64
 MAX_TENSORS = 20_000
 MAX_DIMS = 8
-_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,512}$")
 
 
@@ -102,7 +105,12 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything a device needs to decide whether and how to apply a bundle."""
+    """Everything a device needs to decide whether and how to apply a bundle.
+
+    ``base_fingerprint`` is the base the packager state is built for;
+    ``compatible_bases`` names further bases (e.g. GGUF exports of it, DESIGN decision
+    11) the same runtime-neutral adapter applies to. Both are signed with the manifest.
+    """
 
     kind: str
     from_version: int | None
@@ -115,6 +123,11 @@ class Manifest:
     shapes: Mapping[str, tuple[int, ...]]
     steps: tuple[StepInfo, ...]
     format_version: int = FORMAT_VERSION
+    compatible_bases: tuple[str, ...] = ()
+
+    def applies_to(self, fingerprint: str) -> bool:
+        """Whether the adapter applies to the base ``fingerprint`` (primary or compatible)."""
+        return fingerprint == self.base_fingerprint or fingerprint in self.compatible_bases
 
 
 def adapter_config_to_dict(ac: AdapterConfig) -> dict[str, Any]:
@@ -144,7 +157,7 @@ def provenance_to_dict(pv: Provenance) -> dict[str, Any]:
 
 def manifest_to_dict(m: Manifest) -> dict[str, Any]:
     """Return the JSON-ready form of ``m`` (what ``canonical_json`` serializes)."""
-    return {
+    out: dict[str, Any] = {
         "format_version": m.format_version,
         "kind": m.kind,
         "from_version": m.from_version,
@@ -160,6 +173,9 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
             for s in m.steps
         ],
     }
+    if m.compatible_bases:  # absent when empty: one-base bundles keep their exact bytes
+        out["compatible_bases"] = list(m.compatible_bases)
+    return out
 
 
 # ------------------------------------------------------------------ strict reading
@@ -205,6 +221,21 @@ def _str(v: object, where: str, *, optional: bool = False) -> str | None:
     if not isinstance(v, str) or len(v) > 256:
         raise _fail(where, v, "a string of at most 256 characters")
     return v
+
+
+def _fingerprint(v: object, where: str) -> str:
+    if not isinstance(v, str) or not is_fingerprint(v):
+        raise _fail(where, v, '"sha256:" and 64 lowercase hex digits')
+    return v
+
+
+def _bases(v: object, primary: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not 0 < len(v) <= MAX_COMPATIBLE_BASES:
+        raise _fail("compatible_bases", v, f"a list of 1..{MAX_COMPATIBLE_BASES} fingerprints")
+    bases = tuple(_fingerprint(x, "compatible_bases[]") for x in v)
+    if list(bases) != sorted(set(bases)) or primary in bases:
+        raise _fail("compatible_bases", v, "sorted unique fingerprints, not base_fingerprint")
+    return bases
 
 
 def _req_int(v: object, where: str, minimum: int = 0) -> int:
@@ -377,11 +408,11 @@ def manifest_from_json(text: str) -> Manifest:
         )
     keys = {"format_version", "kind", "from_version", "to_version", "release_counter"}
     keys |= {"base_fingerprint", "uncompressed_bytes", "adapter_config", "provenance"}
-    d = _obj(raw, "(top level)", keys | {"shapes", "steps"})
-    fingerprint = d["base_fingerprint"]
-    if not isinstance(fingerprint, str) or not _FINGERPRINT.match(fingerprint):
-        raise _fail("base_fingerprint", fingerprint, '"sha256:" and 64 lowercase hex digits')
+    keys |= {"shapes", "steps"} | ({"compatible_bases"} & raw.keys())  # optional key
+    d = _obj(raw, "(top level)", keys)
+    fingerprint = _fingerprint(d["base_fingerprint"], "base_fingerprint")
     shapes = _shapes(d["shapes"])
+    bases = _bases(d["compatible_bases"], fingerprint) if "compatible_bases" in d else ()
     m = Manifest(
         kind=d["kind"],
         from_version=_int(d["from_version"], "from_version", optional=True),
@@ -393,6 +424,7 @@ def manifest_from_json(text: str) -> Manifest:
         provenance=provenance_from_dict(d["provenance"]),
         shapes=shapes,
         steps=_steps(d["steps"], set(shapes)),
+        compatible_bases=bases,
     )
     _check_chain(m)
     return m

@@ -17,7 +17,10 @@ Invariants:
 * every bundle for a version reconstructs the same ``current``: a device ``k`` versions
   behind gets one bundle with the ``k`` stacked delta steps (a collapsed delta), and a
   device behind the anchor or more than ``max_behind`` versions back gets the anchor plus
-  the chain (``kind="full"``) — never a chain it cannot apply (THREATS C14).
+  the chain (``kind="full"``) — never a chain it cannot apply (THREATS C14);
+* every bundle built from a state names the same bases: the state's base and its
+  ``compatible_bases`` (further bases the runtime-neutral adapter applies to, e.g. GGUF
+  exports; DESIGN decision 11), so catch-up deltas and full bundles agree.
 
 Why stacked steps and not one re-quantized delta: ``S_a + dequant(q(S_c − S_a))`` is
 not ``S_c`` bit for bit, so a device taking a shortcut would leave the closed loop.
@@ -26,7 +29,7 @@ not ``S_c`` bit for bit, so a device taking a shortcut would leave the closed lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +37,7 @@ import numpy as np
 from delta_packager.apply import AdapterState, apply_bundle, apply_steps
 from delta_packager.encode import Scheme, encode_tensor
 from delta_packager.errors import PackagerInputError, PackagerStateError
+from delta_packager.fingerprint import normalize_bases
 from delta_packager.format import Bundle, Step, parse_bundle, serialize_bundle
 from delta_packager.manifest import AdapterConfig, Manifest, Provenance, rank_mismatches
 
@@ -102,12 +106,15 @@ class PackagerState:
         adapter_config: LoRA config of the latest version.
         chain: Anchor (``full`` step) first, then consecutive ``delta`` steps.
         current: The device-exact adapter at the latest version.
+        compatible_bases: Further bases every bundle of the latest release names
+            (sorted, unique, without ``base_fingerprint``).
     """
 
     base_fingerprint: str
     adapter_config: AdapterConfig
     chain: tuple[ChainStep, ...]
     current: AdapterState
+    compatible_bases: tuple[str, ...] = ()
 
     @property
     def latest_version(self) -> int:
@@ -166,6 +173,7 @@ def _bundle_bytes(
         provenance=last.provenance,
         shapes=state.shapes,
         steps=(),
+        compatible_bases=state.compatible_bases,
     )
     return serialize_bundle(manifest, tuple(c.step for c in steps), zstd_level=zstd_level)
 
@@ -211,6 +219,7 @@ def package_version(
     adapter_config: AdapterConfig,
     provenance: Provenance | None = None,
     policy: PackagePolicy | None = None,
+    compatible_bases: Sequence[str] = (),
 ) -> PackageResult:
     """Release ``new`` as the next version; return the new state and its primary bundle.
 
@@ -225,17 +234,22 @@ def package_version(
         adapter_config: LoRA config of ``new``.
         provenance: Training provenance for the manifest.
         policy: Encoding and fallback settings (defaults if ``None``).
+        compatible_bases: Further base fingerprints the adapter applies to (GGUF
+            exports of the base, ``fingerprint_base``); every bundle of this release
+            names them. Order and duplicates do not matter.
 
     Returns:
         The new state and bundle; ``state.current`` equals what a device reconstructs.
 
     Raises:
         PackagerInputError: ``new`` is empty, non-float, has NaN/Inf values, or LoRA
-            shapes that disagree with ``adapter_config.rank``.
+            shapes that disagree with ``adapter_config.rank``; or a compatible base is
+            not a fingerprint or is ``base_fingerprint`` itself.
         PackagerStateError: ``previous`` belongs to another base model.
     """
     policy = policy or PackagePolicy()
     provenance = provenance or Provenance()
+    also = normalize_bases(base_fingerprint, compatible_bases)
     tensors = _validate_new(new)
     bad = rank_mismatches({k: tuple(v.shape) for k, v in tensors.items()}, adapter_config.rank)
     if bad:
@@ -255,7 +269,7 @@ def package_version(
     full = len(chain) == 1
     from_version = None if full or previous is None else previous.latest_version
     draft = PackagerState(
-        base_fingerprint, adapter_config, chain, _placeholder(tensors, base_fingerprint)
+        base_fingerprint, adapter_config, chain, _placeholder(tensors, base_fingerprint), also
     )
     primary = chain if full else chain[-1:]
     data = _bundle_bytes(draft, primary, from_version, zstd_level=policy.zstd_level)
@@ -263,7 +277,7 @@ def package_version(
     bundle = parse_bundle(data)
     device_prev = None if full or previous is None else previous.current
     current = apply_bundle(device_prev, bundle, base_fingerprint=base_fingerprint)
-    state = PackagerState(base_fingerprint, adapter_config, chain, current)
+    state = PackagerState(base_fingerprint, adapter_config, chain, current, also)
     logger.info(
         "packaged version %d (%s, counter %d): %d bytes",
         version,

@@ -9,7 +9,8 @@ Layout of a state directory (one per base model)::
 ``state.json`` = ``{"format": "fedota-packager-state", "format_version": 1,
 "base_fingerprint", "adapter_config", "chain": [{"version", "kind",
 "release_counter", "provenance", "file", "sha256"}], "current": {"version",
-"release_counter", "file", "sha256"}}``.
+"release_counter", "file", "sha256"}}``, plus ``"compatible_bases"`` (sorted
+fingerprints) only when the latest release names further bases.
 
 Invariants:
 
@@ -34,8 +35,9 @@ import safetensors.numpy
 
 from delta_packager.apply import AdapterState
 from delta_packager.encode import EncodedTensor
-from delta_packager.errors import BundleFormatError, PackagerStateError
+from delta_packager.errors import BundleFormatError, PackagerInputError, PackagerStateError
 from delta_packager.files import atomic_write
+from delta_packager.fingerprint import normalize_bases
 from delta_packager.format import Step
 from delta_packager.manifest import (
     adapter_config_from_dict,
@@ -110,6 +112,8 @@ def save_state(state: PackagerState, directory: Path) -> None:
                 "sha256": _sha(cur_data),
             },
         }
+        if state.compatible_bases:  # absent when empty, as in the manifest
+            record["compatible_bases"] = list(state.compatible_bases)
         atomic_write(directory / STATE_FILE, (canonical_json(record) + "\n").encode())
         keep = {STATE_FILE, cur_name, *(c["file"] for c in chain)}
         for path in [
@@ -159,6 +163,15 @@ def _load_step(data: bytes, kind: str, version: int) -> Step:
     return Step(kind, version, encs)
 
 
+def _compatible_bases(path: Path, base: str, stored: Any) -> tuple[str, ...]:
+    if not isinstance(stored, list):
+        raise TypeError(f"compatible_bases is {type(stored).__name__}, expected a list")
+    try:
+        return normalize_bases(base, stored)
+    except PackagerInputError as e:
+        raise PackagerStateError(f"packager state {path}: {e}; restore it from backup") from e
+
+
 def load_state(directory: Path) -> PackagerState:
     """Load and self-check a packager state directory.
 
@@ -189,16 +202,19 @@ def load_state(directory: Path) -> PackagerState:
             chain.append(ChainStep(step, int(entry["release_counter"]), prov))
         cur = record["current"]
         tensors = safetensors.numpy.load(_read_checked(directory, cur))
+        base = str(record["base_fingerprint"])
+        also = _compatible_bases(path, base, record.get("compatible_bases", []))
         state = PackagerState(
-            base_fingerprint=str(record["base_fingerprint"]),
+            base_fingerprint=base,
             adapter_config=adapter_config_from_dict(record["adapter_config"]),
             chain=tuple(chain),
             current=AdapterState(
                 int(cur["version"]),
                 int(cur["release_counter"]),
-                str(record["base_fingerprint"]),
+                base,
                 tensors,
             ),
+            compatible_bases=also,
         )
     except (KeyError, TypeError, ValueError, BundleFormatError) as e:
         raise PackagerStateError(

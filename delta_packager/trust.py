@@ -17,7 +17,8 @@ Private keys are unencrypted PKCS#8 PEM Ed25519 files (mode 0600). Root metadata
 ``consistent_snapshot=True``. A bundle's target path is
 ``adapters/<to_version>/<bundle file name>`` and its ``custom`` is
 ``{"fedota": {format_version, kind, from_version, to_version, release_counter,
-base_fingerprint, uncompressed_bytes}}``.
+base_fingerprint, uncompressed_bytes}}``, plus ``compatible_bases`` (a sorted list of
+fingerprints) when the bundle names further bases.
 
 The checks themselves live in ``delta_packager.verify`` (re-exported here).
 

@@ -10,7 +10,9 @@ SDK after ``tuf.ngclient`` has verified the metadata chain:
   A5), parse within the signed uncompressed size (A6, A7), and the manifest repeats
   the signed ``custom.fedota`` fields (A4).
 
-``target_custom`` defines the ``custom`` block the OTA server reads.
+``target_custom`` defines the ``custom`` block the OTA server reads; it repeats the
+manifest's ``compatible_bases`` only when the manifest names some, so targets of
+one-base bundles keep their exact form.
 """
 
 from __future__ import annotations
@@ -34,17 +36,18 @@ def _now(now: datetime | None) -> datetime:
 def target_custom(bundle: Bundle) -> dict[str, Any]:
     """The ``custom`` field of a bundle's TUF target (read by the server and clients)."""
     m = bundle.manifest
-    return {
-        "fedota": {
-            "format_version": m.format_version,
-            "kind": m.kind,
-            "from_version": m.from_version,
-            "to_version": m.to_version,
-            "release_counter": m.release_counter,
-            "base_fingerprint": m.base_fingerprint,
-            "uncompressed_bytes": m.uncompressed_bytes,
-        }
+    fedota: dict[str, Any] = {
+        "format_version": m.format_version,
+        "kind": m.kind,
+        "from_version": m.from_version,
+        "to_version": m.to_version,
+        "release_counter": m.release_counter,
+        "base_fingerprint": m.base_fingerprint,
+        "uncompressed_bytes": m.uncompressed_bytes,
     }
+    if m.compatible_bases:
+        fedota["compatible_bases"] = list(m.compatible_bases)
+    return {"fedota": fedota}
 
 
 def check_bundle_target(data: bytes, target: TargetFile) -> Bundle:

@@ -13,7 +13,8 @@ COPY server ./server
 COPY client ./client
 COPY delta_packager ./delta_packager
 COPY simulation ./simulation
-RUN pip install .
+# The train extra: torch, transformers, bitsandbytes, PEFT, Opacus and Flower (pyproject.toml).
+RUN pip install '.[train]'
 
 RUN useradd --system --uid 10001 fedota && mkdir -p /data && chown -R fedota /data
 USER fedota

@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 base_model_app = typer.Typer(
-    help="Create, sample and fingerprint the generated base model.", no_args_is_help=True
+    help="Create, sample, export and fingerprint the base model.", no_args_is_help=True
 )
 
 
@@ -100,16 +100,68 @@ def base_model_sample(
 
 @base_model_app.command("fingerprint")
 def base_model_fingerprint(
-    model: Path = typer.Argument(..., help="A pre-quantized checkpoint, or a base from init."),
+    model: Path = typer.Argument(
+        ..., help="A pre-quantized checkpoint, a base from init, or a .gguf export."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the bare hash."),
 ) -> None:
     """Print the base fingerprint bundles are bound to (over the NF4 tensors, the
-    quantization config and the tokenizer)."""
-    from delta_packager.fingerprint import fingerprint_checkpoint
+    quantization config and the tokenizer; or over a GGUF export's bytes)."""
+    from delta_packager.fingerprint import fingerprint_base
 
     target = model / "nf4" if (model / "nf4" / "config.json").is_file() else model
-    fp = fingerprint_checkpoint(target)
+    fp = fingerprint_base(target)
     typer.echo(json.dumps({"path": str(target), "fingerprint": fp}) if as_json else fp)
+
+
+@base_model_app.command("export")
+def base_model_export(
+    model: Path = typer.Option(
+        ...,
+        "--model",
+        exists=True,
+        file_okay=False,
+        help="A base from init, its NF4 copy, or a local Llama/Qwen2 Hugging Face directory.",
+    ),
+    out: Path = typer.Option(..., "--out", help="The .gguf file to write (must not exist)."),
+    fmt: str = typer.Option("gguf", "--format", help="Export format: gguf."),
+    quant: str = typer.Option("q8_0", "--quant", help="q8_0 | q4_0 | q4_k_m | f16."),
+    source: str = typer.Option(
+        "nf4",
+        "--from",
+        help="nf4: the dequantized NF4 weights phones train on (ADR 0011); float: the "
+        "float checkpoint.",
+    ),
+    check_texts: Path | None = typer.Option(
+        None,
+        "--check-texts",
+        exists=True,
+        dir_okay=False,
+        help='More text for the tokenizer check, JSONL ({"text": ...} per line).',
+    ),
+) -> None:
+    """Export a base as a GGUF file for the llama.cpp device runtime: weights, tokenizer
+    (checked to tokenize exactly as Hugging Face does), quantized by llama.cpp."""
+    from client.runtime.gguf_export import export_gguf
+    from simulation.data import read_jsonl_texts
+    from simulation.errors import SimulationInputError
+
+    if fmt != "gguf":
+        raise SimulationInputError(f"unknown --format {fmt!r}; supported: gguf")
+    texts = read_jsonl_texts(check_texts) if check_texts else []
+    info = export_gguf(
+        model,
+        out,
+        quant=quant,
+        source=source,
+        check_texts=texts,
+        on_stage=lambda text: typer.echo(f"… {text}", err=True),
+    )
+    typer.echo(
+        f"GGUF base ({info.arch}, {info.quant} from {info.source} weights, "
+        f"{info.bytes / 2**20:.1f} MiB) written to {out}; tokenizer matched Hugging Face on "
+        f"{info.tokenizer_texts_checked} texts; fingerprint {info.fingerprint}"
+    )
 
 
 def simulate(

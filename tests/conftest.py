@@ -5,11 +5,16 @@
 * ``tiny_base`` — the real ``tiny`` preset made by the CLI exactly as a user would
   (``fedota base-model init``), cached under ``.cache/test-bases`` (or
   ``$FEDOTA_TEST_CACHE``) so repeated local runs reuse it.
+* ``micro_gguf`` — the micro base exported as a Q8_0 GGUF for the llama.cpp runtime.
+* ``device_venv`` — the ``bin`` directory of a fresh virtualenv holding a device-only
+  install (``pip install 'fedota[device]'``: no torch, no server), for tests that run
+  ``fedota device ...`` as a phone would, e.g. against a server started from this venv.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MICRO_STEPS = 30
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+LLAMA_CMAKE_ARGS_FILE = REPO / ".ci" / "llama-cmake-args"
 
 
 def fedota_cli(
@@ -53,6 +59,16 @@ def micro_base(tmp_path_factory: pytest.TempPathFactory, micro_preset) -> Path: 
 
 
 @pytest.fixture(scope="session")
+def micro_gguf(micro_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The micro base exported for the llama.cpp runtime (Q8_0 from its NF4 weights)."""
+    from client.runtime.gguf_export import export_gguf
+
+    out = tmp_path_factory.mktemp("gguf") / "micro-q8_0.gguf"
+    export_gguf(micro_base, out, quant="q8_0", source="nf4")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_base() -> Path:
     cache = Path(os.environ.get("FEDOTA_TEST_CACHE", REPO / ".cache" / "test-bases"))
     from simulation.base_model import base_cache_name
@@ -70,3 +86,77 @@ def tiny_base() -> Path:
         )
         assert result.returncode == 0, result.stderr[-2000:]
     return out
+
+
+def llama_cmake_args() -> str:
+    """The CMake flags the Makefile builds llama-cpp-python with (``.ci/llama-cmake-args``)."""
+    lines = LLAMA_CMAKE_ARGS_FILE.read_text().splitlines()
+    return " ".join(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+
+def _run_checked(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}"
+
+
+# What the fedota wheel is built from (pyproject.toml's packages and its readme).
+_DIST_SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "fedota",
+    "client",
+    "server",
+    "delta_packager",
+    "simulation",
+)
+
+
+def make_device_venv(root: Path) -> Path:
+    """Create ``root/venv`` holding ``pip install 'fedota[device]'`` of this checkout.
+
+    The wheel is built from a copy of the sources under ``root`` (not in the checkout,
+    whose ``build/`` would keep modules deleted since, and which other runs share), with
+    this venv's setuptools (no isolated build environment to download). pip then installs
+    it non-editable into a fresh ``python -m venv`` with its normal caches and llama.cpp's
+    CMake flags from ``.ci/llama-cmake-args``, so a cache miss builds what ``make setup``
+    builds. Returns the venv directory.
+    """
+    src = root / "src"
+    src.mkdir(parents=True)
+    for name in _DIST_SOURCES:
+        if (REPO / name).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+            shutil.copytree(REPO / name, src / name, ignore=ignore)
+        else:
+            shutil.copy2(REPO / name, src / name)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    _run_checked([*pip_wheel, "-q", "-w", str(root / "dist"), str(src)], timeout=300)
+    wheel = next((root / "dist").glob("fedota-*.whl"))
+    venv = root / "venv"
+    _run_checked([sys.executable, "-m", "venv", str(venv)], timeout=300)
+    env = {**os.environ, "CMAKE_ARGS": llama_cmake_args()}
+    env.pop("PYTHONPATH", None)  # nothing of this checkout on the device's path
+    _run_checked(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[device]"],
+        timeout=1800,
+        env=env,
+    )
+    return venv
+
+
+@pytest.fixture(scope="session")
+def device_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A device-only install of this checkout; returns the virtualenv's ``bin`` directory.
+
+    What a phone-side install gets: ``pip install 'fedota[device]'`` (the core set plus
+    llama-cpp-python and gguf) in a fresh ``python -m venv``, non-editable, so nothing
+    from this repository's tree or this venv leaks in (see ``make_device_venv``). Run its
+    CLI as ``device_venv / "fedota"`` (``fedota device enroll|update|status|infer``) and
+    its interpreter as ``device_venv / "python"``; run it from a directory other than
+    the checkout, or ``python -c`` would import the checkout's packages first.
+
+    With a warm pip wheel cache this takes about 20 s; on a miss pip compiles llama.cpp
+    (4-5 minutes on 2 cores) with exactly the Makefile's flags, so the wheel it caches is
+    the one ``make setup`` would build.
+    """
+    return make_device_venv(tmp_path_factory.mktemp("device-venv")) / "bin"

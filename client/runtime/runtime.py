@@ -17,70 +17,32 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from client.errors import ClientError, ClientInputError
+from client.errors import ClientInputError
 from client.runtime.budget import (
     BudgetTooSmallError,
     MemoryPlan,
     footprint_from_checkpoint,
     plan_memory,
 )
+from client.runtime.interface import (
+    POLICIES,
+    AdapterSpec,
+    EvalStats,
+    Generation,
+    fit_request,
+    generate_via_stream,
+)
 from client.runtime.memory import MemoryMeter, release_free_memory
 from client.runtime.quantized import load_quantized
 
-__all__ = [
-    "POLICIES",
-    "AdapterSpec",
-    "EvalStats",
-    "Generation",
-    "QuantizedRuntime",
-    "RequestTooLargeError",
-]
+__all__ = ["ADAPTER_NAME", "QuantizedRuntime", "lora_parameters"]
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("sliding-window", "truncate", "refuse")
 _DEFAULT_ADAPTER_RANK = 16
-
-
-class RequestTooLargeError(ClientError):
-    """A request does not fit the KV cache and the policy is ``refuse``."""
-
-    exit_code = 3
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """The LoRA shape an adapter state belongs to (from the bundle manifest)."""
-
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...] | None = None  # None: all linear projections
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One answered request."""
-
-    text: str
-    prompt_tokens: int  # as given, before any truncation
-    new_tokens: int
-    policy_applied: str | None
-    peak_added_bytes: int
-    seconds: float
-    max_cache_tokens: int
-
-
-@dataclass(frozen=True)
-class EvalStats:
-    """Next-token loss and top-1 accuracy over some texts."""
-
-    loss: float
-    accuracy: float
-    num_tokens: int
 
 
 def _warm_up_libraries() -> None:
@@ -142,6 +104,8 @@ class QuantizedRuntime:
         ClientInputError: unknown policy or unusable model directory.
         BudgetTooSmallError: the budget cannot hold the model (before loading it).
     """
+
+    kind = "nf4"
 
     def __init__(
         self,
@@ -296,19 +260,7 @@ class QuantizedRuntime:
 
     # ------------------------------------------------------------------ generation
     def _fit(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], int, str | None]:
-        if len(ids) + max_new_tokens <= self.capacity:
-            return ids, max_new_tokens, None
-        if self.policy == "refuse":
-            raise RequestTooLargeError(
-                f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens needs a "
-                f"{len(ids) + max_new_tokens}-token cache; the memory budget allows "
-                f"{self.capacity}; shorten the prompt, lower max_new_tokens, raise the budget "
-                "or use policy 'truncate' / 'sliding-window'"
-            )
-        if self.policy == "truncate":
-            new = min(max_new_tokens, self.capacity - 1)
-            return ids[-(self.capacity - new) :], new, "truncate"
-        return ids, max_new_tokens, "sliding-window"
+        return fit_request(ids, max_new_tokens, capacity=self.capacity, policy=self.policy)
 
     def _forward(self, tokens: list[int], cache: Any) -> Any:
         import torch
@@ -343,6 +295,7 @@ class QuantizedRuntime:
         self.meter.reset_peak()
         t0 = time.perf_counter()
         tokens, new, emitted, max_cache = list(ids), [], "", 0
+        first_token_s = 0.0
         keep = max(1, self.capacity // 2)
         with torch.no_grad():
             cache = DynamicCache(config=self.model.config)
@@ -350,6 +303,7 @@ class QuantizedRuntime:
             max_cache = cache.get_seq_length()
             for _ in range(max_new):
                 nxt = self._pick(logits, temperature, gen)
+                first_token_s = first_token_s or time.perf_counter() - t0
                 tokens.append(nxt)
                 new.append(nxt)
                 text = self.tokenizer.decode(new, skip_special_tokens=True)
@@ -374,6 +328,7 @@ class QuantizedRuntime:
                 policy_applied=applied,
                 max_cache_tokens=max_cache,
                 seconds=time.perf_counter() - t0,
+                first_token_s=first_token_s,
                 peak_added_bytes=self.meter.peak_added_bytes(),
             )
 
@@ -400,15 +355,9 @@ class QuantizedRuntime:
         Raises:
             RequestTooLargeError: the request does not fit and the policy is ``refuse``.
         """
-        stats: dict[str, Any] = {}
-        parts = []
-        for piece in self.stream(
-            prompt, max_new_tokens, temperature=temperature, seed=seed, stats=stats
-        ):
-            parts.append(piece)
-            if on_text is not None:
-                on_text(piece)
-        return Generation(text="".join(parts), **stats)
+        return generate_via_stream(
+            self, prompt, max_new_tokens, temperature=temperature, seed=seed, on_text=on_text
+        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, texts: list[str]) -> EvalStats:
@@ -436,6 +385,12 @@ class QuantizedRuntime:
         if count == 0:
             return EvalStats(loss=math.nan, accuracy=math.nan, num_tokens=0)
         return EvalStats(loss=total_loss / count, accuracy=correct / count, num_tokens=count)
+
+    def close(self) -> None:
+        """Drop the model (its memory is freed at the next collection; idempotent)."""
+        self._peft = None
+        self.model = None
+        release_free_memory()
 
     def _eval_window(self) -> int:
         if self.plan is None:

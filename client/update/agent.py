@@ -47,7 +47,7 @@ from client.update.verify import (
 )
 from delta_packager.apply import apply_bundle
 from delta_packager.errors import BundleRejectedError, PackagerError
-from delta_packager.fingerprint import fingerprint_checkpoint
+from delta_packager.fingerprint import fingerprint_base
 
 __all__ = ["CRASH_LOOP_LIMIT", "UpdateOutcome", "check_and_update"]
 
@@ -173,9 +173,10 @@ def check_and_update(
 
 
 def _current_base(config: DeviceConfig) -> DeviceConfig:
-    """The config with the fingerprint of the base actually on disk (C12, C13)."""
+    """The config with the fingerprint of the base actually on disk (C12, C13, I42): an
+    NF4 checkpoint directory or a GGUF file."""
     try:
-        fingerprint = fingerprint_checkpoint(config.base_dir)
+        fingerprint = fingerprint_base(config.base_dir)
     except PackagerError as e:
         raise DeviceStateError(
             f"cannot fingerprint the device's base model at {config.base_dir}: {e}"

@@ -12,8 +12,8 @@ The agent depends only on the ``HealthChecker`` Protocol; the runtime-backed che
 
 Fail closed: without a measurement (no golden prompts provisioned), or without an
 expected loss, the check fails and the update rolls back (THREATS E22) — no checker
-here ever passes by default. ``runtime_measure`` is the measurement backed by
-``client.runtime.QuantizedRuntime``.
+here ever passes by default. ``runtime_measure`` is the measurement backed by the
+device's runtime backend (llama.cpp or NF4, ``client.runtime.open_runtime``).
 """
 
 from __future__ import annotations
@@ -158,26 +158,37 @@ class GoldenLossChecker:
 
 
 def runtime_measure(
-    base_dir: Path, *, budget_bytes: int, texts: Sequence[str]
+    base: Path,
+    *,
+    budget_bytes: int,
+    texts: Sequence[str],
+    cache_dir: Path | None = None,
 ) -> Callable[[AdapterState, Manifest], Measurement]:
-    """A ``measure`` backed by ``client.runtime.QuantizedRuntime``: load the NF4 base
-    under ``budget_bytes``, attach the staged adapter, and take the mean next-token loss
-    over the golden ``texts`` and the peak memory the runtime added."""
+    """A ``measure`` backed by the device's runtime (``client.runtime.open_runtime``):
+    load the base under ``budget_bytes`` — a ``.gguf`` file on llama.cpp, an NF4
+    directory on the NF4 runtime — attach the staged adapter, and take the mean
+    next-token loss over the golden ``texts`` and the peak memory the runtime added."""
 
     def measure(adapter: AdapterState, manifest: Manifest) -> Measurement:
-        from client.runtime import AdapterSpec, QuantizedRuntime
+        from client.runtime import AdapterSpec, open_runtime
 
         config = manifest.adapter_config
         spec = AdapterSpec(
             rank=config.rank, alpha=config.alpha, target_modules=config.target_modules or None
         )
         adapter_bytes = sum(int(a.nbytes) for a in adapter.tensors.values())
-        runtime = QuantizedRuntime(
-            base_dir, budget_bytes=budget_bytes, adapter_reserve_bytes=adapter_bytes
+        runtime = open_runtime(
+            base,
+            budget_bytes=budget_bytes,
+            adapter_reserve_bytes=adapter_bytes,
+            cache_dir=cache_dir,
         )
-        runtime.set_adapter(dict(adapter.tensors), spec, version=adapter.version)
-        stats = runtime.evaluate(list(texts))
-        peak = max(runtime.load_peak_added_bytes, runtime.meter.peak_added_bytes())
+        try:
+            runtime.set_adapter(dict(adapter.tensors), spec, version=adapter.version)
+            stats = runtime.evaluate(list(texts))
+            peak = max(runtime.load_peak_added_bytes, runtime.meter.peak_added_bytes())
+        finally:
+            runtime.close()
         return Measurement(loss=stats.loss, peak_bytes=int(peak))
 
     return measure
@@ -204,9 +215,9 @@ def read_golden(state: DeviceState) -> list[str] | None:
 def default_checker(state: DeviceState) -> HealthChecker:
     """The checker ``fedota device update`` uses.
 
-    Golden prompts provisioned at enrollment (``--golden``) are run by the quantized
-    runtime under the device's budget. Without them the checker still runs the
-    structural checks and fails closed.
+    Golden prompts provisioned at enrollment (``--golden``) are run by the device's
+    runtime (llama.cpp for a GGUF base, NF4 otherwise) under the device's budget.
+    Without them the checker still runs the structural checks and fails closed.
 
     Raises:
         DeviceStateError: the device is not enrolled, or its golden prompts are malformed.
@@ -216,6 +227,9 @@ def default_checker(state: DeviceState) -> HealthChecker:
     measure = None
     if texts is not None:
         measure = runtime_measure(
-            Path(config.base_dir), budget_bytes=config.memory_budget_bytes, texts=texts
+            Path(config.base_dir),
+            budget_bytes=config.memory_budget_bytes,
+            texts=texts,
+            cache_dir=state.runtime_cache_dir,
         )
     return GoldenLossChecker(measure=measure, budget_bytes=config.memory_budget_bytes)

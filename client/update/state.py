@@ -2,7 +2,7 @@
 
 Layout of ``STATE/``::
 
-    device.json     enrollment: server URL, device id, token, base dir, budget (0600)
+    device.json     enrollment: server URL, device id, token, base, runtime, budget (0600)
     active.json     the active pointer {"slot", "version", "release_counter"} (absent:
                     no adapter installed)
     counter.json    highest release counter ever committed (rollback protection)
@@ -11,6 +11,7 @@ Layout of ``STATE/``::
     tuf/            tuf.ngclient's metadata directory (provisioned root.json)
     downloads/      resumable partial downloads (<sha256>.part + .part.json)
     telemetry/      queued events, one file each
+    runtime-cache/  GGUF LoRAs the llama.cpp runtime materialised (derived, by digest)
     lock            fcntl.flock single-instance lock
 
 Invariants: ``active.json`` is only ever replaced atomically and only points at a slot
@@ -64,6 +65,7 @@ class DeviceConfig:
     base_dir: str
     base_fingerprint: str
     memory_budget_bytes: int
+    runtime: str = "nf4"  # "llamacpp" (a .gguf base) or "nf4" (a checkpoint directory)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -100,6 +102,11 @@ class DeviceState:
     def telemetry_dir(self) -> Path:
         """Queued telemetry events."""
         return self.root / "telemetry"
+
+    @property
+    def runtime_cache_dir(self) -> Path:
+        """GGUF LoRA files the llama.cpp runtime derives from verified adapters."""
+        return self.root / "runtime-cache"
 
     def slot_dir(self, slot: str) -> Path:
         """Directory of slot ``a`` or ``b``."""

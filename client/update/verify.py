@@ -7,9 +7,10 @@ Order (each a separate function, called top to bottom by the agent):
    back or mixed-and-matched metadata is refused by the reference implementation
    (THREATS A3, B9, B10).
 2. ``select_target`` — the offered path must be a signed target, and its signed
-   ``custom.fedota`` block must name this device's base fingerprint, a release counter
-   above the device's floor, and (for a delta) the installed version — all *before*
-   a payload byte is fetched (B8, C12, C13, C14).
+   ``custom.fedota`` block must name this device's base fingerprint (as its
+   ``base_fingerprint`` or one of its ``compatible_bases``), a release counter above
+   the device's floor, and (for a delta) the installed version — all *before* a
+   payload byte is fetched (B8, C12, C13, C14, I42).
 3. ``verify_payload`` — length and SHA-256 against the signed target, strict parse
    bounded by the signed uncompressed size, manifest equal to the signed fields
    (A1, A2, A4–A7, via ``delta_packager.verify.check_bundle_target``). Only this
@@ -166,7 +167,7 @@ def select_target(
 
     if custom.get("format_version") not in _FORMAT_VERSIONS:
         raise refuse("format", f"bundle format {custom.get('format_version')!r} is unsupported")
-    if custom.get("base_fingerprint") != base_fingerprint:
+    if not _names_base(custom, base_fingerprint):
         raise refuse(
             "base_mismatch",
             f"built for base {custom.get('base_fingerprint')}, "
@@ -190,6 +191,14 @@ def select_target(
             "too_large", f"declares {size!r} uncompressed bytes (limit {max_uncompressed_bytes})"
         )
     return target
+
+
+def _names_base(custom: dict[str, Any], base_fingerprint: str) -> bool:
+    """Whether a signed ``custom.fedota`` block names this base, primary or compatible."""
+    compatible = custom.get("compatible_bases", [])
+    return custom.get("base_fingerprint") == base_fingerprint or (
+        isinstance(compatible, list) and base_fingerprint in compatible
+    )
 
 
 def payload_url(server_url: str, target: TargetFile) -> str:

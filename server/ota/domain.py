@@ -3,7 +3,10 @@
 The bundle custom metadata contract (``target.custom["fedota"]``) is parsed here:
 ``{"format_version": 1, "kind": "full"|"delta", "from_version": int|None,
 "to_version": int, "release_counter": int, "base_fingerprint": "sha256:<hex>",
-"uncompressed_bytes": int}``, for target paths ``adapters/<to_version>/<name>``.
+"uncompressed_bytes": int}``, for target paths ``adapters/<to_version>/<name>``, plus
+``"compatible_bases": ["sha256:<hex>", ...]`` (sorted, unique, without the primary) when
+the bundle also applies to other bases (GGUF exports; DESIGN decision 11). A bundle is
+offered to a device whose base is its ``base_fingerprint`` or any compatible base.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from server.ota.errors import ReleaseRejectedError
 FORMAT_VERSION = 1
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 TARGET_PATH_RE = re.compile(r"^adapters/(\d{1,9})/([A-Za-z0-9][A-Za-z0-9._-]{0,199})$")
+MAX_COMPATIBLE_BASES = 64  # as delta_packager's manifest parser
 ROLLOUT_STATES = ("active", "paused", "cancelled")
 BUCKETS = 10_000  # bucket resolution: 0.01 percent
 
@@ -35,6 +39,16 @@ class BundleTarget:
     base_fingerprint: str
     release_counter: int
     uncompressed_bytes: int
+    compatible_bases: tuple[str, ...] = ()
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """Every base the bundle applies to: the primary first, then the compatible ones."""
+        return (self.base_fingerprint, *self.compatible_bases)
+
+    def applies_to(self, fingerprint: str) -> bool:
+        """Whether a device holding base ``fingerprint`` may be offered this bundle."""
+        return fingerprint == self.base_fingerprint or fingerprint in self.compatible_bases
 
     @property
     def sha256(self) -> str:
@@ -101,6 +115,7 @@ def parse_bundle_target(
     fingerprint = meta.get("base_fingerprint")
     if not isinstance(fingerprint, str) or not FINGERPRINT_RE.match(fingerprint):
         raise ReleaseRejectedError(f"target {path} has no sha256:<hex> base_fingerprint")
+    compatible = _compatible_bases(path, fingerprint, meta)
     return BundleTarget(
         path=path,
         length=_int(length, f"{path}: length", minimum=1),
@@ -111,7 +126,26 @@ def parse_bundle_target(
         base_fingerprint=fingerprint,
         release_counter=_int(meta.get("release_counter"), f"{path}: release_counter"),
         uncompressed_bytes=_int(meta.get("uncompressed_bytes"), f"{path}: uncompressed_bytes"),
+        compatible_bases=compatible,
     )
+
+
+def _compatible_bases(path: str, primary: str, meta: dict[str, Any]) -> tuple[str, ...]:
+    if "compatible_bases" not in meta:
+        return ()
+    bases = meta["compatible_bases"]
+    if (
+        not isinstance(bases, list)
+        or not 0 < len(bases) <= MAX_COMPATIBLE_BASES
+        or not all(isinstance(b, str) and FINGERPRINT_RE.match(b) for b in bases)
+        or bases != sorted(set(bases))
+        or primary in bases
+    ):
+        raise ReleaseRejectedError(
+            f"target {path}: compatible_bases must be 1..{MAX_COMPATIBLE_BASES} sorted, "
+            "unique sha256:<hex> fingerprints other than base_fingerprint (or be omitted)"
+        )
+    return tuple(bases)
 
 
 @dataclass(frozen=True)
@@ -147,7 +181,8 @@ class TelemetryEvent:
 
 @dataclass(frozen=True)
 class RolloutSpec:
-    """What an operator asks for when creating a rollout."""
+    """What an operator asks for when creating a rollout (``base_fingerprint``: any base
+    the version's bundles name; the rollout reaches every base named with it)."""
 
     base_fingerprint: str
     to_version: int
@@ -204,9 +239,10 @@ def select_target(
 ) -> BundleTarget | None:
     """The bundle that moves this device to its assigned version, or None.
 
-    Never another base, never a downgrade or a re-install, never a version the device
-    reported as failed, and never a delta whose ``from_version`` is not exactly what the
-    device has installed (else the full bundle) — so a device is never handed a chain.
+    Never a bundle that does not name the device's base (as its primary or a compatible
+    base), never a downgrade or a re-install, never a version the device reported as
+    failed, and never a delta whose ``from_version`` is not exactly what the device has
+    installed (else the full bundle) — so a device is never handed a chain.
     """
     if assigned_version is None or assigned_version in failed_versions:
         return None
@@ -218,7 +254,7 @@ def select_target(
     usable = [
         t
         for t in candidates
-        if t.base_fingerprint == report.base_fingerprint and t.to_version == assigned_version
+        if t.applies_to(report.base_fingerprint) and t.to_version == assigned_version
     ]
     if report.capabilities.supports_delta and installed is not None:
         for target in usable:

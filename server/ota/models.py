@@ -196,3 +196,23 @@ def bump_generation(session: Any) -> None:
     session.execute(
         update(OtaStateRow).where(OtaStateRow.id == 1).values(generation=OtaStateRow.generation + 1)
     )
+
+
+# ---- revision 0004: every base a bundle applies to ------------------------------------
+
+
+class TargetBaseRow(Base):
+    """One row per (bundle, base it applies to): its primary base and each compatible
+    one. ``release_version`` and ``to_version`` repeat the target's, so "the current
+    release's bundles of version v for base b" is one range scan of
+    ``ix_target_bases_lookup`` (the same key as ``ix_targets_lookup``)."""
+
+    __tablename__ = "target_bases"
+    __table_args__ = (
+        Index("ix_target_bases_lookup", "release_version", "base_fingerprint", "to_version"),
+    )
+
+    target_id: Mapped[int] = mapped_column(ForeignKey("targets.id"), primary_key=True)
+    base_fingerprint: Mapped[str] = mapped_column(String(80), primary_key=True)
+    release_version: Mapped[int] = mapped_column(Integer)
+    to_version: Mapped[int] = mapped_column(Integer)

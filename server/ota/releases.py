@@ -4,17 +4,22 @@ Bundles are uploaded first, content-addressed (``PUT /v1/blobs/{sha256}``); the
 release then names them. A release is accepted only if its targets metadata verifies
 against the trusted root, is newer than the current one, every target follows the
 bundle contract, and every target's bytes are stored with exactly the signed length
-and hashes. All of it — release row, target rows, targets/snapshot/timestamp metadata —
-commits in one transaction, so devices never see a half-published release.
+and hashes. All of it — release row, target rows, one ``target_bases`` row per base a
+bundle applies to (its primary and every ``compatible_bases`` entry of its signed
+custom metadata), targets/snapshot/timestamp metadata — commits in one transaction, so
+devices never see a half-published release.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -23,7 +28,14 @@ from server.ota.blobs import FileBlobStore, hash_file
 from server.ota.database import Database
 from server.ota.domain import BundleTarget, parse_bundle_target
 from server.ota.errors import ReleaseRejectedError
-from server.ota.models import BlobRow, ReleaseRow, TargetRow, bump_generation, utcnow
+from server.ota.models import (
+    BlobRow,
+    ReleaseRow,
+    TargetBaseRow,
+    TargetRow,
+    bump_generation,
+    utcnow,
+)
 from server.ota.tuf_repo import TufRepository
 
 logger = logging.getLogger(__name__)
@@ -75,7 +87,19 @@ def publish_release(
                 published_at=utcnow(),
             )
         )
-        session.add_all(_target_row(version, b) for b in bundles)
+        rows = [_target_row(version, b) for b in bundles]
+        session.add_all(rows)
+        session.flush()  # assigns the target ids the base rows point to
+        session.add_all(
+            TargetBaseRow(
+                target_id=row.id,
+                base_fingerprint=base,
+                release_version=version,
+                to_version=bundle.to_version,
+            )
+            for row, bundle in zip(rows, bundles, strict=True)
+            for base in bundle.bases
+        )
         session.flush()
         snapshot_version = repo.publish_targets(session, targets_md, targets_bytes)
         bump_generation(session)
@@ -125,22 +149,47 @@ def latest_release_version(session: Session) -> int | None:
 
 
 def current_targets(session: Session, base_fingerprint: str, to_version: int) -> list[BundleTarget]:
-    """Bundles of the newest release for one base fingerprint and target version."""
+    """Bundles of the newest release of ``to_version`` that apply to a base (as their
+    primary or a compatible base): one range scan of ``ix_target_bases_lookup``."""
     latest = latest_release_version(session)
     if latest is None:
         return []
     rows = session.scalars(
-        select(TargetRow).where(
-            TargetRow.release_version == latest,
-            TargetRow.base_fingerprint == base_fingerprint,
-            TargetRow.to_version == to_version,
+        select(TargetRow)
+        .join(TargetBaseRow, TargetBaseRow.target_id == TargetRow.id)
+        .where(
+            TargetBaseRow.release_version == latest,
+            TargetBaseRow.base_fingerprint == base_fingerprint,
+            TargetBaseRow.to_version == to_version,
         )
+    ).all()
+    ids = [row.id for row in rows]
+    compatible = group_compatible(
+        session.execute(compatible_bases_query().where(TargetBaseRow.target_id.in_(ids)))
     )
-    return [bundle_of(row) for row in rows]
+    return [bundle_of(row, compatible.get(row.id, ())) for row in rows]
 
 
-def bundle_of(row: TargetRow) -> BundleTarget:
-    """A target row (ORM object or Core row) as a domain value."""
+def compatible_bases_query() -> Select[int, str]:
+    """``(target_id, base)`` of every compatible (not primary) base; add a ``where``."""
+    return (
+        select(TargetBaseRow.target_id, TargetBaseRow.base_fingerprint)
+        .join(TargetRow, TargetRow.id == TargetBaseRow.target_id)
+        .where(TargetBaseRow.base_fingerprint != TargetRow.base_fingerprint)
+    )
+
+
+def group_compatible(rows: Iterable[Any]) -> dict[int, tuple[str, ...]]:
+    """``compatible_bases_query`` rows as target id -> sorted compatible bases (sorted
+    here, not in SQL: the signed metadata's order is Python's, not a collation's)."""
+    grouped: dict[int, list[str]] = defaultdict(list)
+    for target_id, base in rows:
+        grouped[int(target_id)].append(str(base))
+    return {target_id: tuple(sorted(bases)) for target_id, bases in grouped.items()}
+
+
+def bundle_of(row: TargetRow, compatible_bases: tuple[str, ...] = ()) -> BundleTarget:
+    """A target row (ORM object or Core row) and its compatible bases as a domain value."""
     return BundleTarget(
         path=row.path,
         length=row.length,
@@ -151,6 +200,7 @@ def bundle_of(row: TargetRow) -> BundleTarget:
         base_fingerprint=row.base_fingerprint,
         release_counter=row.release_counter,
         uncompressed_bytes=row.uncompressed_bytes,
+        compatible_bases=compatible_bases,
     )
 
 

@@ -1,8 +1,11 @@
 """Staged rollouts: who is offered which version, and when a rollout stops itself.
 
 A rollout moves devices of one base fingerprint to ``to_version`` through percent
-stages. Device ``d`` belongs to stage ``stage_of(stages, bucket_of(salt, d))`` — a
-deterministic function, so assignments survive restarts and need no per-device rows.
+stages — and with them the devices of every base that the current release's bundles of
+``to_version`` for that base name as well (their compatible bases, e.g. GGUF exports;
+DESIGN decision 11): one release, one rollout, every base it applies to. Device ``d``
+belongs to stage ``stage_of(stages, bucket_of(salt, d))`` — a deterministic function,
+so assignments survive restarts and need no per-device rows.
 Each stage owns the devices whose bucket it adds. After an outcome is recorded the
 current stage is evaluated under a lock on the rollout row (``SELECT ... FOR UPDATE``
 on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so N concurrent failure reports pause
@@ -19,16 +22,18 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from server.ota.database import Database
 from server.ota.domain import RolloutSpec, RolloutView, StageStats, bucket_of, stage_of
 from server.ota.errors import ConflictError, NotFoundError, RequestError
 from server.ota.models import (
+    ReleaseRow,
     RolloutEventRow,
     RolloutReportRow,
     RolloutRow,
+    TargetBaseRow,
     bump_generation,
     utcnow,
 )
@@ -44,24 +49,24 @@ def create_rollout(db: Database, spec: RolloutSpec) -> RolloutView:
     Raises:
         RequestError: stages not strictly increasing within 1..100.
         ConflictError: no full bundle for that version and base in the current release,
-            or a newer-or-equal rollout for this base exists (roll back with a new release).
+            or a newer-or-equal rollout exists for this base or a base its bundles name
+            (roll back with a new release).
     """
     stages = spec.stages
     if not stages or any(b <= a for a, b in itertools.pairwise(stages)):
         raise RequestError(f"stages {list(stages)} must be strictly increasing percentages")
     with db.write() as session:
         db.serialize(session, _PG_ROLLOUT_LOCK)  # one creator at a time: versions only rise
-        if not any(
-            t.kind == "full"
-            for t in current_targets(session, spec.base_fingerprint, spec.to_version)
-        ):
+        targets = current_targets(session, spec.base_fingerprint, spec.to_version)
+        if not any(t.kind == "full" for t in targets):
             raise ConflictError(
                 f"the current release has no full bundle of v{spec.to_version} for base "
                 f"{spec.base_fingerprint}; publish one first"
             )
+        reached = {spec.base_fingerprint, *(base for t in targets for base in t.bases)}
         newest = session.scalar(
             select(func.max(RolloutRow.to_version)).where(
-                RolloutRow.base_fingerprint == spec.base_fingerprint,
+                RolloutRow.base_fingerprint.in_(reached),
                 RolloutRow.state != "cancelled",
             )
         )
@@ -244,11 +249,31 @@ def _view(session: Session, row: RolloutRow) -> RolloutView:
     )
 
 
+def reaches(base_fingerprint: str) -> ColumnElement[bool]:
+    """SQL condition on ``rollouts``: the rollout reaches devices holding this base — it
+    names the base, or a current-release bundle of its version for its base also names
+    this one (two probes of ``target_bases``: the lookup index, then the primary key)."""
+    mine, named = aliased(TargetBaseRow), aliased(TargetBaseRow)
+    latest = select(func.max(ReleaseRow.version)).scalar_subquery()
+    shared = (
+        select(mine.target_id)
+        .join(named, named.target_id == mine.target_id)
+        .where(
+            mine.release_version == latest,
+            mine.base_fingerprint == RolloutRow.base_fingerprint,
+            mine.to_version == RolloutRow.to_version,
+            named.base_fingerprint == base_fingerprint,
+        )
+        .exists()
+    )
+    return or_(RolloutRow.base_fingerprint == base_fingerprint, shared)
+
+
 def assigned_version(session: Session, device_id: str, base_fingerprint: str) -> int | None:
     """The version the newest active rollout covering this device moves it to."""
     rows = session.execute(
         select(RolloutRow.to_version, RolloutRow.salt, RolloutRow.stages, RolloutRow.stage_index)
-        .where(RolloutRow.base_fingerprint == base_fingerprint, RolloutRow.state == "active")
+        .where(reaches(base_fingerprint), RolloutRow.state == "active")
         .order_by(RolloutRow.to_version.desc())
     )
     return assigned_in(rows, device_id)
@@ -270,7 +295,7 @@ def record_outcome(
     evaluate them. Runs inside the caller's serialized write transaction."""
     ids = session.scalars(
         select(RolloutRow.id).where(
-            RolloutRow.base_fingerprint == base_fingerprint,
+            reaches(base_fingerprint),
             RolloutRow.to_version == version,
             RolloutRow.state != "cancelled",
         )

@@ -28,7 +28,8 @@ RolloutId = Path(ge=1, le=MAX_VERSION)
 
 @router.post("/rollouts", status_code=status.HTTP_201_CREATED, dependencies=operator)
 def create_rollout(body: RolloutIn, request: Request) -> RolloutOut:
-    """Start a staged rollout of a published version to one base fingerprint."""
+    """Start a staged rollout of a published version to the devices of one base and of
+    every base the version's bundles name with it (their compatible bases)."""
     return RolloutOut.of(rollouts.create_rollout(services_of(request).db, body.to_domain()))
 
 

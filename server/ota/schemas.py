@@ -75,6 +75,11 @@ class TargetOut(BaseModel):
     from_version: int | None
     to_version: int
     base_fingerprint: str
+    compatible_bases: list[str] = Field(
+        default_factory=list,
+        description="Further base fingerprints the bundle applies to (e.g. GGUF exports); "
+        "it is offered to devices holding base_fingerprint or any of these.",
+    )
     release_counter: int
     uncompressed_bytes: int
 
@@ -89,6 +94,7 @@ class TargetOut(BaseModel):
             from_version=target.from_version,
             to_version=target.to_version,
             base_fingerprint=target.base_fingerprint,
+            compatible_bases=list(target.compatible_bases),
             release_counter=target.release_counter,
             uncompressed_bytes=target.uncompressed_bytes,
         )

@@ -7,7 +7,10 @@ inputs. It is the hottest path of the service (every device polls it), so:
   as failed, and the ``ota_state.generation`` stamp — compiled once and run on a bare
   pooled DBAPI cursor (:meth:`server.ota.database.Database.hot_rows`);
 * active rollouts and the current release's bundles are cached per process as a
-  :class:`FleetState` labelled with the generation it was read at. Every release and
+  :class:`FleetState` labelled with the generation it was read at, both indexed by
+  every base they reach: a bundle under its primary and each compatible base, a
+  rollout of ``(b, v)`` under every base that a current bundle of ``v`` for ``b``
+  names — so a device on any named base is a dictionary lookup. Every release and
   every rollout transition bumps the generation in its own transaction, so a request
   that sees generation G uses a cache at least as new as G — a pause stops offers on
   every worker from the moment it commits;
@@ -43,9 +46,10 @@ from server.ota.models import (
     OtaStateRow,
     ReleaseRow,
     RolloutRow,
+    TargetBaseRow,
     TargetRow,
 )
-from server.ota.releases import bundle_of
+from server.ota.releases import bundle_of, compatible_bases_query, group_compatible
 from server.ota.rollouts import assigned_in
 
 _GENERATION = select(OtaStateRow.generation).where(OtaStateRow.id == 1)
@@ -82,6 +86,10 @@ _ACTIVE_ROLLOUTS = (
 )
 _CURRENT_TARGETS = select(TargetRow).where(
     TargetRow.release_version == select(func.max(ReleaseRow.version)).scalar_subquery()
+)
+# Of the release the targets were read from (written with them, in one transaction).
+_COMPATIBLE_OF = compatible_bases_query().where(
+    TargetBaseRow.release_version == bindparam("release")
 )
 
 Rollout = tuple[int, str, list[int], int]  # to_version, salt, stages, stage_index
@@ -134,20 +142,28 @@ class FleetState:
     """What every check needs besides the device: active rollouts and current bundles."""
 
     generation: int
-    rollouts: dict[str, tuple[Rollout, ...]]  # base fingerprint -> newest first
-    bundles: dict[tuple[str, int], tuple[BundleTarget, ...]]  # (base, to_version) -> bundles
+    rollouts: dict[str, tuple[Rollout, ...]]  # any base it reaches -> newest first
+    bundles: dict[tuple[str, int], tuple[BundleTarget, ...]]  # (any named base, to_version)
 
 
 def load_fleet_state(conn: Connection) -> FleetState:
     """Read the generation, then the state it labels (in that order; see module doc)."""
     generation = int(conn.scalar(_GENERATION) or 0)
+    rows = conn.execute(_CURRENT_TARGETS).all()
+    release = rows[0].release_version if rows else None
+    compatible = group_compatible(conn.execute(_COMPATIBLE_OF, {"release": release}))
+    bundles: dict[tuple[str, int], list[BundleTarget]] = defaultdict(list)
+    for row in rows:
+        bundle = bundle_of(row, compatible.get(row.id, ()))  # type: ignore[arg-type]
+        for base in bundle.bases:
+            bundles[(base, bundle.to_version)].append(bundle)
     rollouts: dict[str, list[Rollout]] = defaultdict(list)
     for base, to_version, salt, stages, stage_index in conn.execute(_ACTIVE_ROLLOUTS):
-        rollouts[base].append((to_version, salt, list(stages), stage_index))
-    bundles: dict[tuple[str, int], list[BundleTarget]] = defaultdict(list)
-    for row in conn.execute(_CURRENT_TARGETS):
-        bundle = bundle_of(row)  # type: ignore[arg-type]
-        bundles[(bundle.base_fingerprint, bundle.to_version)].append(bundle)
+        reached = dict.fromkeys([base])  # the rollout's base, then every base named with it
+        for bundle in bundles.get((base, to_version), ()):
+            reached.update(dict.fromkeys(bundle.bases))
+        for each in reached:
+            rollouts[each].append((to_version, salt, list(stages), stage_index))
     return FleetState(
         generation=generation,
         rollouts={k: tuple(v) for k, v in rollouts.items()},

@@ -81,6 +81,8 @@ class Publisher:
         rollout: Stages and thresholds of every rollout.
         min_reports: Reports a stage needs before the server judges it.
         policy: Packaging policy.
+        compatible_bases: Further base fingerprints every release names (GGUF exports
+            of the base); devices holding them are offered the same bundles.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Publisher:
         rollout: RolloutPolicy,
         min_reports: int,
         policy: PackagePolicy | None = None,
+        compatible_bases: Sequence[str] = (),
     ) -> None:
         self.work_dir = work_dir
         self.keys_dir = keys_dir
@@ -109,6 +112,7 @@ class Publisher:
         self.rollout = rollout
         self.min_reports = min_reports
         self.policy = policy or PackagePolicy()
+        self.compatible_bases = tuple(compatible_bases)
         self.state: PackagerState | None = None
         self.releases: list[Release] = []
         self.digests: dict[int, str] = {}
@@ -168,6 +172,7 @@ class Publisher:
             adapter_config=self.adapter_config,
             provenance=base_prov,
             policy=policy,
+            compatible_bases=self.compatible_bases,
         )
         if kind == "bad":
             assert self.last_good is not None, "a bad release needs a good one before it"
@@ -182,6 +187,7 @@ class Publisher:
             adapter_config=self.adapter_config,
             provenance=replace(base_prov, round=round, eval_metrics=metrics),
             policy=policy,
+            compatible_bases=self.compatible_bases,
         )
         state = result.state
         paths, sizes = self._write_bundles(state, result.bundle_bytes, policy)

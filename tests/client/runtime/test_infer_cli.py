@@ -1,4 +1,5 @@
-"""``fedota device infer``: the active adapter on the NF4 base, within the budget."""
+"""``fedota device infer``: the active adapter on the device's base, within the budget,
+on both runtimes (llama.cpp over a GGUF export, NF4)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from client.update.state import ActivePointer, DeviceConfig, DeviceState
 from delta_packager.apply import AdapterState
-from delta_packager.fingerprint import fingerprint_checkpoint
+from delta_packager.fingerprint import fingerprint_base
 from tests.conftest import fedota_cli
 
 
@@ -37,15 +38,23 @@ def _lora_state(nf4: Path, rank: int, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.fixture(scope="module")
-def device(micro_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["llamacpp", "nf4"])
+def device(
+    request: pytest.FixtureRequest,
+    micro_base: Path,
+    micro_gguf: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
     """A device state directory as enrollment + one committed update leave it."""
     nf4 = micro_base / "nf4"
+    base = micro_gguf if request.param == "llamacpp" else nf4
     root = tmp_path_factory.mktemp("device")
     state = DeviceState(root)
-    fp = fingerprint_checkpoint(nf4)
+    fp = fingerprint_base(base)
     state.write_config(
-        DeviceConfig("http://127.0.0.1:9", "dev-1", "token", str(nf4), fp, 64 * 2**20)
+        DeviceConfig(
+            "http://127.0.0.1:9", "dev-1", "token", str(base), fp, 64 * 2**20, request.param
+        )
     )
     adapter = AdapterState(3, 3, fp, _lora_state(nf4, 4, 0))
     state.write_slot(
@@ -70,6 +79,7 @@ def test_infer_streams_text_with_the_active_adapter(device: Path) -> None:
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["adapter_version"] == 3 and record["new_tokens"] >= 1
+    assert record["runtime"] == json.loads((device / "device.json").read_text())["runtime"]
     assert record["peak_added_bytes"] <= record["budget_bytes"] == 64 * 2**20
 
 
@@ -79,7 +89,8 @@ def test_infer_refuses_a_budget_below_the_model(device: Path) -> None:
     )
     assert result.returncode == 3
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: memory budget 2.0 MiB is too small: the model needs at least")
+    assert line.startswith("error: memory budget 2.0 MiB is too small: the ")
+    assert "needs at least" in line
 
 
 def test_infer_on_unenrolled_state_is_a_clear_error(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from client.runtime import AdapterSpec, BudgetTooSmallError, QuantizedRuntime, repacked_layers
 from client.runtime.budget import footprint_from_checkpoint, plan_memory
-from client.runtime.runtime import RequestTooLargeError
+from client.runtime import RequestTooLargeError
 
 MIB = 1 << 20
 WORDS = ["hey", "ana", "coffee", "at", "the", "blue", "door", "city", "council", "plan"]

@@ -22,7 +22,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Timestamp
 
 from client.update.state import DeviceConfig, DeviceState
-from delta_packager.fingerprint import fingerprint_checkpoint
+from delta_packager.fingerprint import fingerprint_checkpoint, fingerprint_gguf
 from delta_packager.manifest import AdapterConfig, Provenance
 from delta_packager.package import PackagePolicy, PackagerState, package_version
 from delta_packager.trust import init_keys, load_signer, load_targets, release
@@ -31,6 +31,14 @@ CONFIG = AdapterConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 
 
 # ----------------------------------------------------------------- device base model
+
+
+def make_gguf_base(path: Path, *, seed: int = 0) -> str:
+    """A GGUF-looking base file (magic, then bytes); returns its fingerprint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = np.random.default_rng(seed).integers(0, 255, 4096, dtype=np.uint8).tobytes()
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + body)
+    return fingerprint_gguf(path)
 
 
 def make_base(directory: Path, *, quant_type: str = "nf4", seed: int = 0) -> str:
@@ -216,13 +224,21 @@ class Released:
 class Pipeline:
     """Packages versions with ``delta_packager`` and publishes them to a ``FakeOta``."""
 
-    def __init__(self, tmp: Path, ota: FakeOta, base_fingerprint: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        ota: FakeOta,
+        base_fingerprint: str,
+        *,
+        compatible_bases: tuple[str, ...] = (),
+    ) -> None:
         self.keys = tmp / "keys"
         init_keys(self.keys)
         self.dir = tmp / "bundles"
         self.dir.mkdir()
         self.ota = ota
         self.fp = base_fingerprint
+        self.compatible_bases = compatible_bases  # further bases every release names
         self.state: PackagerState | None = None
         self.rng = np.random.default_rng(7)
         self.adapter = {
@@ -249,6 +265,7 @@ class Pipeline:
             adapter_config=CONFIG,
             provenance=Provenance(eval_metrics={"loss": loss}),
             policy=policy,
+            compatible_bases=self.compatible_bases,
         )
         self.state = result.state
         v = result.state.latest_version

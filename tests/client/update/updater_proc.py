@@ -1,6 +1,7 @@
 """A real updater process for the crash tests: SIGKILLs itself at a named step.
 
-Usage: python updater_proc.py STATE_DIR KILL_STEP [LOSS]   (LOSS: measured golden loss)
+Usage: python updater_proc.py STATE_DIR KILL_STEP [LOSS]   (LOSS: measured golden loss,
+or ``real``: the device's own runtime health check, ``client.update.default_checker``)
 """
 
 from __future__ import annotations
@@ -10,25 +11,30 @@ import signal
 import sys
 from pathlib import Path
 
-from client.update import check_and_update
-from client.update.health import GoldenLossChecker, Measurement
+from client.update import check_and_update, default_checker
+from client.update.health import GoldenLossChecker, HealthChecker, Measurement
 
 
 def main() -> None:
     from client.update.state import DeviceState
 
     state_dir, kill_step = sys.argv[1], sys.argv[2]
-    loss = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+    state = DeviceState(Path(state_dir))
 
     def hook(step: str) -> None:
         if step == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    checker = GoldenLossChecker(
-        measure=lambda adapter, manifest: Measurement(loss=loss, peak_bytes=1000),
-        budget_bytes=2**30,
-    )
-    outcome = check_and_update(DeviceState(Path(state_dir)), checker=checker, hook=hook)
+    checker: HealthChecker
+    if len(sys.argv) > 3 and sys.argv[3] == "real":
+        checker = default_checker(state)
+    else:
+        loss = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+        checker = GoldenLossChecker(
+            measure=lambda adapter, manifest: Measurement(loss=loss, peak_bytes=1000),
+            budget_bytes=2**30,
+        )
+    outcome = check_and_update(state, checker=checker, hook=hook)
     sys.stdout.write(f"{outcome.status}\n")
 
 

@@ -18,6 +18,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
 FP_A = "sha256:" + "a" * 64
 FP_B = "sha256:" + "b" * 64
+FP_C = "sha256:" + "c" * 64  # e.g. a GGUF export of base A
 ROLE_KEYS = {
     "admin": "admin-key-0123456789abcdef",
     "operator": "operator-key-0123456789abcdef",
@@ -70,6 +71,7 @@ class Bundle:
     kind: str = "full"
     from_version: int | None = None
     base: str = FP_A
+    also: tuple[str, ...] = ()  # compatible bases (custom.fedota.compatible_bases)
 
     @property
     def path(self) -> str:
@@ -92,6 +94,8 @@ class Bundle:
                 "uncompressed_bytes": len(self.data) * 2,
             }
         }
+        if self.also:
+            custom["fedota"]["compatible_bases"] = list(self.also)
         return TargetFile(
             length=len(self.data),
             hashes={"sha256": self.sha256},

@@ -6,7 +6,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ota_helpers import Bundle, auth, bundle_bytes, check, create_rollout, enroll, event, publish
+from ota_helpers import (
+    FP_C,
+    Bundle,
+    auth,
+    bundle_bytes,
+    check,
+    create_rollout,
+    enroll,
+    event,
+    publish,
+)
 from ota_helpers import report as report_of
 from sqlalchemy import bindparam, select
 
@@ -47,6 +57,21 @@ def test_every_failed_version_is_withheld(client, tuf_keys) -> None:
     cleared = client.delete(f"/v1/devices/{device.id}/failures/3", headers=auth("operator"))
     assert cleared.status_code == 204
     assert check(client, device, 1)["to_version"] == 3
+
+
+def test_a_release_adding_a_compatible_base_reaches_its_devices_at_once(client, tuf_keys) -> None:
+    # The cached fleet state indexes bundles and rollouts by every base they name; a
+    # release naming one more base bumps the generation, so the next check sees it.
+    assert publish(client, tuf_keys, 1, [V1, V2]).status_code == 201
+    create_rollout(client, 2, [100])
+    gguf = enroll(client, base=FP_C, installed=1)
+    assert check(client, gguf, 1, base=FP_C) is None
+    both = Bundle(2, V2.data, also=(FP_C,))
+    assert publish(client, tuf_keys, 2, [V1, both]).status_code == 201
+    update = check(client, gguf, 1, base=FP_C)
+    assert update["to_version"] == 2 and update["compatible_bases"] == [FP_C]
+    state = client.get(f"/v1/devices/{gguf.id}/assignment", headers=auth(gguf.token))
+    assert state.json()["assigned_version"] == 2  # the slow path's SQL agrees
 
 
 def test_a_changed_report_is_stored_and_answered(client, tuf_keys) -> None:

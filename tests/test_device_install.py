@@ -1,0 +1,119 @@
+"""The device install is torch-free (DESIGN.md, "External contracts"; decision 11).
+
+A fresh virtualenv gets ``pip install 'fedota[device]'`` (the ``device_venv`` fixture in
+``tests/conftest.py``), exactly what a phone-side install runs, and must hold none of the
+training or server stacks while the update agent, the llama.cpp runtime and every
+``fedota device`` command still work, and a server command says which extra it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Distributions a device install must not hold (pip list names, normalised).
+HEAVY_DISTRIBUTIONS = (
+    "torch",
+    "transformers",
+    "bitsandbytes",
+    "peft",
+    "opacus",
+    "ray",
+    "flwr",
+    "fastapi",
+    "sqlalchemy",
+)
+# ... and the modules they would put in sys.modules.
+HEAVY_MODULES = (*HEAVY_DISTRIBUTIONS, "accelerate", "matplotlib", "uvicorn", "pydantic")
+DEVICE_COMMANDS = ("enroll", "update", "status", "infer")
+
+
+def _run(bin_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(bin_dir / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_device_install_holds_no_training_or_server_packages(device_venv: Path) -> None:
+    listed = _run(device_venv, "python", "-m", "pip", "list", "--format=json")
+    assert listed.returncode == 0, listed.stderr
+    names = {_normalise(p["name"]) for p in json.loads(listed.stdout)}
+    assert {"fedota", "llama-cpp-python", "gguf", "tuf", "safetensors"} <= names
+    assert sorted(names & set(HEAVY_DISTRIBUTIONS)) == []
+
+
+def test_update_agent_and_llamacpp_runtime_import_without_heavy_modules(
+    device_venv: Path,
+) -> None:
+    code = (
+        "import json, sys\n"
+        "import client.update, client.runtime.llamacpp\n"
+        f"heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
+        "import llama_cpp\n"  # the compiled library loads on this CPU
+        "print(json.dumps({'heavy': heavy, 'llama_cpp': llama_cpp.__version__}))\n"
+    )
+    result = _run(device_venv, "python", "-c", code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report == {"heavy": [], "llama_cpp": "0.3.36"}
+
+
+def test_fedota_and_every_device_command_start(device_venv: Path) -> None:
+    root = _run(device_venv, "fedota", "--help")
+    assert root.returncode == 0, root.stderr
+    assert "device" in root.stdout
+    group = _run(device_venv, "fedota", "device", "--help")
+    assert group.returncode == 0, group.stderr
+    for command in DEVICE_COMMANDS:
+        assert command in group.stdout
+        result = _run(device_venv, "fedota", "device", command, "--help")
+        assert result.returncode == 0, f"device {command}: {result.stderr}"
+        assert "--state" in result.stdout
+
+
+def test_device_status_reports_a_missing_enrollment_in_one_line(
+    device_venv: Path, tmp_path: Path
+) -> None:
+    result = _run(device_venv, "fedota", "device", "status", "--state", str(tmp_path / "none"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_release_tooling_works_in_the_core_install(device_venv: Path, tmp_path: Path) -> None:
+    result = _run(device_venv, "fedota", "keys", "init", "--out", str(tmp_path / "keys"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "keys" / "root.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "extra"),
+    [
+        (("serve", "--help"), "fedota serve", "server"),
+        (("db", "upgrade", "--database-url", "sqlite://"), "fedota db", "server"),
+        (("publish", "bundle.zst", "--server", "http://x"), "fedota publish", "server"),
+        (("simulate", "--help"), "fedota simulate", "sim"),
+        (("base-model",), "fedota base-model", "sim"),
+    ],
+    ids=["serve-help", "db-upgrade", "publish", "simulate-help", "base-model"],
+)
+def test_a_command_of_a_missing_extra_names_the_extra(
+    device_venv: Path, argv: tuple[str, ...], command: str, extra: str
+) -> None:
+    result = _run(device_venv, "fedota", *argv)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: '{command}' needs the {extra} extra")
+    assert lines[0].endswith(f"pip install 'fedota[{extra}]'")
