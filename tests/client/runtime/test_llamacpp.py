@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.errors import ClientInputError
 from client.runtime import AdapterSpec, BudgetTooSmallError, RequestTooLargeError
 from client.runtime.gguf_plan import CTX_STEP, plan_llamacpp_memory, read_gguf_footprint
 from client.runtime.llamacpp import LlamaCppRuntime
 from client.runtime.runtime import QuantizedRuntime
-from client.errors import ClientInputError
 
 pytestmark = pytest.mark.slow
 MIB = 2**20

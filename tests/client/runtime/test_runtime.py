@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.runtime import AdapterSpec, BudgetTooSmallError, QuantizedRuntime, repacked_layers
+from client.runtime import (
+    AdapterSpec,
+    BudgetTooSmallError,
+    QuantizedRuntime,
+    RequestTooLargeError,
+    repacked_layers,
+)
 from client.runtime.budget import footprint_from_checkpoint, plan_memory
-from client.runtime import RequestTooLargeError
 
 MIB = 1 << 20
 WORDS = ["hey", "ana", "coffee", "at", "the", "blue", "door", "city", "council", "plan"]

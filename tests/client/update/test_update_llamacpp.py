@@ -38,7 +38,10 @@ def test_e20_gguf_device_killed_at_every_step_keeps_old_or_new(
     ota = FakeOta()
     try:
         pipeline = Pipeline(
-            tmp_path, ota, fingerprint_checkpoint(nf4), compatible_bases=(fingerprint_gguf(micro_gguf),)
+            tmp_path,
+            ota,
+            fingerprint_checkpoint(nf4),
+            compatible_bases=(fingerprint_gguf(micro_gguf),),
         )
         state = enroll_device(
             tmp_path / "dev", ota, pipeline.keys, micro_gguf, pipeline.compatible_bases[0]
