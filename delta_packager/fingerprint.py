@@ -242,6 +242,11 @@ def fingerprint_base(path: Path | str) -> str:
             base it names is malformed.
     """
     base = Path(path)
+    if not base.exists():
+        raise PackagerInputError(
+            f"{base} does not exist: pass a pre-quantized checkpoint directory (NF4) "
+            "or a .gguf file"
+        )
     if base.is_dir():
         return fingerprint_checkpoint(base)
     if base.suffix.lower() == ".gguf":

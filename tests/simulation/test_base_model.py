@@ -75,7 +75,7 @@ def test_sample_cli_prints_continuations(tiny_base: Path) -> None:
         (["base-model", "init", "--out", "{tmp}/m", "--preset", "huge"], "unknown preset 'huge'"),
         (["base-model", "init", "--out", "{tmp}/m", "--data", "{tmp}/bad.jsonl"], "line 2:"),
         (["base-model", "sample", "--model", "{tmp}/missing"], "missing does not exist"),
-        (["base-model", "fingerprint", "{tmp}/missing"], "config.json is missing"),
+        (["base-model", "fingerprint", "{tmp}/missing"], "missing does not exist"),
     ],
     ids=["unknown-preset", "malformed-jsonl", "missing-model-dir", "missing-fingerprint-dir"],
 )
