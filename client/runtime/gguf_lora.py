@@ -16,7 +16,9 @@ used by the base export too, so the two can never disagree.
 
 Invariant (THREATS I43): :func:`write_lora_gguf` writes a temp file, fsyncs it and
 renames it into place, so a kill leaves either no file or a complete one, and the
-adapter the runtime has attached is untouched until the new file is complete.
+adapter the runtime has attached is untouched until the new file is complete. The temp
+file's name ends in ``TMP_SUFFIX``, so the update agent's stale sweep
+(``DeviceState.clean_stale``) removes what a killed process left in ``runtime-cache/``.
 
 Torch-free: numpy and the ``gguf`` package only.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from client.errors import ClientInputError
-from delta_packager.files import fsync_dir, fsync_file
+from delta_packager.files import TMP_SUFFIX, fsync_dir, fsync_file
 
 __all__ = [
     "SUPPORTED_ARCHES",
@@ -135,7 +137,7 @@ def write_lora_gguf(
     import gguf
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
