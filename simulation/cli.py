@@ -227,6 +227,13 @@ def simulate(
         help="full: every phone health-checks and evaluates on its own runtime; light: "
         "the update protocol only, inference shared (for large fleets).",
     ),
+    device_runtime: str = typer.Option(
+        "mixed",
+        "--device-runtime",
+        help="The phones' inference runtime: llamacpp (a GGUF export of the base), nf4 "
+        "(transformers + bitsandbytes), or mixed (low and mid tiers on llama.cpp, high on "
+        "NF4).",
+    ),
     faults: bool = typer.Option(
         True,
         "--faults/--no-faults",
@@ -290,7 +297,16 @@ def simulate(
         extra={"eval-max-clients": eval_clients} if eval_clients else {},
     )
     fleet = (
-        _fleet_config(devices, rounds, publish_every, fleet_mode, stages, faults=faults, seed=seed)
+        _fleet_config(
+            devices,
+            rounds,
+            publish_every,
+            fleet_mode,
+            stages,
+            faults=faults,
+            seed=seed,
+            device_runtime=device_runtime,
+        )
         if ota
         else None
     )
@@ -357,10 +373,11 @@ def _fleet_config(
     *,
     faults: bool,
     seed: int,
+    device_runtime: str = "mixed",
 ) -> Any:
     from simulation.errors import SimulationInputError
     from simulation.fleet import FaultShares, FleetConfig, RolloutPolicy
-    from simulation.fleet.config import auto_stages
+    from simulation.fleet.config import DEFAULT_TIERS, auto_stages, with_device_runtime
 
     if mode not in ("full", "light"):
         raise SimulationInputError(f"--fleet-mode {mode!r} is not one of: full, light")
@@ -375,6 +392,7 @@ def _fleet_config(
     shares = FaultShares(bad_release_round=bad_round) if faults else FaultShares(0, 0, 0, 0, None)
     return FleetConfig(
         devices=devices,
+        tiers=with_device_runtime(DEFAULT_TIERS, device_runtime),
         faults=shares,
         rollout=RolloutPolicy(percents),
         lightweight=mode == "light",

@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from delta_packager.fingerprint import fingerprint_checkpoint
 from delta_packager.manifest import AdapterConfig, Provenance
 from delta_packager.package import PackagePolicy
 from delta_packager.trust import init_keys
+from simulation.fleet.bases import prepare_bases
 from simulation.fleet.config import FleetConfig
-from simulation.fleet.faults import corrupt_adapter, other_base
-from simulation.fleet.fleet import Fleet, FleetBases, SweepResult
+from simulation.fleet.faults import corrupt_adapter
+from simulation.fleet.fleet import Fleet, SweepResult
 from simulation.fleet.publisher import Publisher, Release
 from simulation.fleet.runtimes import RuntimePool
 from simulation.fleet.server import EmbeddedServer, Endpoint, Operator
@@ -172,16 +172,15 @@ def start_ota(
     pool = RuntimePool(lightweight=fleet.lightweight)
     operator = Operator(server)
     try:
-        fingerprint = fingerprint_checkpoint(base_dir)
-        alt = other_base(base_dir, work / "other-base")
-        bases = FleetBases(base_dir, fingerprint, alt, fingerprint_checkpoint(alt))
+        bases = prepare_bases(base_dir, work, runtimes=fleet.runtimes, gguf_quant=fleet.gguf_quant)
         golden = list(golden_texts or _default_golden(fleet.golden_prompts, fleet.seed))
         publisher = Publisher(
             work_dir=work,
             keys_dir=keys,
             operator=operator,
             base_dir=base_dir,
-            base_fingerprint=fingerprint,
+            base_fingerprint=bases.fleet["nf4"].fingerprint,
+            compatible_bases=bases.compatible,
             adapter_config=adapter_config,
             golden_texts=golden,
             pool=pool,

@@ -44,10 +44,22 @@ def final_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
     fleet = summary.get("fleet")
     if fleet:
         rows += [(k, _fmt(fleet.get(k))) for k in FLEET_TABLE_KEYS]
+        rows += [(f"phones on {name}", _runtime_row(r)) for name, r in fleet["runtimes"].items()]
         rollouts = summary.get("rollouts", [])
         paused = [f"v{r['version']}" for r in rollouts if r.get("auto_paused")]
         rows.append(("releases (auto-paused)", f"{len(rollouts)} ({', '.join(paused) or 'none'})"))
     return rows
+
+
+def _runtime_row(r: dict[str, Any]) -> str:
+    """One runtime's outcomes: devices, updates/rollbacks/rejections, apply, memory."""
+    peak = r["peak_memory_bytes_max"]
+    return (
+        f"{r['devices']} devices: {r['updates']} updates, {r['rollbacks']} rollbacks, "
+        f"{r['rejections']} rejections; apply p50 {_fmt(r['apply_ms_p50'])} ms; peak "
+        f"{'–' if peak is None else f'{peak / 2**20:.1f} MiB'}; held-out loss "
+        f"{_fmt(r['heldout_loss_mean'])}"
+    )
 
 
 def _plt() -> Any:

@@ -7,13 +7,24 @@ the names (``budget_bytes``, ``bandwidth_bps``, ``poll_interval_s``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from simulation.errors import SimulationInputError
 
-__all__ = ["DEFAULT_TIERS", "FaultShares", "FleetConfig", "RolloutPolicy", "Tier", "auto_stages"]
+__all__ = [
+    "DEFAULT_TIERS",
+    "DEVICE_RUNTIMES",
+    "FaultShares",
+    "FleetConfig",
+    "RolloutPolicy",
+    "Tier",
+    "auto_stages",
+    "with_device_runtime",
+]
 
 _MIB = 2**20
+RUNTIMES = ("llamacpp", "nf4")
+DEVICE_RUNTIMES = ("mixed", *RUNTIMES)
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,8 @@ class Tier:
         budget_bytes: Memory the runtime may add on top of the interpreter.
         bandwidth_bps: Download bandwidth in bytes per second (simulated time).
         availability: Probability the phone is online at a poll.
+        runtime: The phone's inference runtime: ``llamacpp`` (a GGUF export of the
+            base) or ``nf4`` (the pre-quantized checkpoint, transformers + PEFT).
     """
 
     name: str
@@ -33,6 +46,7 @@ class Tier:
     budget_bytes: int
     bandwidth_bps: float
     availability: float
+    runtime: str = "llamacpp"
 
     def __post_init__(self) -> None:
         if not self.name or self.share <= 0:
@@ -45,13 +59,47 @@ class Tier:
             raise SimulationInputError(
                 f"tier {self.name!r}: availability {self.availability} must be in (0, 1]"
             )
+        if self.runtime not in RUNTIMES:
+            raise SimulationInputError(
+                f"tier {self.name!r}: runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}"
+            )
 
 
+# Phones run llama.cpp; the high tier keeps the NF4 runtime the clients train on, so
+# every default run compares the two on the same releases (``--device-runtime mixed``).
 DEFAULT_TIERS: tuple[Tier, ...] = (
-    Tier("low", 0.3, 96 * _MIB, 250_000.0, 0.7),
-    Tier("mid", 0.5, 192 * _MIB, 2_000_000.0, 0.85),
-    Tier("high", 0.2, 512 * _MIB, 10_000_000.0, 0.95),
+    Tier("low", 0.3, 96 * _MIB, 250_000.0, 0.7, "llamacpp"),
+    Tier("mid", 0.5, 192 * _MIB, 2_000_000.0, 0.85, "llamacpp"),
+    Tier("high", 0.2, 512 * _MIB, 10_000_000.0, 0.95, "nf4"),
 )
+
+
+def with_device_runtime(tiers: tuple[Tier, ...], mode: str) -> tuple[Tier, ...]:
+    """``tiers`` with their runtimes set by ``fedota simulate --device-runtime``.
+
+    Args:
+        tiers: The fleet's tiers.
+        mode: ``llamacpp`` or ``nf4`` (every tier), or ``mixed`` (the tiers' own
+            runtimes; with a single tier, or none on llama.cpp, the first tiers run
+            llama.cpp and the last one NF4).
+
+    Raises:
+        SimulationInputError: ``mode`` is not one of ``DEVICE_RUNTIMES``.
+    """
+    if mode not in DEVICE_RUNTIMES:
+        raise SimulationInputError(
+            f"--device-runtime {mode!r} is not one of: {', '.join(DEVICE_RUNTIMES)}"
+        )
+    if mode != "mixed":
+        return tuple(replace(t, runtime=mode) for t in tiers)
+    if len(tiers) == 1:
+        return (replace(tiers[0], runtime="llamacpp"),)
+    if {t.runtime for t in tiers} == set(RUNTIMES):
+        return tiers
+    last = len(tiers) - 1
+    return tuple(
+        replace(t, runtime="nf4" if i == last else "llamacpp") for i, t in enumerate(tiers)
+    )
 
 
 @dataclass(frozen=True)
@@ -147,6 +195,7 @@ class FleetConfig:
         golden_prompts: Number of golden prompts provisioned on every device.
         heldout_texts: Held-out texts each device evaluates the adapter on.
         seed: Seed of the profile draw, availability and faults.
+        gguf_quant: Quantization of the GGUF export llama.cpp tiers run (ADR 0011).
     """
 
     devices: int = 24
@@ -161,6 +210,7 @@ class FleetConfig:
     golden_prompts: int = 4
     heldout_texts: int = 3
     seed: int = 0
+    gguf_quant: str = "q8_0"
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -175,3 +225,8 @@ class FleetConfig:
             raise SimulationInputError("poll_interval_s must be > 0")
         if self.golden_prompts < 1 or self.heldout_texts < 1:
             raise SimulationInputError("golden_prompts and heldout_texts must be >= 1")
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes the tiers use, sorted."""
+        return tuple(sorted({t.runtime for t in self.tiers}))

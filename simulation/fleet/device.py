@@ -31,6 +31,7 @@ from client.update.errors import (
 from client.update.health import GOLDEN_FILE, GoldenLossChecker
 from client.update.state import DeviceConfig, DeviceState
 from client.update.transport import Retrier, RetryPolicy
+from simulation.fleet.bases import BaseCopy
 from simulation.fleet.config import Tier
 from simulation.fleet.faults import KillAt, Killed
 from simulation.fleet.runtimes import RuntimePool, adapter_digest
@@ -138,13 +139,13 @@ class SimDevice:
     Args:
         profile: The device's profile.
         root: Its state directory.
-        base_dir: The NF4 base it holds.
+        base: The base it holds (a GGUF file on llama.cpp, an NF4 directory on NF4).
     """
 
-    def __init__(self, profile: DeviceProfile, root: Path, base_dir: Path) -> None:
+    def __init__(self, profile: DeviceProfile, root: Path, base: BaseCopy) -> None:
         self.profile = profile
         self.state = DeviceState(root)
-        self.base_dir = base_dir
+        self.base = base
         self.updates = 0
         self.last_eval_version: int | None = None
 
@@ -154,7 +155,6 @@ class SimDevice:
         *,
         server_url: str,
         trusted_root: bytes,
-        fingerprint: str,
         secret: str,
         golden: list[str],
     ) -> None:
@@ -165,7 +165,7 @@ class SimDevice:
             UpdateTransientError: the server is unavailable.
         """
         budget = self.profile.tier.budget_bytes
-        report = api.DeviceReport(fingerprint, None, budget)
+        report = api.DeviceReport(self.base.fingerprint, None, budget)
         retrier = Retrier(RetryPolicy(budget_s=30.0))
         device_id, token = api.enroll(http, retrier, report=report, enrollment_secret=secret)
         self.state.tuf_dir.mkdir(parents=True, exist_ok=True)
@@ -176,9 +176,10 @@ class SimDevice:
                 server_url=server_url,
                 device_id=device_id,
                 token=token,
-                base_dir=str(self.base_dir),
-                base_fingerprint=fingerprint,
+                base_dir=str(self.base.path),
+                base_fingerprint=self.base.fingerprint,
                 memory_budget_bytes=budget,
+                runtime=self.profile.tier.runtime,
             )
         )
 
@@ -194,7 +195,7 @@ class SimDevice:
         """Run the update agent once (and once more after an injected kill)."""
         tier = self.profile.tier
         checker = GoldenLossChecker(
-            measure=pool.measure_fn(self.base_dir, tier.budget_bytes, golden),
+            measure=pool.measure_fn(self.base.path, tier.budget_bytes, golden),
             budget_bytes=tier.budget_bytes,
         )
         before = counter.bytes

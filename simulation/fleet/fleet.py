@@ -29,13 +29,14 @@ import numpy as np
 
 from delta_packager.files import relaxed_durability
 from delta_packager.manifest import AdapterConfig
+from simulation.fleet.bases import FleetBases
 from simulation.fleet.config import FleetConfig, Tier
 from simulation.fleet.device import ByteCounter, DeviceProfile, PollResult, SimDevice, consistency
 from simulation.fleet.faults import KILL_STEPS, CorruptingMirror
 from simulation.fleet.runtimes import RuntimePool
 from simulation.fleet.server import Endpoint, Operator
 
-__all__ = ["Fleet", "FleetBases", "SweepResult", "draw_profiles"]
+__all__ = ["Fleet", "RuntimeStats", "SweepResult", "draw_profiles"]
 
 logger = logging.getLogger(__name__)
 FAULTS = ("killed", "mirror", "other_base", "far_behind")
@@ -73,16 +74,6 @@ def draw_profiles(cfg: FleetConfig) -> list[DeviceProfile]:
     return profiles
 
 
-@dataclass(frozen=True)
-class FleetBases:
-    """The bases devices hold: the fleet's and the other one (fault ``other_base``)."""
-
-    base_dir: Path
-    fingerprint: str
-    other_dir: Path
-    other_fingerprint: str
-
-
 @dataclass
 class SweepResult:
     """What the fleet did after one release."""
@@ -94,6 +85,23 @@ class SweepResult:
     rejected: int = 0
     operator_advances: int = 0
     paused: bool = False
+
+
+@dataclass
+class RuntimeStats:
+    """Outcomes of the phones on one runtime (``summary.json`` ``fleet.runtimes``)."""
+
+    updates: int = 0
+    rollbacks: int = 0
+    rejections: int = 0
+    apply_ms: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+    budget_violations: int = 0
+    heldout_losses: list[float] = field(default_factory=list)
+
+    def record_peak(self, peak_bytes: int) -> None:
+        """One measured peak of a phone of this runtime (health check or evaluation)."""
+        self.peak_bytes = max(self.peak_bytes, peak_bytes)
 
 
 @dataclass
@@ -114,6 +122,7 @@ class _Stats:
     budget_violations: int = 0
     evals: list[dict[str, Any]] = field(default_factory=list)
     installs: list[tuple[float, int, int]] = field(default_factory=list)  # (t_s, device, v)
+    by_runtime: dict[str, RuntimeStats] = field(default_factory=dict)
 
 
 def _stage_healthy(view: dict[str, Any]) -> bool:
@@ -171,10 +180,12 @@ class Fleet:
             SimDevice(
                 p,
                 work_dir / "devices" / p.name,
-                bases.other_dir if p.fault == "other_base" else bases.base_dir,
+                bases.held_by(p.tier.runtime, other=p.fault == "other_base"),
             )
             for p in self.profiles
         ]
+        for runtime in cfg.runtimes:
+            self.stats.by_runtime[runtime] = RuntimeStats()
         self.versions: list[int | None] = [None] * cfg.devices
         self._counter = ByteCounter(httpx.HTTPTransport())
         self._mirror = CorruptingMirror(httpx.HTTPTransport())
@@ -199,12 +210,10 @@ class Fleet:
             UpdateTransientError: the server is unavailable.
         """
         for dev in self.devices:
-            other = dev.profile.fault == "other_base"
             dev.enroll(
                 self._http,
                 server_url=self.endpoint.url,
                 trusted_root=self._trusted_root,
-                fingerprint=self.bases.other_fingerprint if other else self.bases.fingerprint,
                 secret=self.endpoint.enrollment_secret,
                 golden=self.golden,
             )
@@ -273,6 +282,7 @@ class Fleet:
         with durability:
             result = dev.poll(http, self.pool, digests, golden=self.golden, counter=counter)
         s = self.stats
+        per_runtime = s.by_runtime[dev.profile.tier.runtime]
         s.bytes_downloaded += result.bytes_downloaded
         s.downloads += int(result.bytes_downloaded > 0)
         if dev.profile.fault == "other_base" and result.offered:
@@ -283,19 +293,24 @@ class Fleet:
         if result.health_peak_bytes is not None:
             name = dev.profile.tier.name
             s.peak_by_tier[name] = max(s.peak_by_tier.get(name, 0), result.health_peak_bytes)
+            per_runtime.record_peak(result.health_peak_bytes)
         if result.status == "rolled_back":
             s.rolled_back_devices.add(i)
+            per_runtime.rollbacks += 1
         elif result.status == "rejected":
             s.failed_devices.add(i)
             s.rejections[result.reason] += 1
+            per_runtime.rejections += 1
         elif result.status == "updated" and result.version is not None:
             s.updated_devices.add(i)
+            per_runtime.updates += 1
             full = result.bytes_downloaded == self.full_bytes.get(result.version)
             s.update_kinds["full" if full else "delta"] += 1
             if dev.profile.fault == "far_behind":
                 s.far_behind_last_full[i] = full
             if result.apply_ms is not None:
                 s.apply_ms.append(result.apply_ms)
+                per_runtime.apply_ms.append(result.apply_ms)
             t = self.clock_s + result.bytes_downloaded / dev.profile.tier.bandwidth_bps
             s.installs.append((t, i, result.version))
             if not self.cfg.lightweight:
@@ -317,7 +332,7 @@ class Fleet:
         )
         tier: Tier = dev.profile.tier
         got = self.pool.evaluate(
-            dev.base_dir,
+            dev.base.path,
             tier.budget_bytes,
             dict(adapter.tensors),
             config,
@@ -328,10 +343,15 @@ class Fleet:
         self.stats.budget_violations += int(over)
         peak = self.stats.peak_by_tier.get(tier.name, 0)
         self.stats.peak_by_tier[tier.name] = max(peak, got.peak_bytes)
+        per_runtime = self.stats.by_runtime[tier.runtime]
+        per_runtime.record_peak(got.peak_bytes)
+        per_runtime.budget_violations += int(over)
+        per_runtime.heldout_losses.append(got.loss)
         self.stats.evals.append(
             {
                 "device": i,
                 "tier": tier.name,
+                "runtime": tier.runtime,
                 "version": version,
                 "loss": got.loss,
                 "accuracy": got.accuracy,

@@ -144,6 +144,18 @@ def write_fleet_report(out_dir: Path, ctx: OtaContext) -> Path:
     rows = _table(summary)
     lines = ["# Fleet", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "| runtime | devices | updates | rollbacks | rejections | apply p50 ms "]
+    lines[-1] += "| peak MiB | budget violations | held-out loss |"
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    for name, r in summary["fleet"]["runtimes"].items():
+        peak = r["peak_memory_bytes_max"]
+        loss, apply_ms = r["heldout_loss_mean"], r["apply_ms_p50"]
+        lines.append(
+            f"| {name} | {r['devices']} | {r['updates']} | {r['rollbacks']} | "
+            f"{r['rejections']} | {'' if apply_ms is None else f'{apply_ms:.0f}'} | "
+            f"{'' if peak is None else f'{peak / 2**20:.1f}'} | {r['budget_violations']} | "
+            f"{'' if loss is None else f'{loss:.4f}'} |"
+        )
     lines += ["", "| release | kind | stages reached | state | paused | rolled back by |"]
     lines += ["|---|---|---|---|---|---|"]
     for r in summary["rollouts"]:

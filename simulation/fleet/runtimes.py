@@ -1,8 +1,11 @@
-"""⑧ infer, shared: one ``QuantizedRuntime`` per (base, memory budget), not per device.
+"""⑧ infer, shared: one device runtime per (base, memory budget), not per device.
 
 A simulated phone owns no model: every device of a tier on one base uses the same
-runtime and hot-swaps its adapter in (``set_adapter`` only copies LoRA tensors, so this
-is what a phone switching adapters does too). Memory therefore grows with the number
+runtime and hot-swaps its adapter in, as a phone switching adapters does: the NF4
+runtime copies LoRA tensors into PEFT's layers, the llama.cpp runtime loads a GGUF LoRA
+next to the base once and switches to it with ``llama_set_adapters_lora``. The base
+decides the runtime (``client.runtime.open_runtime``: a ``.gguf`` file runs on
+llama.cpp, a checkpoint directory on NF4). Memory therefore grows with the number
 of tiers and bases, never with the number of devices.
 
 Peak memory is attributed per runtime, not per process: the runtime's resident bytes
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from client.runtime.interface import open_runtime, runtime_kind_of
 from client.update.health import Measurement
 from delta_packager.apply import AdapterState
 from delta_packager.manifest import AdapterConfig, Manifest
@@ -61,11 +65,11 @@ class EvalResult:
 class _Shared:
     """One loaded runtime and its resident footprint."""
 
-    def __init__(self, base_dir: Path, budget_bytes: int | None, reserve_bytes: int) -> None:
-        from client.runtime import QuantizedRuntime
-
-        self.runtime = QuantizedRuntime(
-            base_dir, budget_bytes=budget_bytes, adapter_reserve_bytes=reserve_bytes
+    def __init__(
+        self, base: Path, budget_bytes: int | None, reserve_bytes: int, threads: int | None
+    ) -> None:
+        self.runtime = open_runtime(
+            base, budget_bytes=budget_bytes, adapter_reserve_bytes=reserve_bytes, threads=threads
         )
         # The meter's baseline is taken after the libraries are imported, before loading.
         self.resident_bytes = int(self.runtime.meter.current_added_bytes())
@@ -73,13 +77,14 @@ class _Shared:
 
 
 class RuntimePool:
-    """Shared runtimes keyed by (base directory, budget).
+    """Shared runtimes keyed by (base, budget); the base is a GGUF file or NF4 directory.
 
     Args:
         adapter_reserve_bytes: Budget each runtime keeps for the adapter.
         lightweight: Memoise golden measurements per (base, budget, adapter digest).
-        torch_threads: Intra-op threads for torch (``None``: leave as is). Many tiny
-            evaluations run fastest on one thread, and a phone has few cores anyway.
+        threads: Threads for torch's intra-op pool and for llama.cpp (``None``:
+            leave as is). Many tiny evaluations run fastest on one thread, and a phone
+            has few cores anyway.
     """
 
     def __init__(
@@ -87,9 +92,9 @@ class RuntimePool:
         *,
         adapter_reserve_bytes: int = 4 * 2**20,
         lightweight: bool = False,
-        torch_threads: int | None = 1,
+        threads: int | None = 1,
     ) -> None:
-        self.torch_threads = torch_threads
+        self.threads = threads
         self.adapter_reserve_bytes = adapter_reserve_bytes
         self.lightweight = lightweight
         self._runtimes: dict[tuple[str, int | None], _Shared] = {}
@@ -100,13 +105,13 @@ class RuntimePool:
         key = (str(base_dir), budget_bytes)
         shared = self._runtimes.get(key)
         if shared is None:
-            if self.torch_threads is not None:
+            if self.threads is not None and runtime_kind_of(base_dir) == "nf4":
                 import torch
 
-                torch.set_num_threads(self.torch_threads)
+                torch.set_num_threads(self.threads)
             logger.info("loading a shared runtime for %s under budget %s", base_dir, budget_bytes)
             shared = self._runtimes[key] = _Shared(
-                base_dir, budget_bytes, self.adapter_reserve_bytes
+                base_dir, budget_bytes, self.adapter_reserve_bytes, self.threads
             )
         return shared
 
@@ -185,6 +190,8 @@ class RuntimePool:
         return {"runtimes": len(self._runtimes), "inferences": self.inferences}
 
     def close(self) -> None:
-        """Drop every runtime (frees their memory at the next collection)."""
+        """Close every runtime (llama.cpp frees its model, context and LoRA files)."""
+        for shared in self._runtimes.values():
+            shared.runtime.close()
         self._runtimes.clear()
         self._memo.clear()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from simulation.fleet.fleet import Fleet
@@ -39,9 +40,24 @@ def fleet_summary(fleet: Fleet, publisher: Publisher, *, full_model_bytes: int) 
             "budget_bytes": t.budget_bytes,
             "bandwidth_bps": t.bandwidth_bps,
             "availability": t.availability,
+            "runtime": t.runtime,
             "peak_memory_bytes_max": s.peak_by_tier.get(t.name),
         }
         for t in fleet.cfg.tiers
+    }
+    runtimes = {
+        name: {
+            "devices": sum(p.tier.runtime == name for p in fleet.profiles),
+            "base_fingerprint": fleet.bases.held_by(name).fingerprint,
+            "updates": r.updates,
+            "rollbacks": r.rollbacks,
+            "rejections": r.rejections,
+            "apply_ms_p50": statistics.median(r.apply_ms) if r.apply_ms else None,
+            "peak_memory_bytes_max": r.peak_bytes or None,
+            "budget_violations": r.budget_violations,
+            "heldout_loss_mean": statistics.fmean(r.heldout_losses) if r.heldout_losses else None,
+        }
+        for name, r in sorted(s.by_runtime.items())
     }
     bundle_size = publisher.releases[-1].bundles[None] if publisher.releases else 0
     return {
@@ -69,6 +85,7 @@ def fleet_summary(fleet: Fleet, publisher: Publisher, *, full_model_bytes: int) 
         "final_versions": per_version,
         "faults": faults,
         "tiers": tiers,
+        "runtimes": runtimes,
         "lightweight": fleet.cfg.lightweight,
         "inferences": fleet.pool.inferences,
         "simulated_time_s": fleet.clock_s,

@@ -30,7 +30,8 @@ def demo(micro_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     # probability 12/2048 it holds fewer than min_reports=2 devices; the operator then
     # advances to 100% and the threshold trips there (still never installed anywhere).
     tiers = tuple(
-        Tier(t.name, t.share, t.budget_bytes, t.bandwidth_bps, 1.0) for t in DEFAULT_TIERS
+        Tier(t.name, t.share, t.budget_bytes, t.bandwidth_bps, 1.0, t.runtime)
+        for t in DEFAULT_TIERS
     )
     cfg = FleetConfig(
         devices=12,
@@ -66,6 +67,42 @@ def test_fleet_invariants_hold(demo: tuple[Path, dict[str, Any]]) -> None:
     assert fleet["peak_memory_bytes_max"] == max(
         t["peak_memory_bytes_max"] for t in tiers.values() if t["peak_memory_bytes_max"]
     )
+
+
+def test_phones_on_both_runtimes_update_and_agree(demo: tuple[Path, dict[str, Any]]) -> None:
+    """The default tiers run llama.cpp (low, mid) and NF4 (high) side by side, each
+    phone on its own base form, and both take the same releases."""
+    _, result = demo
+    runtimes = result["fleet"]["runtimes"]
+    assert set(runtimes) == {"llamacpp", "nf4"}
+    assert {t["runtime"] for t in result["fleet"]["tiers"].values()} == {"llamacpp", "nf4"}
+    gguf, nf4 = runtimes["llamacpp"], runtimes["nf4"]
+    assert gguf["base_fingerprint"] != nf4["base_fingerprint"]
+    for r in (gguf, nf4):
+        assert r["devices"] > 0 and r["updates"] > 0 and r["budget_violations"] == 0
+        assert r["apply_ms_p50"] > 0 and r["peak_memory_bytes_max"] > 0
+
+
+def test_the_fleets_gguf_base_evaluates_like_its_nf4_base(
+    demo: tuple[Path, dict[str, Any]], micro_base: Path
+) -> None:
+    """Same adapter, same texts: the llama.cpp phones' Q8_0 export (of the NF4 weights)
+    and the NF4 runtime agree on the loss (ADR 0011)."""
+    from simulation.fleet.runtimes import RuntimePool
+
+    out, _ = demo
+    (gguf,) = (out / "ota" / "gguf").glob("*-q8_0.gguf")
+    config = AdapterConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+    adapter = demo_adapter(micro_base / "nf4", config, seed=1, round=3)
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "hello world, says the phone"]
+    pool = RuntimePool()
+    try:
+        on_gguf = pool.evaluate(gguf, None, adapter, config, texts)
+        on_nf4 = pool.evaluate(micro_base / "nf4", None, adapter, config, texts)
+    finally:
+        pool.close()
+    assert on_gguf.tokens == on_nf4.tokens > 0
+    assert on_gguf.loss == pytest.approx(on_nf4.loss, rel=0.02)
 
 
 def test_faults_have_their_expected_outcomes(demo: tuple[Path, dict[str, Any]]) -> None:

@@ -64,6 +64,11 @@ def test_default_run_meets_the_fleet_invariants(run: dict[str, Any]) -> None:
     assert fleet["healthy_not_on_latest"] == 0
     assert fleet["other_base_offered"] == 0
     assert 0 < fleet["bytes_downloaded"] < fleet["bytes_if_full_model"]
+    # The default fleet is mixed: phones on llama.cpp (a GGUF export) take every release.
+    runtimes = fleet["runtimes"]
+    assert set(runtimes) == {"llamacpp", "nf4"}
+    assert runtimes["llamacpp"]["updates"] > 0
+    assert all(r["budget_violations"] == 0 for r in runtimes.values())
 
 
 def test_faulty_release_is_auto_paused_and_rolled_back(run: dict[str, Any]) -> None:
@@ -90,4 +95,5 @@ def test_outputs_report_and_progress(run: dict[str, Any]) -> None:
     assert (out / "report.html").is_file()
     assert "round 3/3" in run["stderr"] and "OTA: released v2, v3" in run["stderr"]
     assert "mixed_state" in run["stdout"] and "report in" in run["stdout"]
+    assert "phones on llamacpp" in run["stdout"] and "phones on nf4" in run["stdout"]
     assert "Loading weights" not in run["stderr"]  # library chatter stays hidden
