@@ -34,7 +34,12 @@ import numpy as np
 from client.errors import ClientError, ClientInputError
 from client.runtime.budget import BudgetTooSmallError, MemoryPlan
 from client.runtime.gguf_lora import lora_to_gguf_tensors, write_lora_gguf
-from client.runtime.gguf_plan import CTX_STEP, plan_llamacpp_memory, read_gguf_footprint
+from client.runtime.gguf_plan import (
+    CTX_STEP,
+    GgufFootprint,
+    plan_llamacpp_memory,
+    read_gguf_footprint,
+)
 from client.runtime.interface import (
     POLICIES,
     AdapterSpec,
@@ -45,7 +50,7 @@ from client.runtime.interface import (
 )
 from client.runtime.memory import MemoryMeter, release_free_memory
 
-__all__ = ["LlamaCppError", "LlamaCppRuntime", "LlamaModel", "llama_log_tail"]
+__all__ = ["LlamaCppError", "LlamaCppRuntime", "LlamaModel", "llama_log_tail", "lora_file_name"]
 
 logger = logging.getLogger(__name__)
 _DEFAULT_ADAPTER_RANK = 16
@@ -140,8 +145,16 @@ class LlamaModel:
             self.ptr = None
 
 
-def _digest(state: Mapping[str, Any]) -> str:
+def lora_file_name(state: Mapping[str, Any], base: GgufFootprint) -> str:
+    """The file name the runtime gives the GGUF LoRA of ``state`` on ``base``."""
+    return f"lora-{_digest(state, base)[:40]}.gguf"
+
+
+def _digest(state: Mapping[str, Any], base: GgufFootprint) -> str:
+    """Names the GGUF LoRA of ``state`` for ``base``: the conversion depends on the base's
+    architecture, depth and heads (rotary row order), so those are hashed in too."""
     h = hashlib.sha256()
+    h.update(f"{base.arch}/{base.n_layer}/{base.n_head}/{base.n_head_kv}\0".encode())
     for name in sorted(state):
         arr = np.ascontiguousarray(state[name], dtype=np.float32)
         h.update(name.encode() + b"\0" + str(arr.shape).encode() + b"\0")
@@ -253,7 +266,7 @@ class LlamaCppRuntime:
                 "for it; create the runtime with a larger adapter_reserve_bytes",
                 needed_bytes=size,
             )
-        digest = _digest(state)
+        digest = _digest(state, self.footprint)
         adapter = self._adapters.get(digest) or self._load_adapter(digest, state, spec)
         self._adapters.move_to_end(digest)
         arr = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
@@ -273,14 +286,25 @@ class LlamaCppRuntime:
             state, arch=fp.arch, n_blocks=fp.n_layer, n_heads=fp.n_head, n_kv_heads=fp.n_head_kv
         )
         self._check_shapes(tensors, spec)
-        path = self.cache_dir / f"lora-{digest[:40]}.gguf"
-        if not path.is_file():
-            write_lora_gguf(path, tensors, arch=fp.arch, alpha=spec.alpha)
-        adapter = self.model.lib.llama_adapter_lora_init(self.model.ptr, str(path).encode())
-        if not adapter:
-            raise LlamaCppError(f"llama.cpp refused the LoRA {path.name}: {llama_log_tail()}")
-        self._adapters[digest] = adapter
-        return adapter
+        path = self.cache_dir / lora_file_name(state, fp)
+        # The cache is shared with other runtimes on this device (the app's and the update
+        # agent's health check), and each prunes what it has not loaded: a file that
+        # vanishes between the check and the load, a temp swept mid-write, or a file
+        # llama.cpp refuses is written again once (it is derived from the verified state).
+        for attempt in range(2):
+            try:
+                if not path.is_file():
+                    write_lora_gguf(path, tensors, arch=fp.arch, alpha=spec.alpha)
+                adapter = self.model.lib.llama_adapter_lora_init(self.model.ptr, str(path).encode())
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                continue
+            if adapter:
+                self._adapters[digest] = adapter
+                return adapter
+            path.unlink(missing_ok=True)
+        raise LlamaCppError(f"llama.cpp refused the LoRA {path.name}: {llama_log_tail()}")
 
     def _prune_cache(self) -> None:
         """Delete materialised LoRAs of adapters no longer loaded (they are derived)."""

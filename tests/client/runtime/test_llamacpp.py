@@ -13,7 +13,7 @@ import pytest
 from client.errors import ClientInputError
 from client.runtime import AdapterSpec, BudgetTooSmallError, RequestTooLargeError
 from client.runtime.gguf_plan import CTX_STEP, plan_llamacpp_memory, read_gguf_footprint
-from client.runtime.llamacpp import LlamaCppRuntime
+from client.runtime.llamacpp import LlamaCppRuntime, lora_file_name
 from client.runtime.runtime import QuantizedRuntime
 
 pytestmark = pytest.mark.slow
@@ -140,6 +140,46 @@ def test_materialised_loras_are_named_by_content_and_pruned(
     files = sorted(runtime.cache_dir.glob("lora-*.gguf"))
     assert len(files) == 2  # the attached adapter and the one before it
     assert not list(runtime.cache_dir.glob(".*tmp"))
+
+
+def test_a_lora_pruned_by_another_runtime_sharing_the_cache_is_written_again(
+    micro_gguf: Path, micro_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's runtime and the update agent's health check share the device's cache;
+    one may prune a LoRA between the other's existence check and its load."""
+    state = lora_state(micro_base / "nf4", rank=4, seed=9)
+    name = lora_file_name(state, read_gguf_footprint(micro_gguf))
+    (tmp_path / name).write_bytes(b"")  # present at the check ...
+    rt = LlamaCppRuntime(micro_gguf, cache_dir=tmp_path, threads=1)
+    lib = rt.model.lib
+    real_init = lib.llama_adapter_lora_init
+
+    def pruned_then_init(model: object, path: bytes) -> object:
+        Path(path.decode()).unlink(missing_ok=True)  # ... gone at the load
+        monkeypatch.setattr(lib, "llama_adapter_lora_init", real_init)
+        return real_init(model, path)
+
+    monkeypatch.setattr(lib, "llama_adapter_lora_init", pruned_then_init)
+    try:
+        rt.set_adapter(state, SPEC, version=9)
+        assert rt.adapter_version == 9 and (tmp_path / name).stat().st_size > 0
+        assert rt.generate("the", max_new_tokens=4).text
+    finally:
+        rt.close()
+
+
+def test_a_damaged_lora_in_the_cache_is_rebuilt(
+    micro_gguf: Path, micro_base: Path, tmp_path: Path
+) -> None:
+    state = lora_state(micro_base / "nf4", rank=4, seed=10)
+    path = tmp_path / lora_file_name(state, read_gguf_footprint(micro_gguf))
+    path.write_bytes(b"GGUF truncated")
+    rt = LlamaCppRuntime(micro_gguf, cache_dir=tmp_path, threads=1)
+    try:
+        rt.set_adapter(state, SPEC, version=10)
+        assert rt.adapter_version == 10 and path.stat().st_size > 100
+    finally:
+        rt.close()
 
 
 def test_i43_a_crash_while_writing_the_lora_leaves_the_old_adapter(

@@ -32,7 +32,8 @@ from update_fakes import FakeOta, Pipeline, Released, enroll_device
 from updater_proc import RUNTIME_STEPS
 
 from client.device import Device
-from client.runtime.llamacpp import _digest
+from client.runtime.gguf_plan import read_gguf_footprint
+from client.runtime.llamacpp import lora_file_name
 from client.update import check_and_update, default_checker
 from client.update.agent import UpdateOutcome
 from client.update.health import GOLDEN_FILE, Measurement, runtime_measure
@@ -54,6 +55,7 @@ class GgufWorld:
     v1: Released
     v2: Released
     losses: dict[int, float]  # golden loss of each version on the device's runtime
+    gguf: Path  # the device's base
 
 
 def released_measured(pipeline: Pipeline, measure: Measure) -> Released:
@@ -73,9 +75,9 @@ def update(state: DeviceState) -> UpdateOutcome:
     )
 
 
-def lora_file(release: Released) -> str:
+def lora_file(release: Released, gguf: Path) -> str:
     """The GGUF LoRA the llama.cpp runtime materialises for ``release`` (named by digest)."""
-    return f"lora-{_digest(release.tensors)[:40]}.gguf"
+    return lora_file_name(release.tensors, read_gguf_footprint(gguf))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,7 @@ def gguf_world(
             for r in (v1, v2)
         }
         assert abs(losses[1] - losses[2]) > 0.01  # the runtime's loss tells them apart
-        yield GgufWorld(ota, state.root, v1, v2, losses)
+        yield GgufWorld(ota, state.root, v1, v2, losses, micro_gguf)
     finally:
         ota.close()
 
@@ -134,10 +136,10 @@ def test_e20_gguf_killed_at_every_step_leaves_old_or_new_exactly(
     expected = w.v2 if step in AFTER_SWAP else w.v1
     assert exactly(device.read_active(), expected), f"killed at {step}: not exactly v{expected}"
     if step == "write_lora":  # the kill did land mid-write: a partial temp, no LoRA
-        assert [p for p in cache.iterdir() if p.name.startswith(f".{lora_file(w.v2)}.")]
-        assert not (cache / lora_file(w.v2)).exists()
+        assert [p for p in cache.iterdir() if p.name.startswith(f".{lora_file(w.v2, w.gguf)}.")]
+        assert not (cache / lora_file(w.v2, w.gguf)).exists()
     if step == "evaluate":  # ... or with the LoRA complete, which the restart reuses
-        assert (cache / lora_file(w.v2)).is_file()
+        assert (cache / lora_file(w.v2, w.gguf)).is_file()
 
     # Restart with the real health check: the update is finished (or redone).
     outcome = update(device)
@@ -156,4 +158,4 @@ def test_e20_gguf_killed_at_every_step_leaves_old_or_new_exactly(
         runtime = phone.runtime
         assert (runtime.kind, runtime.adapter_version) == ("llamacpp", 2)
         assert abs(phone.evaluate(GOLDEN).loss - w.losses[2]) < 1e-3
-    assert sorted(p.name for p in cache.iterdir()) == [lora_file(w.v2)]
+    assert sorted(p.name for p in cache.iterdir()) == [lora_file(w.v2, w.gguf)]
