@@ -102,8 +102,9 @@ class Device:
                 one the base calls for).
 
         Raises:
-            DeviceStateError: already enrolled, bad root or golden file, or a runtime
-                that does not fit the base.
+            DeviceStateError: already enrolled, a missing or bad root or golden file, or
+                a runtime that does not fit the base (checked before the server is asked).
+            ClientInputError: ``base`` is not a readable base model.
             UpdateRejectedError / UpdateTransientError: the server refused or failed.
         """
         import httpx
@@ -113,6 +114,7 @@ class Device:
         from client.update import api
         from client.update.health import GOLDEN_FILE, read_golden
         from client.update.transport import Retrier
+        from delta_packager.errors import PackagerError
         from delta_packager.fingerprint import fingerprint_base
         from delta_packager.verify import verify_root_update
 
@@ -131,9 +133,26 @@ class Device:
             if not isinstance(trusted.signed, Root):
                 raise DeserializationError("not root metadata")
             verify_root_update(None, trusted)
+        except OSError as e:
+            raise DeviceStateError(
+                f"cannot read the trusted root {root}: {e.strerror}; pass the provisioned root.json"
+            ) from e
         except (DeserializationError, ValueError) as e:
             raise DeviceStateError(f"{root} is not a valid TUF root.json: {e}") from e
-        fingerprint = fingerprint_base(base)
+        try:
+            fingerprint = fingerprint_base(base)
+        except PackagerError as e:
+            raise ClientInputError(str(e)) from e
+        if golden is not None:  # refuse a missing or malformed file before enrolling
+            state.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(golden, state / GOLDEN_FILE)
+            except OSError as e:
+                raise DeviceStateError(
+                    f"cannot read the golden prompts {golden}: {e.strerror}; pass a JSON "
+                    "list of prompts"
+                ) from e
+            read_golden(device)
         report = api.DeviceReport(fingerprint, None, budget_mb * _MIB)
         with httpx.Client(base_url=server, timeout=30.0) as http:
             device_id, token = api.enroll(
@@ -141,9 +160,6 @@ class Device:
             )
         device.tuf_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(root, device.tuf_dir / "root.json")
-        if golden is not None:
-            shutil.copyfile(golden, state / GOLDEN_FILE)
-            read_golden(device)  # refuse a malformed file now, not at the first update
         device.write_config(
             DeviceConfig(
                 server_url=server,

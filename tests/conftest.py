@@ -9,6 +9,9 @@
 * ``device_venv`` — the ``bin`` directory of a fresh virtualenv holding a device-only
   install (``pip install 'fedota[device]'``: no torch, no server), for tests that run
   ``fedota device ...`` as a phone would, e.g. against a server started from this venv.
+* ``released_micro_server`` — a real ``fedota serve`` (this venv) holding release v1 for
+  the micro base and ``micro_gguf``, rolled out to every device
+  (``tests/ota_server_helpers.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.ota_server_helpers import ReleasedServer
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO_STEPS = 30
@@ -160,3 +168,19 @@ def device_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the one ``make setup`` would build.
     """
     return make_device_venv(tmp_path_factory.mktemp("device-venv")) / "bin"
+
+
+@pytest.fixture(scope="session")
+def released_micro_server(
+    micro_base: Path, micro_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ReleasedServer]:
+    """A real ``fedota serve`` with release v1 for the micro base and ``micro_gguf``.
+
+    Shared by every test of the session that enrolls a device against it (each enrolls
+    its own device); see ``tests/ota_server_helpers.py``.
+    """
+    from tests.ota_server_helpers import released_server
+
+    work = tmp_path_factory.mktemp("released-server")
+    with released_server(work, nf4=micro_base / "nf4", gguf=micro_gguf) as server:
+        yield server

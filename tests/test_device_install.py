@@ -4,16 +4,22 @@ A fresh virtualenv gets ``pip install 'fedota[device]'`` (the ``device_venv`` fi
 ``tests/conftest.py``), exactly what a phone-side install runs, and must hold none of the
 training or server stacks while the update agent, the llama.cpp runtime and every
 ``fedota device`` command still work, and a server command says which extra it needs.
+The last test runs the device commands of that install end to end: enroll on a GGUF
+base, update and infer against a real ``fedota serve`` (this venv) holding a release
+that names the GGUF base (``released_micro_server``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.ota_server_helpers import ReleasedServer
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +40,15 @@ HEAVY_MODULES = (*HEAVY_DISTRIBUTIONS, "accelerate", "matplotlib", "uvicorn", "p
 DEVICE_COMMANDS = ("enroll", "update", "status", "infer")
 
 
-def _run(bin_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run(
+    bin_dir: Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(bin_dir / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout
+        [str(bin_dir / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -117,3 +129,43 @@ def test_a_command_of_a_missing_extra_names_the_extra(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: '{command}' needs the {extra} extra")
     assert lines[0].endswith(f"pip install 'fedota[{extra}]'")
+
+
+def test_device_cli_enrolls_updates_and_infers_on_a_gguf_base_against_fedota_serve(
+    device_venv: Path, released_micro_server: ReleasedServer, micro_gguf: Path, tmp_path: Path
+) -> None:
+    server, state = released_micro_server, str(tmp_path / "device")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["FEDOTA_ENROLLMENT_SECRET"] = server.enrollment_secret
+    enroll = ["fedota", "device", "enroll", "--server", server.url, "--state", state]
+    enroll += ["--root", str(server.root), "--golden", str(server.golden)]
+    enroll += ["--base", str(micro_gguf), "--runtime"]
+
+    wrong = _run(device_venv, *enroll, "nf4", env=env)
+    assert wrong.returncode == 2, wrong.stderr
+    assert "--runtime nf4 needs an NF4 checkpoint directory as --base" in wrong.stderr
+
+    enrolled = _run(device_venv, *enroll, "llamacpp", env=env)
+    assert enrolled.returncode == 0, enrolled.stderr[-2000:]
+    assert "(llamacpp runtime, base " in enrolled.stdout
+
+    update = ("fedota", "device", "update", "--state", state)
+    updated = _run(device_venv, *update, env=env)
+    assert updated.returncode == 0, updated.stderr[-2000:]
+    assert updated.stdout.strip() == f"updated to adapter version {server.version}"
+    current = _run(device_venv, *update, env=env)
+    assert current.returncode == 10, current.stderr[-2000:]
+
+    infer = ("fedota", "device", "infer", "--state", state, "--prompt", "the weather today is")
+    inferred = _run(device_venv, *infer, "--max-new-tokens", "8", "--json", env=env)
+    assert inferred.returncode == 0, inferred.stderr[-2000:]
+    record = json.loads(inferred.stdout.strip().splitlines()[-1])
+    assert (record["runtime"], record["adapter_version"]) == ("llamacpp", server.version)
+    assert record["new_tokens"] >= 1 and record["text"].strip()
+    assert 0 < record["peak_added_bytes"] <= record["budget_bytes"] == 512 * 2**20
+
+    status = _run(device_venv, "fedota", "device", "status", "--state", state, "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["base_fingerprint"] == server.gguf_fingerprint
+    assert info["active_version"] == server.version and info["runtime"] == "llamacpp"
