@@ -13,6 +13,9 @@ Invariants:
 * ``ffa`` only ever receives ``lora_B``: ``A`` is frozen at a seeded init shared by all
   clients, so ``mean_i(B_i) @ A == mean_i(B_i @ A)`` — the average is exact, and the
   upload is half of ``fedavg`` for square projections.
+* An update is aggregated only if it has exactly the tensors the mode exchanges
+  (:func:`exchanged_names`), each with the global adapter's dtype and shape (so the
+  LoRA rank too): :func:`structure_error` says why not, before any arithmetic runs.
 * Central DP (DP-FedAvg, McMahan et al. 2018, Alg. 1 with the fixed-denominator
   estimator): each client's delta is clipped to L2 norm ``clip``; the sum gets Gaussian
   noise of standard deviation ``noise_multiplier * clip`` and is divided by the
@@ -33,9 +36,11 @@ __all__ = [
     "add_delta",
     "clip_delta",
     "delta_norm",
+    "exchanged_names",
     "fedavg_delta",
     "is_finite",
     "noised_sum_delta",
+    "structure_error",
     "subtract",
 ]
 
@@ -54,6 +59,68 @@ class Contribution:
 
     delta: Adapter
     weight: float
+
+
+def exchanged_names(reference: Adapter, aggregation: str) -> frozenset[str]:
+    """The tensor names every client must send back for ``reference``.
+
+    ``fedavg``: all of them. ``ffa``: all but the frozen ``lora_A`` tensors (the
+    phones' initial adapter holds ``lora_B`` only, so that is usually all of them too).
+    """
+    if aggregation == "ffa":
+        return frozenset(k for k in reference if ".lora_A." not in k)
+    return frozenset(reference)
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _rank_axis(name: str) -> int | None:
+    """Where the LoRA rank sits: ``lora_A`` is ``(rank, in)``, ``lora_B`` ``(out, rank)``."""
+    if ".lora_A." in name:
+        return 0
+    if ".lora_B." in name:
+        return 1
+    return None
+
+
+def _shape_error(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    axis = _rank_axis(name)
+    if axis is not None and len(got) == len(want) == 2:
+        others_match = all(
+            g == w for i, (g, w) in enumerate(zip(got, want, strict=True)) if i != axis
+        )
+        if others_match:
+            return (
+                f"{name}: LoRA rank {got[axis]} differs from the global adapter's rank "
+                f"{want[axis]} (shape {got}, expected {want})"
+            )
+    return f"{name}: shape {got} differs from the global adapter's {want}"
+
+
+def structure_error(update: Adapter, reference: Adapter, *, names: frozenset[str]) -> str | None:
+    """Why ``update`` cannot be aggregated against ``reference``, or ``None``.
+
+    Checks, in this order: the exact set of tensor names (``names``, from
+    :func:`exchanged_names`), then for each name the dtype and the shape (a shape that
+    differs only in the rank axis is reported as a LoRA rank mismatch). The values are
+    not looked at: finiteness and norm are the caller's next checks.
+    """
+    missing = sorted(names - set(update))
+    if missing:
+        return f"missing {len(missing)} of {len(names)} exchanged tensor(s): {_few(missing)}"
+    extra = sorted(set(update) - names)
+    if extra:
+        return f"{len(extra)} tensor(s) the global adapter does not exchange: {_few(extra)}"
+    for name in sorted(names):
+        got, want = np.asarray(update[name]), reference[name]
+        if got.dtype != want.dtype:
+            return f"{name}: dtype {got.dtype} differs from the global adapter's {want.dtype}"
+        if got.shape != want.shape:
+            return _shape_error(name, got.shape, want.shape)
+    return None
 
 
 def subtract(local: Adapter, reference: Adapter) -> dict[str, np.ndarray]:

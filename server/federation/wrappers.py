@@ -1,7 +1,9 @@
 """② aggregate: strategy wrappers that add validation and central DP to ``LoraStrategy``.
 
-* :class:`UpdateValidation` drops replies whose update is non-finite, has an L2 norm
-  above a bound or has the wrong tensors, and logs each rejection (THREATS G32);
+* :class:`UpdateValidation` drops replies whose update has the wrong tensors (missing,
+  extra, another dtype, shape or LoRA rank than the global adapter), is non-finite or
+  has an L2 norm above a bound, and logs each rejection with the client's id, so one
+  malformed client never aborts a round (THREATS G32);
 * :class:`CentralDP` replaces the weighted mean by DP-FedAvg (clip, sum, Gaussian
   noise, fixed denominator ``q·N``) and keeps the user-level accountant. The noise is
   drawn from a generator seeded by ``(seed, round)`` so a resumed run reproduces it.
@@ -26,8 +28,10 @@ from server.federation.aggregate import (
     add_delta,
     clip_delta,
     delta_norm,
+    exchanged_names,
     is_finite,
     noised_sum_delta,
+    structure_error,
     subtract,
 )
 from server.federation.records import TrainReply, decode_train_reply, numpy_to_arrays
@@ -106,16 +110,20 @@ class UpdateValidation(_Wrapper):
         self.max_update_norm = max_update_norm
 
     def check(self, reply: TrainReply) -> str | None:
-        """Why ``reply`` must be excluded, or ``None`` when it is acceptable."""
+        """Why ``reply`` must be excluded, or ``None`` when it is acceptable.
+
+        Structure first (the exact tensor names of the aggregation mode, then each
+        tensor's dtype, shape and LoRA rank against the global adapter), so that the
+        arithmetic after it never meets a malformed update.
+        """
         if reply.status != "ok" or reply.adapter is None:
             return None  # not an update: counted as "did not train", not as rejected
-        unknown = sorted(set(reply.adapter) - set(self.inner.global_adapter))
-        if unknown:
-            return f"unknown tensors {unknown[:3]}"
-        try:
-            delta = subtract(reply.adapter, self.inner.global_adapter)
-        except ValueError as e:
-            return str(e)
+        glob = self.inner.global_adapter
+        names = exchanged_names(glob, self.inner.aggregation)
+        wrong = structure_error(reply.adapter, glob, names=names)
+        if wrong is not None:
+            return wrong
+        delta = subtract(reply.adapter, glob)
         if not is_finite(delta):
             return "update contains NaN or Inf"
         norm = delta_norm(delta)
@@ -129,15 +137,17 @@ class UpdateValidation(_Wrapper):
         """Drop invalid updates (logged), aggregate the rest with the wrapped strategy."""
         kept, rejected = [], 0
         for msg in replies:
-            reason = self.check(decode_train_reply(msg))
+            reply = decode_train_reply(msg)
+            reason = self.check(reply)
             if reason is None:
                 kept.append(msg)
                 continue
             rejected += 1
             logger.warning(
-                "round %d: rejected update from node %d: %s",
+                "round %d: rejected update from client %s (node %d): %s",
                 server_round,
-                msg.metadata.src_node_id,
+                reply.client_id,
+                reply.node_id,
                 reason,
             )
         arrays, metrics = self.inner.aggregate_train(server_round, kept)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,9 +16,11 @@ from server.federation.aggregate import (
     add_delta,
     clip_delta,
     delta_norm,
+    exchanged_names,
     fedavg_delta,
     is_finite,
     noised_sum_delta,
+    structure_error,
     subtract,
 )
 
@@ -142,3 +145,51 @@ def test_empty_or_weightless_aggregation_is_refused() -> None:
         fedavg_delta({})
     with pytest.raises(ValueError, match="positive"):
         fedavg_delta({"a": Contribution({"w": np.zeros(1)}, 0.0)})
+
+
+A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
+GLOBAL = {A: np.ones((2, 4), np.float32), B: np.zeros((4, 2), np.float32)}
+
+
+def test_ffa_clients_exchange_b_only_and_fedavg_clients_everything() -> None:
+    assert exchanged_names(GLOBAL, "ffa") == {B}
+    assert exchanged_names(GLOBAL, "fedavg") == {A, B}
+    assert exchanged_names({B: GLOBAL[B]}, "ffa") == {B}  # the phones' own initial adapter
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "ffa"])
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        pytest.param(
+            lambda u: {k: v for k, v in u.items() if k != B}, "missing 1 of", id="missing"
+        ),
+        pytest.param(
+            lambda u: {**u, "m.k_proj.lora_B.weight": u[B]}, "does not exchange", id="extra"
+        ),
+        pytest.param(lambda u: {**u, B: u[B].reshape(2, 4)}, "shape (2, 4) differs", id="shape"),
+        pytest.param(
+            lambda u: {**u, B: np.zeros((4, 3), np.float32)}, "LoRA rank 3 differs", id="rank"
+        ),
+        pytest.param(lambda u: {**u, B: u[B].astype(np.float16)}, "dtype float16", id="float16"),
+        pytest.param(lambda u: {**u, B: u[B].astype(np.int64)}, "dtype int64", id="int64"),
+    ],
+)
+def test_structure_error_names_what_is_wrong(aggregation: str, change: Any, reason: str) -> None:
+    names = exchanged_names(GLOBAL, aggregation)
+    update = {k: GLOBAL[k] + 0.5 for k in names}
+    assert structure_error(update, GLOBAL, names=names) is None
+    why = structure_error(change(update), GLOBAL, names=names)
+    assert why is not None
+    assert reason in why
+    assert B in why or "m.k_proj.lora_B.weight" in why  # names the offending tensor
+
+
+def test_a_lora_a_tensor_is_extra_under_ffa_and_its_rank_is_checked_under_fedavg() -> None:
+    ffa, fedavg = exchanged_names(GLOBAL, "ffa"), exchanged_names(GLOBAL, "fedavg")
+    sent_a = {A: GLOBAL[A], B: GLOBAL[B]}
+    assert "does not exchange" in str(structure_error(sent_a, GLOBAL, names=ffa))
+    wrong_rank = {A: np.ones((3, 4), np.float32), B: GLOBAL[B]}
+    assert "LoRA rank 3 differs from the global adapter's rank 2" in str(
+        structure_error(wrong_rank, GLOBAL, names=fedavg)
+    )

@@ -122,6 +122,91 @@ def test_g32_bad_updates_are_excluded_and_logged(bad: Any, caplog: Any) -> None:
     assert "rejected update" in caplog.text
 
 
+B0, A0 = "layers.0.q_proj.lora_B.weight", "layers.0.q_proj.lora_A.weight"
+MALFORMED = [
+    pytest.param(lambda a: {k: v for k, v in a.items() if k != B0}, "missing 1 of", id="missing"),
+    pytest.param(
+        lambda a: {**a, "layers.2.k_proj.lora_B.weight": np.zeros((4, 2), np.float32)},
+        "does not exchange: layers.2.k_proj.lora_B.weight",
+        id="extra",
+    ),
+    pytest.param(lambda a: {**a, B0: a[B0].reshape(2, 4)}, "shape (2, 4) differs", id="shape"),
+    pytest.param(
+        lambda a: {**a, B0: np.pad(a[B0], ((0, 0), (0, 1)))}, "LoRA rank 3 differs", id="rank"
+    ),
+    pytest.param(
+        lambda a: {k: v.astype(np.float16) for k, v in a.items()}, "dtype float16", id="float16"
+    ),
+    pytest.param(
+        lambda a: {k: v.astype(np.int64) for k, v in a.items()}, "dtype int64", id="int64"
+    ),
+]
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "ffa"])
+@pytest.mark.parametrize(("malform", "reason"), MALFORMED)
+def test_g32_a_malformed_reply_is_excluded_and_the_others_are_aggregated(
+    aggregation: str, malform: Any, reason: str, caplog: Any
+) -> None:
+    """Issue 22 item 2: a reply whose tensors do not match the global adapter is dropped
+    with one log line naming the client, and the round aggregates the other replies."""
+    c = cfg(aggregation=aggregation, clients_per_round=6, min_clients=1, num_rounds=2)
+    ffa = aggregation == "ffa"
+    with caplog.at_level(logging.WARNING, logger="server.federation"):
+        history, final = run(c, ffa=ffa, misbehave={"c2": malform, "c4": malform})
+    _, without_them = run(c, ffa=ffa, misbehave={"c2": lambda a: None, "c4": lambda a: None})
+    for k in without_them:  # exactly the aggregate of c0, c1, c3 and c5
+        np.testing.assert_array_equal(final[k], without_them[k])
+    for h in history[1:]:
+        assert h["train"]["clients-rejected"] == 2
+        assert h["train"]["clients-trained"] == 4
+        assert h["train"]["round-applied"] == 1
+    for rnd in (1, 2):
+        for cid in ("c2", "c4"):
+            lines = [
+                r.getMessage()
+                for r in caplog.records
+                if r.getMessage().startswith(f"round {rnd}: rejected update from client {cid} ")
+            ]
+            assert len(lines) == 1 and reason in lines[0], lines
+
+
+def test_g32_under_ffa_a_reply_that_moves_the_frozen_a_is_excluded(caplog: Any) -> None:
+    from fed_fakes import initial_adapter
+
+    moved = {A0: initial_adapter()[A0] + 1.0}
+    with caplog.at_level(logging.WARNING, logger="server.federation"):
+        history, final = run(
+            cfg(clients_per_round=6, min_clients=1, num_rounds=1),
+            misbehave={"c3": lambda a: {**a, **moved}},
+        )
+    np.testing.assert_array_equal(final[A0], initial_adapter()[A0])  # A stays frozen
+    assert history[1]["train"]["clients-rejected"] == 1
+    assert f"client c3 (node 1021): 1 tensor(s) the global adapter does not exchange: {A0}" in (
+        caplog.text
+    )
+
+
+@pytest.mark.parametrize("dp_mode", ["none", "user"])
+def test_g32_a_round_whose_every_reply_is_malformed_leaves_the_adapter_unchanged(
+    dp_mode: str,
+) -> None:
+    """Every reply rejected behaves as every client dropping out: the round completes,
+    nothing is applied (the global adapter and its evaluation stay as in round 0)."""
+    from fed_fakes import initial_adapter
+
+    missing = {f"c{i}": (lambda a: {k: v for k, v in a.items() if k != B0}) for i in range(6)}
+    c = cfg(dp_mode=dp_mode, user_clip=1.0, clients_per_round=6, min_clients=1, num_rounds=2)
+    history, final = run(c, misbehave=missing)
+    for h in history[1:]:
+        assert h["train"]["clients-rejected"] == 6
+        assert h["train"]["clients-trained"] == 0
+        assert h["train"]["round-applied"] == 0
+    assert history[-1]["evaluate"] == history[0]["evaluate"]
+    for k, v in initial_adapter().items():
+        np.testing.assert_array_equal(final[k], v)
+
+
 def test_g33_round_completes_with_the_clients_that_remain() -> None:
     drop = {f"c{i}": (lambda a: None) for i in (1, 3)}
     history, _ = run(cfg(clients_per_round=6, min_clients=3), misbehave=drop)
