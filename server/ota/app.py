@@ -1,7 +1,8 @@
 """④ publish: the OTA update service as a FastAPI app.
 
 Routes are thin: they parse (pydantic), call one domain function, and shape the answer.
-Every domain error becomes JSON ``{"error", "detail"}`` with its status in one handler.
+Every domain error becomes JSON ``{"error", "detail"}`` with its status in one handler;
+framework errors (unparsable or invalid bodies, unknown routes) take the same shape.
 The app refuses to be built on an unmigrated database (see :mod:`server.ota.database`).
 """
 
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
@@ -27,6 +29,7 @@ from server.ota.errors import (
     OtaError,
     OverloadedError,
     RangeNotSatisfiableError,
+    TooManyRequestsError,
 )
 from server.ota.models import RolloutRow
 from server.ota.observability import OpsMiddleware, RolloutStateCollector
@@ -36,7 +39,8 @@ from server.ota.settings import OtaSettings
 
 logger = logging.getLogger(__name__)
 
-_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 416, 503)}
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 416, 422, 503)}
+_MAX_VALIDATION_PROBLEMS = 5
 _METADATA_BYTES = 4 * 1024 * 1024
 
 
@@ -60,6 +64,7 @@ def create_app(settings: OtaSettings | None = None, *, services: Services | None
         app.include_router(module.router)
     app.add_exception_handler(OtaError, _handle_domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _handle_http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)  # type: ignore[arg-type]
     app.add_api_route("/healthz", _healthz, methods=["GET"], tags=["ops"])
     app.add_api_route("/readyz", _readyz, methods=["GET"], tags=["ops"])
     app.add_api_route(
@@ -140,6 +145,8 @@ def _handle_domain_error(request: Request, exc: OtaError) -> JSONResponse:
     if isinstance(exc, OverloadedError):
         headers["Retry-After"] = str(exc.retry_after_s)
         request.app.state.services.metrics.shed.inc()
+    if isinstance(exc, TooManyRequestsError):
+        headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, RangeNotSatisfiableError):
         headers["Content-Range"] = f"bytes */{exc.length}"
     if exc.http_status >= 500 and not isinstance(exc, OverloadedError):
@@ -158,6 +165,29 @@ def _handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONRes
         status_code=exc.status_code,
         headers=exc.headers,
     )
+
+
+def _handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own handler echoes each offending input back, which fails on a NaN or
+    # Infinity literal (not JSON: a 500 that drops the keep-alive connection) and would
+    # echo a mistyped secret. Say where and what, never the value, in the usual shape.
+    problems = [_describe_problem(error) for error in exc.errors()]
+    detail = "; ".join(problems[:_MAX_VALIDATION_PROBLEMS])
+    if len(problems) > _MAX_VALIDATION_PROBLEMS:
+        detail += f"; and {len(problems) - _MAX_VALIDATION_PROBLEMS} more"
+    return JSONResponse({"error": "ValidationError", "detail": detail}, status_code=422)
+
+
+def _describe_problem(error: dict[str, object]) -> str:
+    loc = error.get("loc")
+    parts = [str(part) for part in loc] if isinstance(loc, list | tuple) else []
+    if error.get("type") == "json_invalid":
+        ctx = error.get("ctx")
+        reason = ctx.get("error") if isinstance(ctx, dict) else None
+        at = f" at character {parts[1]}" if len(parts) > 1 else ""
+        return f"body is not valid JSON ({reason or 'decode error'}{at}); send a JSON object"
+    where = ".".join(parts)[:120] or "request"  # field names are the caller's, bound them
+    return f"{where}: {error.get('msg', 'invalid')}"
 
 
 def _rollout_states(services: Services) -> dict[str, int]:

@@ -8,6 +8,8 @@ it was issued to, and never for a role route.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fastapi import Depends, Path, Request
@@ -72,6 +74,40 @@ def require_role(needed: str):  # type: ignore[no-untyped-def]
     return dependency
 
 
+def client_address(request: Request) -> str:
+    """The peer address (behind a reverse proxy, the client's own only if uvicorn trusts
+    the proxy's ``X-Forwarded-For``: ``FORWARDED_ALLOW_IPS``, default 127.0.0.1)."""
+    return request.client.host if request.client else "unknown"
+
+
+def enrollment_throttle_keys(request: Request) -> tuple[str, ...]:
+    """Wrong enrollment secrets count per client address."""
+    return (client_address(request),)
+
+
+def token_throttle_keys(request: Request, device_id: str) -> tuple[str, ...]:
+    """Unknown device tokens count per (client address, claimed device id): a guesser is
+    slowed down without letting it lock the real device out from elsewhere."""
+    return (f"{client_address(request)} {device_id}",)
+
+
+@contextmanager
+def counting_token_failures(request: Request, device_id: str) -> Iterator[None]:
+    """Refuse a throttled caller up front; count an unknown or revoked token it sends.
+
+    Raises:
+        TooManyRequestsError: this caller sent too many unknown tokens for this device.
+    """
+    throttle = services_of(request).token_failures
+    keys = token_throttle_keys(request, device_id)
+    throttle.refuse_if_blocked(keys)
+    try:
+        yield
+    except AuthenticationError:
+        throttle.record_failure(keys)
+        raise
+
+
 def require_device(
     request: Request,
     device_id: str = Path(pattern=DEVICE_ID_PATTERN),
@@ -79,7 +115,8 @@ def require_device(
 ) -> Caller:
     """Admit only the device named in the path, with its own live token."""
     token = bearer_token(credentials)
-    devices.authenticate(services_of(request).db, token, device_id)
+    with counting_token_failures(request, device_id):
+        devices.authenticate(services_of(request).db, token, device_id)
     return Caller(role=None, device_id=device_id)
 
 
@@ -95,5 +132,6 @@ def require_device_or_operator(
         if "operator" not in ROLE_GRANTS[role]:
             raise PermissionDeniedError(f"the {role} key cannot read device state")
         return Caller(role=role, device_id=None)
-    devices.authenticate(services_of(request).db, token, device_id)
+    with counting_token_failures(request, device_id):
+        devices.authenticate(services_of(request).db, token, device_id)
     return Caller(role=None, device_id=device_id)

@@ -75,6 +75,16 @@ class RangeNotSatisfiableError(RequestError):
         self.length = length
 
 
+class TooManyRequestsError(RequestError):
+    """Too many failed credentials from this client; it may retry after ``retry_after_s``."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ReleaseRejectedError(RequestError):
     """A release whose signature, hashes or custom metadata do not verify.
 

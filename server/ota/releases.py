@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from server.ota.blobs import FileBlobStore, hash_file
 from server.ota.database import Database
 from server.ota.domain import BundleTarget, parse_bundle_target
-from server.ota.errors import ReleaseRejectedError
+from server.ota.errors import NotFoundError, ReleaseRejectedError
 from server.ota.models import (
     BlobRow,
     ReleaseRow,
@@ -146,6 +146,20 @@ def _target_row(version: int, bundle: BundleTarget) -> TargetRow:
 def latest_release_version(session: Session) -> int | None:
     """Version of the newest published release (None before the first)."""
     return session.scalar(select(func.max(ReleaseRow.version)))
+
+
+def require_released(session: Session, version: int) -> None:
+    """Check that some published release names a bundle of adapter ``version``.
+
+    Raises:
+        NotFoundError: no release ever did.
+    """
+    named = session.scalar(select(TargetRow.id).where(TargetRow.to_version == version).limit(1))
+    if named is None:
+        raise NotFoundError(
+            f"version {version} was never released; a device can only report outcomes "
+            "of versions a published release names"
+        )
 
 
 def current_targets(session: Session, base_fingerprint: str, to_version: int) -> list[BundleTarget]:

@@ -11,11 +11,14 @@ from server.ota.auth import (
     Caller,
     bearer,
     bearer_token,
+    counting_token_failures,
+    enrollment_throttle_keys,
     require_device,
     require_device_or_operator,
 )
-from server.ota.errors import NotFoundError
+from server.ota.errors import AuthenticationError, NotFoundError
 from server.ota.models import DeviceRow, DeviceVersionRow
+from server.ota.releases import require_released
 from server.ota.rollouts import assigned_version
 from server.ota.schemas import (
     DEVICE_ID_PATTERN,
@@ -24,13 +27,24 @@ from server.ota.schemas import (
     DeviceReportIn,
     EnrollIn,
     EnrollOut,
+    ErrorOut,
     TargetOut,
     TelemetryIn,
     TelemetryOut,
 )
 from server.ota.services import services_of
 
-router = APIRouter(prefix="/v1/devices", tags=["devices"])
+router = APIRouter(
+    prefix="/v1/devices",
+    tags=["devices"],
+    responses={
+        429: {
+            "model": ErrorOut,
+            "description": "Too many failed credentials from this client; retry later.",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        }
+    },
+)
 _NO_UPDATE = CheckOut(update=None).model_dump_json()
 
 
@@ -38,9 +52,15 @@ _NO_UPDATE = CheckOut(update=None).model_dump_json()
 def enroll(body: EnrollIn, request: Request) -> EnrollOut:
     """Enroll a device with the fleet's enrollment secret; returns its token once."""
     services = services_of(request)
-    devices.check_enrollment_secret(
-        body.enrollment_secret, services.settings.secret("enrollment_secret")
-    )
+    keys = enrollment_throttle_keys(request)
+    services.enrollment_failures.refuse_if_blocked(keys)
+    try:
+        devices.check_enrollment_secret(
+            body.enrollment_secret, services.settings.secret("enrollment_secret")
+        )
+    except AuthenticationError:
+        services.enrollment_failures.record_failure(keys)
+        raise
     enrollment = devices.enroll(services.db, body.to_domain())
     return EnrollOut(device_id=enrollment.device_id, token=enrollment.token)
 
@@ -59,9 +79,9 @@ async def check(
     response-model round trip (the declared model still documents it).
     """
     services = services_of(request)
-    target = await services.checker.check_async(
-        bearer_token(credentials), device_id, body.to_domain()
-    )
+    token = bearer_token(credentials)
+    with counting_token_failures(request, device_id):
+        target = await services.checker.check_async(token, device_id, body.to_domain())
     if target is None:
         services.metrics.checks_none.inc()
         return Response(_NO_UPDATE, media_type="application/json")
@@ -74,9 +94,16 @@ async def check(
 def report_event(
     body: TelemetryIn, request: Request, caller: Caller = Depends(require_device)
 ) -> TelemetryOut:
-    """Report an install outcome; a repeated event id is accepted and stored once."""
+    """Report an install outcome; a repeated event id is accepted and stored once.
+
+    An event about a version no release ever named is refused (404): it could only
+    come from a confused or hostile device and would count toward nothing.
+    """
     assert caller.device_id is not None
-    stored = telemetry.record_event(services_of(request).db, caller.device_id, body.to_domain())
+    db = services_of(request).db
+    with db.read() as session:
+        require_released(session, body.version)
+    stored = telemetry.record_event(db, caller.device_id, body.to_domain())
     return TelemetryOut(stored=stored)
 
 

@@ -20,6 +20,9 @@ from server.ota.domain import (
 )
 
 MAX_VERSION = 2**31 - 1
+# A device's event counter: at most what every JSON parser holds exactly (2**53), which
+# the BIGINT column stores with room to spare.
+MAX_SEQ = 2**53
 FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
 DEVICE_ID_PATTERN = r"^[0-9a-f]{32}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -115,7 +118,7 @@ class AssignmentOut(BaseModel):
 
 class TelemetryIn(_In):
     event_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    seq: int = Field(ge=0, le=2**53)
+    seq: int = Field(ge=0, le=MAX_SEQ)
     type: Literal["installed", "failed"]
     version: int = Field(ge=1, le=MAX_VERSION)
     installed_version: int | None = Field(default=None, ge=0, le=MAX_VERSION)

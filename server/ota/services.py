@@ -12,6 +12,7 @@ from server.ota.downloads import DownloadSlots
 from server.ota.errors import OtaConfigError
 from server.ota.observability import Metrics
 from server.ota.settings import OtaSettings
+from server.ota.throttle import FailureThrottle
 from server.ota.tuf_repo import OnlineKeys, TufRepository, load_signer
 from server.ota.updates import UpdateChecker
 
@@ -27,6 +28,8 @@ class Services:
     slots: DownloadSlots
     metrics: Metrics
     checker: UpdateChecker
+    enrollment_failures: FailureThrottle
+    token_failures: FailureThrottle
 
 
 def build_services(settings: OtaSettings) -> Services:
@@ -65,6 +68,14 @@ def build_services(settings: OtaSettings) -> Services:
         ),
         metrics=Metrics(),
         checker=UpdateChecker(db, threads=settings.check_threads),
+        enrollment_failures=_failure_throttle(settings),
+        token_failures=_failure_throttle(settings),
+    )
+
+
+def _failure_throttle(settings: OtaSettings) -> FailureThrottle:
+    return FailureThrottle(
+        max_failures=settings.max_auth_failures, window_s=settings.auth_failure_window_s
     )
 
 

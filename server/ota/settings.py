@@ -51,6 +51,14 @@ class OtaSettings(BaseSettings):
     max_concurrent_requests: int = Field(default=512, ge=1)
     retry_after_s: int = Field(default=2, ge=1)
     db_pool_size: int = Field(default=10, ge=1)
+    max_auth_failures: int = Field(
+        default=10,
+        ge=1,
+        description="Failed credentials (wrong enrollment secret; unknown device token) a "
+        "client address, or an address claiming one device id, may send within "
+        "auth_failure_window_s before it is answered 429 + Retry-After. Counted per worker.",
+    )
+    auth_failure_window_s: float = Field(default=60.0, gt=0, le=86_400)
     check_threads: int = Field(
         default=4,
         ge=1,

@@ -116,7 +116,9 @@ def test_every_route_survives_fuzzing(fuzz_target, mode) -> None:
     assert len(labels) >= 20, labels  # every route was generated for
     assert failures == [], "\n".join(failures)
     if mode is GenerationMode.POSITIVE:  # valid requests got past auth into the domain code
-        assert sum(n for code, n in statuses.items() if code < 300) >= 30, statuses
+        # (which refuses most fuzzed values too: e.g. an event about a version never released)
+        past_the_edge = sum(n for code, n in statuses.items() if code not in (401, 403, 422, 429))
+        assert past_the_edge >= 30 and statuses.get(200, 0) >= 10, statuses
 
 
 def test_oversized_and_malformed_bodies_are_4xx(make_client, sqlite_url) -> None:
@@ -162,6 +164,7 @@ def test_oversized_and_malformed_bodies_are_4xx(make_client, sqlite_url) -> None
 )
 def test_stored_text_is_4xx_or_stored_never_500(client, tuf_keys, text, status) -> None:
     # PostgreSQL text cannot hold NUL (this test found it: it was a 500 there); SQLite can.
+    assert publish(client, tuf_keys, 1, [Bundle(1, bundle_bytes("text"))]).status_code == 201
     device = enroll(client)
     response = client.post(
         f"/v1/devices/{device.id}/events",
