@@ -13,9 +13,11 @@ Layout (format version 1, see docs/adr/0002-bundle-format.md)::
 
 Invariants the strict parser enforces before any tensor is exposed:
 
-* the compressed input is at most ``max_uncompressed_bytes`` long, the frame declares
-  its content size, that size is within the limit (and equals the caller's expected
-  size when given), and decompression stops at the declared size (THREATS A7);
+* the compressed input is at most ``max_uncompressed_bytes`` long and is exactly one
+  zstd frame that declares its content size, within the limit (and equal to the
+  caller's expected size when given); decoding is streamed: the safetensors header and
+  manifest are decoded first, the tensor data only once the manifest declares the same
+  size as the frame, and decoding stops at that size (THREATS A7, ``_frame``);
 * the safetensors header is at most ``MAX_HEADER_BYTES`` and lies inside the data;
   tensor byte ranges are contiguous, non-overlapping and cover the data exactly;
   every dtype/shape matches its byte count (A6);
@@ -40,6 +42,7 @@ import numpy as np
 import safetensors.numpy
 import zstandard
 
+from delta_packager._frame import FrameReader, open_frame
 from delta_packager.encode import EncodedTensor, expected_parts
 from delta_packager.errors import BundleFormatError, BundleIntegrityError, PackagerInputError
 from delta_packager.manifest import (
@@ -143,52 +146,21 @@ def serialize_bundle(manifest: Manifest, steps: tuple[Step, ...], *, zstd_level:
 # ------------------------------------------------------------------------ reading
 
 
-def _decompress(data: bytes, *, limit: int, expected: int | None) -> bytes:
-    try:
-        params = zstandard.get_frame_parameters(data)
-    except zstandard.ZstdError as e:
-        raise BundleFormatError(f"not a zstd frame ({e}); expected a fedota bundle") from e
-    declared = params.content_size
-    if declared in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
-        raise BundleFormatError("zstd frame does not declare its content size; expected it to")
-    if expected is not None and declared != expected:
-        raise BundleIntegrityError(
-            f"zstd frame declares {declared} uncompressed bytes, the signed metadata "
-            f"declares {expected}: payload and metadata are from different releases"
-        )
-    if declared > limit:
-        raise BundleIntegrityError(
-            f"bundle declares {declared} uncompressed bytes, more than the limit of {limit}"
-        )
-    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
-    try:
-        # One shot into a buffer of exactly the declared size (checked above): libzstd
-        # refuses to decode past a frame's declared content size, verifies the frame
-        # checksum, and with allow_extra_data=False refuses bytes after the frame.
-        out = dctx.decompress(data, max_output_size=declared, allow_extra_data=False)
-    except zstandard.ZstdError as e:
-        if "unused data" in str(e):
-            raise BundleFormatError(f"bytes follow the zstd frame ({e}); expected none") from e
-        raise BundleIntegrityError(
-            f"zstd decompression failed ({e}): the bundle is corrupt, truncated, expands "
-            "beyond its declared size, or was altered; discard it"
-        ) from e
-    if len(out) != declared:
-        raise BundleIntegrityError(
-            f"bundle decompresses to {len(out)} bytes, its frame declares {declared}: "
-            "it is corrupt, discard it"
-        )
-    return out
-
-
-def _header(payload: bytes) -> tuple[dict[str, Any], int]:
-    if len(payload) < 8:
-        raise BundleFormatError(f"safetensors payload is {len(payload)} bytes; expected >= 8")
-    (n,) = struct.unpack("<Q", payload[:8])
-    if n > MAX_HEADER_BYTES or n > len(payload) - 8:
+def _header(frame: FrameReader) -> tuple[dict[str, Any], int]:
+    """Decode only the safetensors header: the rest stays compressed until it is trusted."""
+    if frame.declared < 8:
+        raise BundleFormatError(f"safetensors payload is {frame.declared} bytes; expected >= 8")
+    (n,) = struct.unpack("<Q", frame.read(8, "safetensors header length"))
+    if not 2 <= n <= min(MAX_HEADER_BYTES, frame.declared - 8):
         raise BundleFormatError(
-            f"safetensors header length is {n} bytes; expected at most "
-            f"{min(MAX_HEADER_BYTES, len(payload) - 8)} (limit and payload size)"
+            f"safetensors header length is {n} bytes; expected 2 to "
+            f"{min(MAX_HEADER_BYTES, frame.declared - 8)} (limit and payload size)"
+        )
+    # A header is a JSON object: refuse anything else before decoding up to 16 MiB of it.
+    first = frame.read(1, "safetensors header")
+    if first != b"{":
+        raise BundleFormatError(
+            f"safetensors header starts with {bytes(first)!r}; expected a JSON object"
         )
 
     def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -198,7 +170,8 @@ def _header(payload: bytes) -> tuple[dict[str, Any], int]:
         return d
 
     try:
-        header = json.loads(payload[8 : 8 + n].decode("utf-8"), object_pairs_hook=no_dupes)
+        text = (first + frame.read(n - 1, "safetensors header")).decode("utf-8")
+        header = json.loads(text, object_pairs_hook=no_dupes)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         if isinstance(e, BundleFormatError):
             raise
@@ -322,8 +295,13 @@ def parse_bundle(
     """
     if len(data) > max_uncompressed_bytes + 2**16:
         raise BundleIntegrityError(f"bundle is {len(data)} bytes; limit {max_uncompressed_bytes}")
-    payload = _decompress(data, limit=max_uncompressed_bytes, expected=expected_uncompressed_bytes)
-    header, data_start = _header(payload)
+    frame = open_frame(
+        data,
+        limit=max_uncompressed_bytes,
+        expected=expected_uncompressed_bytes,
+        max_window_bytes=MAX_WINDOW_BYTES,
+    )
+    header, data_start = _header(frame)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or set(meta) != {MANIFEST_KEY}:
         got = sorted(meta) if isinstance(meta, dict) else meta
@@ -331,13 +309,17 @@ def parse_bundle(
     if not isinstance(meta[MANIFEST_KEY], str):
         raise BundleFormatError("the manifest in the safetensors metadata is not a string")
     manifest = manifest_from_json(meta[MANIFEST_KEY])
-    if manifest.uncompressed_bytes != len(payload):
+    if manifest.uncompressed_bytes != frame.declared:
         raise BundleIntegrityError(
-            f"manifest declares {manifest.uncompressed_bytes} uncompressed bytes, the payload "
-            f"is {len(payload)}: the bundle was altered, discard it"
+            f"manifest declares {manifest.uncompressed_bytes} uncompressed bytes, the zstd "
+            f"frame declares {frame.declared}: the bundle was altered, discard it"
         )
-    table = _tensor_table(header, len(payload) - data_start)
-    steps = _steps(manifest, table, memoryview(payload)[data_start:])
+    table = _tensor_table(header, frame.declared - data_start)
+    # Only now, bounded by what the manifest declares, is the tensor data decoded.
+    body = bytearray(frame.declared - data_start)
+    frame.read_into(body, "tensor data")
+    frame.finish()
+    steps = _steps(manifest, table, memoryview(body).toreadonly())
     return Bundle(manifest=manifest, steps=steps, compressed_bytes=len(data))
 
 

@@ -115,3 +115,32 @@ def edit_manifest(bundle: bytes, edit: Callable[[dict[str, Any]], None]) -> byte
     edit(manifest)
     header["__metadata__"]["fedota.manifest"] = canonical_json(manifest)
     return repack(header, data)
+
+
+def zstd_frame_declaring(declared: int, prefix: bytes = b"") -> bytes:
+    """A zstd frame (RFC 8878) that declares ``declared`` bytes: ``prefix``, then zeros.
+
+    Built block by block, without ever holding the content: raw blocks for ``prefix``,
+    then run-length blocks of 128 KiB of zeros, 4 bytes each. A frame declaring 1 GiB
+    is about 32 KB, the decompression bomb of issue 22 item 4. No checksum.
+    """
+    block_max = 1 << 17
+
+    def block(kind: int, size: int, last: bool) -> bytes:
+        return (int(last) | kind << 1 | size << 3).to_bytes(3, "little")
+
+    # Descriptor: 8-byte content size, not single-segment, no checksum, no dictionary;
+    # window 2**20 bytes (exponent 10, mantissa 0).
+    out = [b"\x28\xb5\x2f\xfd", bytes([0b1100_0000, 10 << 3]), struct.pack("<Q", declared)]
+    pos = 0
+    while pos < declared:
+        size = min(block_max, declared - pos)
+        last = pos + size == declared
+        if pos < len(prefix):
+            size = min(size, len(prefix) - pos)
+            last = pos + size == declared
+            out += [block(0, size, last), prefix[pos : pos + size]]
+        else:
+            out += [block(1, size, last), b"\0"]
+        pos += size
+    return b"".join(out)

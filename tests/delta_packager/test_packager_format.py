@@ -18,7 +18,14 @@ import safetensors.numpy
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packager_helpers import FP_X, edit_manifest, make_bundle_bytes, repack, unpack
+from packager_helpers import (
+    FP_X,
+    edit_manifest,
+    make_bundle_bytes,
+    repack,
+    unpack,
+    zstd_frame_declaring,
+)
 
 from delta_packager.errors import BundleFormatError, BundleIntegrityError, BundleRejectedError
 from delta_packager.format import parse_bundle, read_declared
@@ -245,6 +252,55 @@ def test_zstd_frame_expanding_beyond_declared_size_is_stopped() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 8 * 2**20, f"parser held {peak} bytes for a 1 KiB declared frame"
+
+
+def _gigabyte_frame_prefix(kind: str, bundle: bytes) -> bytes:
+    payload = zstandard.ZstdDecompressor().decompress(bundle)
+    return {
+        "zeros": b"",
+        "header-length-claims-16-MiB": struct.pack("<Q", 16 * 2**20),
+        "real-manifest-then-zeros": payload,
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("zeros", "header length is 0"),
+        ("header-length-claims-16-MiB", "header starts with"),
+        ("real-manifest-then-zeros", "manifest declares"),
+    ],
+)
+def test_frame_declaring_a_gigabyte_is_refused_before_decoding_it(
+    bundle: bytes, kind: str, match: str
+) -> None:
+    """Issue 22 item 4: a 32 KB frame declaring 1 GiB (within the default limit).
+
+    The header and manifest are decoded first; the payload is never decoded, so the
+    parser holds kilobytes, not the gigabyte the frame declares.
+    """
+    data = zstd_frame_declaring(2**30, _gigabyte_frame_prefix(kind, bundle))
+    assert len(data) < 64 * 2**10
+    tracemalloc.start()
+    with pytest.raises(BundleRejectedError, match=match):
+        parse_bundle(data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 * 2**20, f"parser held {peak} bytes for a frame of {len(data)} bytes"
+
+
+@pytest.mark.parametrize("cut", [1, 4, 40], ids=["last-byte", "checksum", "mid-block"])
+def test_truncated_frame_is_refused_before_decoding(bundle: bytes, cut: int) -> None:
+    with pytest.raises(BundleIntegrityError, match="truncated|corrupt"):
+        parse_bundle(bundle[:-cut])
+
+
+def test_streamed_parse_verifies_the_frame_checksum(bundle: bytes) -> None:
+    """The checksum covers bytes decoded after the manifest: still checked at the end."""
+    bad = bytearray(bundle)
+    bad[-1] ^= 0x01  # the last byte is the content checksum
+    with pytest.raises(BundleIntegrityError, match="checksum"):
+        parse_bundle(bytes(bad))
 
 
 def test_declared_size_above_the_limit_is_refused_before_decompressing() -> None:
