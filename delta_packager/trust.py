@@ -24,14 +24,17 @@ The checks themselves live in ``delta_packager.verify`` (re-exported here).
 
 Invariants: every metadata file is written atomically; a new root is written only
 after it verifies against both the old and the new root's thresholds (THREATS B10);
-targets metadata is written only if its signatures meet the root's targets threshold.
+targets metadata is written only if its signatures meet the root's targets threshold;
+``init_keys`` that fails (an unwritable ``--out``, a full disk) removes what it wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -72,6 +75,7 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 _SERIALIZER = JSONSerializer(compact=False)
+_INIT_ENTRIES = ("private", "metadata", "root.json", "1.root.json")
 _KEYFILE = re.compile(r"^(?P<role>[a-z]+)(?:-(?P<i>[1-9][0-9]*))?\.pem$")
 
 
@@ -198,13 +202,54 @@ def init_keys(
         The root metadata written to ``out/root.json`` and ``out/1.root.json``.
 
     Raises:
-        KeysError: ``out`` already holds keys, or a threshold is not a positive integer.
+        KeysError: ``out`` already holds keys, a threshold is not a positive integer,
+            or ``out`` cannot be written (then nothing is left behind).
     """
     thresholds = {role: 1 for role in ROLES} | dict(thresholds or {})
     if set(thresholds) != set(ROLES) or any(not 1 <= t <= 16 for t in thresholds.values()):
         raise KeysError(f"thresholds {thresholds} invalid; expected 1..16 for each of {ROLES}")
     if (out / "root.json").exists() or (out / "private").exists():
         raise KeysError(f"{out} already holds keys; refusing to overwrite them (pick a new dir)")
+    created_dir = _outermost_missing(out)
+    new_entries = [out / n for n in _INIT_ENTRIES if not (out / n).exists()]
+    try:
+        root = _write_new_keys(out, thresholds, root_expiry_days, targets_expiry_days)
+    except BaseException as e:
+        # Nothing half-written: a later `keys init` into the same dir must not be refused.
+        _remove_quietly([created_dir] if created_dir is not None else new_entries)
+        if isinstance(e, OSError):
+            raise KeysError(
+                f"cannot write keys to {out}: {e.strerror or e} ({e.filename or out}); "
+                "nothing was written: pass --out a directory you can create and write"
+            ) from e
+        raise
+    logger.info("initialised TUF keys in %s with thresholds %s", out, thresholds)
+    return root
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` that does not exist yet; ``None`` if it does."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing = p
+    return missing
+
+
+def _remove_quietly(paths: Sequence[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+
+def _write_new_keys(
+    out: Path, thresholds: Mapping[str, int], root_expiry_days: int, targets_expiry_days: int
+) -> Metadata[Root]:
+    out.mkdir(parents=True, exist_ok=True)
     now = _now(None)
     root = Metadata(Root(expires=now + timedelta(days=root_expiry_days), consistent_snapshot=True))
     for role in ROLES:
@@ -219,7 +264,6 @@ def init_keys(
     _write_root(out, root)
     targets = Metadata(Targets(expires=now + timedelta(days=targets_expiry_days)))
     _sign_targets(out, root.signed, targets)
-    logger.info("initialised TUF keys in %s with thresholds %s", out, thresholds)
     return root
 
 

@@ -9,6 +9,26 @@ cd "$(dirname "$0")"
 n="${1:-2}"
 out=credentials
 names="${SUPERLINK_NAMES:-DNS:superlink,DNS:localhost,IP:127.0.0.1}"
+
+# Every precondition is checked before anything is written: no half-made credentials.
+case "$n" in
+  '' | *[!0-9]* | 0*)
+    echo "error: NUM_SUPERNODES is '$n'; expected a positive integer such as 2" >&2
+    exit 2
+    ;;
+esac
+missing=()
+for tool in openssl ssh-keygen; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ! -f "$out/tuf/root.json" ] && ! command -v fedota >/dev/null 2>&1; then
+  missing+=("fedota (pip install fedota, or activate the virtualenv that has it)")
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "error: make-credentials.sh needs on PATH: ${missing[*]}; nothing was written" >&2
+  exit 2
+fi
+
 mkdir -p "$out/certs" "$out/nodes"
 
 openssl req -x509 -newkey rsa:4096 -nodes -days 365 -subj "/CN=fedota-ca" \

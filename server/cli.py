@@ -149,9 +149,25 @@ def publish(
         release = remote.publish(path.read_bytes())
     finally:
         remote.close()
-    typer.echo(
-        f"published release v{release['version']} "
-        f"({len(release['targets'])} bundle(s), snapshot v{release['snapshot_version']})"
+    typer.echo(_published_line(release))
+
+
+def _published_line(release: dict[str, Any]) -> str:
+    """One line that says which number is which: a release is numbered by the version of
+    its signed TUF targets metadata, which is not the adapter version its bundles carry."""
+    adapters = sorted({t["to_version"] for t in release["targets"]})
+    if not adapters:
+        carried = "no adapter bundles"
+    elif len(adapters) == 1:
+        carried = f"{len(release['targets'])} bundle(s) for adapter v{adapters[0]}"
+    else:
+        carried = (
+            f"{len(release['targets'])} bundle(s) for adapter versions "
+            f"v{adapters[0]}..v{adapters[-1]}"
+        )
+    return (
+        f"published release {release['version']} (its TUF targets metadata version; "
+        f"snapshot metadata v{release['snapshot_version']}): {carried}"
     )
 
 

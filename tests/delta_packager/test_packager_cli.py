@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import typer
-from packager_helpers import FP_X, random_adapter, train_step
+from packager_helpers import FP_X, random_adapter, train_step, zstd_frame_declaring
 from typer.testing import CliRunner
 
 from delta_packager.apply import apply_bundle
@@ -202,6 +202,76 @@ def test_cli_errors_are_one_line_with_documented_exit_codes(tmp_path: Path) -> N
         timeout=120,
     )
     assert missing.returncode == 2 and "cannot read bundle" in missing.stderr
+
+
+_PEAK_RSS_GROWTH = """
+import os, resource, sys
+import delta_packager.format  # imported before the baseline: only the command is measured
+from fedota.cli import main
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    main()
+finally:
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    os.write(1, f"peak-rss-growth-kib {grown}\\n".encode())
+"""
+
+
+def test_inspect_refuses_a_gigabyte_bomb_holding_little_memory(tmp_path: Path) -> None:
+    """Issue 22 item 4: a 32 KB zstd frame of zeros that declares 1 GiB.
+
+    Before the fix ``fedota bundle inspect`` decoded all of it (about 1.07 GB resident)
+    before refusing; now it refuses from the first decoded bytes.
+    """
+    bomb = tmp_path / "bomb.bundle"
+    bomb.write_bytes(zstd_frame_declaring(2**30))
+    assert bomb.stat().st_size < 64 * 2**10
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_GROWTH, "bundle", "inspect", str(bomb)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith("error: safetensors header") and proc.stderr.count("\n") == 1
+    grown_kib = int(proc.stdout.split("peak-rss-growth-kib ")[1])
+    assert grown_kib < 64 * 2**10, f"inspect grew peak RSS by {grown_kib} KiB"
+
+
+def _fedota(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real ``fedota`` entry point, with its error-to-exit-code handling."""
+    cmd = [sys.executable, "-c", "from fedota.cli import main; main()", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_keys_init_on_an_unwritable_path_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Issue 22 item 9: was a NotADirectoryError traceback with exit 1."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = _fedota("keys", "init", "--out", str(blocker / "keys"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: cannot write keys to ") and proc.stderr.count("\n") == 1
+    assert "--out" in proc.stderr
+    assert blocker.read_text() == "not a directory"
+
+
+def test_keys_init_failing_midway_leaves_nothing_half_written(tmp_path: Path) -> None:
+    """Keys and root are written before targets; a failure there removes them all.
+
+    A regular file named ``metadata`` in OUT makes the last write (targets) fail
+    (and does so as root too, unlike a permission bit).
+    """
+    out = tmp_path / "keys"
+    out.mkdir()
+    (out / "metadata").write_text("in the way")
+    proc = _fedota("keys", "init", "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: cannot write keys to ") and proc.stderr.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["metadata"]
+    assert (out / "metadata").read_text() == "in the way"
+    (out / "metadata").unlink()
+    retry = _fedota("keys", "init", "--out", str(out))
+    assert retry.returncode == 0, retry.stderr  # not refused as "already holds keys"
 
 
 def test_keys_rotate_and_release_commands(tmp_path: Path, app: typer.Typer) -> None:

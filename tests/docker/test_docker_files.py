@@ -153,3 +153,25 @@ def test_mounted_credentials_are_what_the_script_makes(
             host = volume.split(":")[0]
             if host.startswith("./"):
                 assert (work / host).exists(), f"{name} mounts {host}, which is not created"
+
+
+def test_make_credentials_checks_for_fedota_before_writing_anything(tmp_path: Path) -> None:
+    """Issue 22 item 9: without ``fedota`` on PATH the script used to write the CA,
+    certificates and node keys, then fail at the TUF keys."""
+    work = Path(
+        shutil.copytree(DOCKER, tmp_path / "docker", ignore=shutil.ignore_patterns("credentials"))
+    )
+    before = sorted(p.name for p in work.iterdir())
+    assert shutil.which("fedota", path="/usr/bin:/bin") is None
+    result = subprocess.run(
+        ["bash", str(work / "make-credentials.sh"), "2"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin"},  # openssl and ssh-keygen, but no fedota
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "fedota" in result.stderr and "nothing was written" in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == before  # no credentials/ at all

@@ -112,7 +112,12 @@ def test_publish_and_rollout_commands_against_a_served_keys_dir(tmp_path, keys_d
         # the pipeline's empty targets v1, exactly as init_keys signed it
         first = _fedota("publish", "--keys", str(keys_dir), "--server", server, env=cli_env)
         assert first.returncode == 0, first.stderr
-        assert "published release v1" in first.stdout
+        # Issue 22 item 9: the release number is the targets metadata version, named as
+        # such, and never looks like an adapter version.
+        assert first.stdout.startswith(
+            "published release 1 (its TUF targets metadata version; snapshot metadata v"
+        )
+        assert first.stdout.rstrip().endswith("no adapter bundles")
         bundle = Bundle(4, bundle_bytes("cli"))
         bundle_file = tmp_path / "adapter.fedota"
         bundle_file.write_bytes(bundle.data)
@@ -130,6 +135,9 @@ def test_publish_and_rollout_commands_against_a_served_keys_dir(tmp_path, keys_d
             env=cli_env,
         )
         assert second.returncode == 0, second.stderr
+        assert second.stdout.startswith("published release 2 (its TUF targets metadata version;")
+        assert second.stdout.rstrip().endswith(": 1 bundle(s) for adapter v4")
+        assert "release v" not in first.stdout + second.stdout
         replay = _fedota("publish", "--metadata", str(metadata), "--server", server, env=cli_env)
         assert replay.returncode == 2 and "not newer" in replay.stderr
 
