@@ -90,7 +90,9 @@ class Plan:
 
 
 USER_DP = {"local_steps": 3, "lora_rank": 8, "seq_len": 64, "user_clip": 1.0}
-QUICK = Plan(4, 2, 2, 2, 4, {"local_steps": 4}, (8, 24), 4, 2, USER_DP, 8)
+# 6 per round: user-level DP refuses populations where over 1% of Poisson-sampled
+# rounds would train fewer than 2 clients (24 clients at 4 per round: 7%).
+QUICK = Plan(4, 2, 2, 2, 4, {"local_steps": 4}, (8, 24), 6, 2, USER_DP, 8)
 FULL = Plan(6, 2, 3, 3, 10, {}, (100, 1000), 20, 5, USER_DP, 12)
 
 

@@ -32,19 +32,35 @@ def base_model_init(
     ),
     preset: str = typer.Option("tiny", "--preset", help="Model size: tiny | small."),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives identical weights."),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Refuse --data records whose text is empty or whitespace (default: skip them "
+        "and say how many).",
+    ),
 ) -> None:
     """Train a byte-level BPE tokenizer and pretrain a Llama base on public text."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from simulation.base_model import PRESETS, init_base_model
-    from simulation.data import generate_public_texts, read_jsonl_texts
+    from simulation.data import generate_public_texts, read_jsonl_corpus
     from simulation.errors import SimulationInputError
 
     if preset not in PRESETS:  # fail before any slow work
         raise SimulationInputError(
             f"unknown preset {preset!r}; choose one of: {', '.join(sorted(PRESETS))}"
         )
-    texts = read_jsonl_texts(data) if data else generate_public_texts(3000, seed)
+    if data:
+        corpus = read_jsonl_corpus(data, strict=strict)
+        if corpus.skipped_empty:
+            typer.echo(
+                f"{data}: skipped {corpus.skipped_empty} record(s) with an empty text "
+                "(--strict refuses them instead)",
+                err=True,
+            )
+        texts = corpus.texts
+    else:
+        texts = generate_public_texts(3000, seed)
     with Progress(
         TextColumn("pretraining"),
         BarColumn(),
@@ -179,6 +195,12 @@ def simulate(
         None, "--aggregation", help="fedavg | ffa (default: ffa with DP, fedavg without)."
     ),
     data: Path | None = typer.Option(None, "--data", help='JSONL: {"client_id", "text"} lines.'),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Refuse --data records whose text is empty or whitespace (default: skip them "
+        "and say how many per client).",
+    ),
     base_model: Path | None = typer.Option(
         None, "--base-model", help="Base model directory (default: the cached tiny base)."
     ),
@@ -234,11 +256,12 @@ def simulate(
         "(transformers + bitsandbytes), or mixed (low and mid tiers on llama.cpp, high on "
         "NF4).",
     ),
-    faults: bool = typer.Option(
-        True,
+    faults: bool | None = typer.Option(
+        None,
         "--faults/--no-faults",
         help="Inject faults: phones killed mid-apply, a corrupted mirror, phones on another "
-        "base or far behind, and a release that fails its health check.",
+        "base or far behind, and a planted bad release that fails its health check "
+        "(default: on for the built-in demo, off with --data or --base-model).",
     ),
     stages: str = typer.Option(
         "auto",
@@ -261,7 +284,7 @@ def simulate(
     from rich.console import Console
 
     from simulation.errors import SimulationInputError
-    from simulation.federated import FederatedConfig
+    from simulation.federated import FederatedConfig, describe_resume
     from simulation.pipeline import simulate_end_to_end
 
     if dp_mode not in ("record", "user"):
@@ -286,6 +309,7 @@ def simulate(
         target_epsilon=target_epsilon,
         aggregation=aggregation,
         data_file=data,
+        strict_data=strict,
         base_model=base_model,
         seed=seed,
         cache_dir=default_cache_dir(),
@@ -303,7 +327,7 @@ def simulate(
             publish_every,
             fleet_mode,
             stages,
-            faults=faults,
+            faults=faults_default(faults, data=data, base_model=base_model),
             seed=seed,
             device_runtime=device_runtime,
         )
@@ -318,6 +342,8 @@ def simulate(
 
     if cfg.base_model is None:  # the cached tiny base; built with a progress bar on first use
         cfg = dataclasses.replace(cfg, base_model=_default_base(seed))
+    if not ota and (resumed := describe_resume(cfg)):  # with OTA, --resume is refused
+        typer.echo(resumed, err=True)
 
     def on_round(result: Any, ota_round: Any) -> None:
         console.print(_round_line(result, rounds))
@@ -339,6 +365,14 @@ def simulate(
         return
     _print_final_table(data_)
     typer.echo(f"summary in {result.summary.path}; report in {result.report}")
+
+
+def faults_default(flag: bool | None, *, data: Path | None, base_model: Path | None) -> bool:
+    """Whether to inject faults: as ``--faults/--no-faults`` says, else only in the
+    built-in demo (a user's own data or base gets a run without planted faults)."""
+    if flag is not None:
+        return flag
+    return data is None and base_model is None
 
 
 def _default_base(seed: int) -> Path:
@@ -438,10 +472,16 @@ def _round_line(result: Any, rounds: int) -> str:
 
 
 def _ota_line(ota_round: Any) -> str:
+    from simulation.fleet.faults import planted_release
+
     releases = ", ".join(f"v{v}" for v in ota_round.releases)
     parts = [f"released {releases}", f"bundle {ota_round.bundle_bytes:,} B"]
-    if ota_round.paused:
-        parts.append("a rollout auto-paused (bad release) and rolled back")
+    planted = getattr(ota_round, "planted", ())
+    parts += [
+        f"{planted_release(v)}, auto-paused and replaced by the last good adapter" for v in planted
+    ]
+    if ota_round.paused and not planted:
+        parts.append("a rollout was paused")
     parts.append(f"{100 * ota_round.adoption:.0f}% of healthy phones on the latest good")
     return "OTA: " + "; ".join(parts)
 

@@ -36,6 +36,12 @@ def partition(
     golden: int = typer.Option(
         0, "--golden", min=0, help="Also write OUT/golden.json with N held-out texts."
     ),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Refuse --data records whose text is empty or whitespace (default: skip them "
+        "and say how many per client).",
+    ),
 ) -> None:
     """Write one partition file per phone (and optionally golden prompts) to OUT.
 
@@ -48,6 +54,7 @@ def partition(
         FederatedData,
         JsonlOptions,
         SyntheticConfig,
+        describe_skipped,
         generate_synthetic,
         load_jsonl,
         write_partitions,
@@ -55,7 +62,10 @@ def partition(
     from simulation.errors import SimulationInputError
 
     if data is not None:
-        loaded = load_jsonl(data, JsonlOptions(seed=seed))
+        loaded = load_jsonl(data, JsonlOptions(seed=seed, strict=strict))
+        skipped = describe_skipped(data, loaded.meta["skipped_empty_texts"])
+        if skipped:
+            typer.echo(skipped, err=True)
         if len(loaded.clients) < clients:
             raise SimulationInputError(
                 f"{data} has {len(loaded.clients)} usable clients, --clients asks for "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from delta_packager.package import PackagePolicy
 from delta_packager.trust import init_keys
 from simulation.fleet.bases import prepare_bases
 from simulation.fleet.config import FleetConfig
-from simulation.fleet.faults import corrupt_adapter
+from simulation.fleet.faults import corrupt_adapter, planted_devices, planted_release
 from simulation.fleet.fleet import Fleet, SweepResult
 from simulation.fleet.publisher import Publisher, Release
 from simulation.fleet.runtimes import RuntimePool
@@ -66,6 +67,7 @@ class RoundOta:
         adoption: Share of healthy devices on the newest good version after the sweep.
         sweeps: The fleet's sweeps, one per release.
         paused: Whether a rollout of this round was paused.
+        planted: Versions of this round that are planted bad releases (fault injection).
     """
 
     round: int
@@ -74,6 +76,7 @@ class RoundOta:
     adoption: float = 0.0
     sweeps: tuple[SweepResult, ...] = ()
     paused: bool = False
+    planted: tuple[int, ...] = ()
 
 
 @dataclass
@@ -201,6 +204,9 @@ def start_ota(
         sim.digests = publisher.digests  # shared: every release is known to the checks
         sim.full_bytes = publisher.full_sizes
         sim.enroll_all()
+        planted = planted_devices(Counter(p.fault for p in sim.profiles))
+        if planted:
+            logger.warning("%s; the warnings these phones cause are expected", planted)
     except BaseException:
         operator.close()
         if embedded is not None:
@@ -258,6 +264,11 @@ def run_ota_round(
             provenance=provenance,
             kind="bad",
         )
+        logger.warning(
+            "%s: phones are expected to fail its health check and roll back, then the last "
+            "good adapter is released again",
+            planted_release(bad.version),
+        )
         releases.append(bad)
         sweeps.append(fleet.sweep(ctx.operator, bad.rollout_id, round=round))
         view = ctx.operator.rollout(bad.rollout_id)
@@ -282,6 +293,7 @@ def run_ota_round(
         adoption=_adoption(ctx),
         sweeps=tuple(sweeps),
         paused=any(s.paused for s in sweeps),
+        planted=tuple(r.version for r in releases if r.kind == "bad"),
     )
     ctx.rounds.append(result)
     return result
@@ -398,4 +410,5 @@ def round_json(r: RoundOta) -> dict[str, Any]:
         "bundle_bytes": r.bundle_bytes,
         "adoption": r.adoption,
         "paused": r.paused,
+        "planted": list(r.planted),
     }

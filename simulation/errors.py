@@ -17,3 +17,10 @@ class SimulationInputError(SimulationError):
     """The caller gave input that cannot be used (a bad path, file or option)."""
 
     exit_code = 2
+
+
+class NothingTrainedError(SimulationError):
+    """A run finished but no round changed the model (no client sampled, or every
+    client failed or was rejected): the result is the base model, never a success."""
+
+    exit_code = 2

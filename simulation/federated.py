@@ -14,6 +14,8 @@ Invariants:
   resumed run reports every round.
 * ``on_round_end`` (e.g. the OTA publisher of a later stage) is called once per
   completed round, never again for a round a resumed run skips.
+* A private Ray instance keeps its files in a temporary directory of its own and its
+  processes die with this one, SIGKILL included (``simulation.ray_reaper``).
 * The phones' privacy ledgers (``DIR/devices``) are not rolled back on resume: a round
   that was in flight when the server died is charged again when it is repeated. The
   reported record-level ε can therefore exceed an uninterrupted run's — never the
@@ -22,17 +24,29 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from simulation.errors import SimulationInputError
+from simulation.guards import require_training, user_dp_cohort_problem
 
-__all__ = ["FederatedConfig", "FederatedSummary", "RoundCallback", "run_federated"]
+if TYPE_CHECKING:
+    from simulation.data import FederatedData
+
+__all__ = [
+    "FederatedConfig",
+    "FederatedSummary",
+    "RoundCallback",
+    "describe_resume",
+    "load_data",
+    "run_federated",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +69,8 @@ class FederatedConfig:
         target_epsilon: ε target (record: per phone over all rounds; user: the run).
         aggregation: ``fedavg`` or ``ffa``; ``None`` = ``ffa`` with DP, else ``fedavg``.
         data_file: JSONL with ``client_id`` and ``text``; ``None`` = synthetic data.
+        strict_data: refuse ``data_file`` records whose text is empty (default: skip
+            them, counted per client in the log).
         base_model: a Hugging Face causal-LM directory; ``None`` = the cached tiny base.
         cache_dir: where the generated base model is cached.
         seed: seeds data, base, sampling, training and noise.
@@ -88,6 +104,7 @@ class FederatedConfig:
     target_epsilon: float = 8.0
     aggregation: str | None = None
     data_file: Path | None = None
+    strict_data: bool = False
     base_model: Path | None = None
     cache_dir: Path = Path(".cache/fedota")
     seed: int = 0
@@ -122,6 +139,17 @@ class FederatedConfig:
             problems.append(f"--data {self.data_file} is not a file")
         if self.base_model is not None and not Path(self.base_model).is_dir():
             problems.append(f"--base-model {self.base_model} is not a directory")
+        if self.dp_mode != "user" and 1 <= self.clients_per_round < self.min_clients:
+            problems.append(
+                f"--clients-per-round {self.clients_per_round} is below the "
+                f"{self.min_clients} clients a round needs to change the model; raise it"
+            )
+        if self.dp_mode == "user" and self.data_file is None and not problems:
+            # JSONL data brings its own population: checked once it is loaded.
+            cohort = user_dp_cohort_problem(
+                self.num_clients, self.clients_per_round, self.min_clients
+            )
+            problems += [cohort] if cohort else []
         if problems:
             raise SimulationInputError("; ".join(problems))
 
@@ -184,19 +212,52 @@ class FederatedSummary:
     path: Path
 
 
-def _prepare_data(cfg: FederatedConfig) -> tuple[Path, int, int]:
-    from simulation.data import SyntheticConfig, generate_synthetic, load_jsonl, write_partitions
+def load_data(cfg: FederatedConfig, *, quiet: bool = False) -> FederatedData:
+    """The run's ``FederatedData``: ``cfg.data_file`` loaded and checked, or synthetic.
 
-    if cfg.data_file is not None:
-        data = load_jsonl(cfg.data_file)
-    else:
-        data = generate_synthetic(
+    Cheap next to training, so callers may load once early to refuse bad data before
+    slow work (``quiet`` then keeps the skipped-records warning for the real load).
+
+    Raises:
+        DataFormatError: a malformed line (with ``strict_data``, an empty text too).
+        SimulationInputError: too few clients in the file for user-level DP's sampling.
+    """
+    from simulation.data import (
+        JsonlOptions,
+        SyntheticConfig,
+        describe_skipped,
+        generate_synthetic,
+        load_jsonl,
+    )
+
+    if cfg.data_file is None:
+        return generate_synthetic(
             SyntheticConfig(
                 num_clients=cfg.num_clients,
                 num_heldout_clients=cfg.num_heldout_clients,
                 seed=cfg.seed,
             )
         )
+    data = load_jsonl(cfg.data_file, JsonlOptions(strict=cfg.strict_data))
+    skipped = describe_skipped(cfg.data_file, data.meta.get("skipped_empty_texts", {}))
+    if skipped and not quiet:
+        logger.warning("%s", skipped)
+    if cfg.dp_mode == "user":
+        cohort = user_dp_cohort_problem(
+            len(data.clients),
+            cfg.clients_per_round,
+            cfg.min_clients,
+            clients_from=f"training clients in {cfg.data_file}",
+        )
+        if cohort:
+            raise SimulationInputError(cohort)
+    return data
+
+
+def _prepare_data(cfg: FederatedConfig) -> tuple[Path, int, int]:
+    from simulation.data import write_partitions
+
+    data = load_data(cfg)
     out = write_partitions(data, cfg.out_dir / PARTITIONS)
     return out, len(data.clients), len(data.heldout_clients)
 
@@ -224,7 +285,7 @@ def _run_config(cfg: FederatedConfig, base: Path, parts: Path, nodes: int) -> di
     }
 
 
-def _backend_config(cfg: FederatedConfig) -> dict[str, Any]:
+def _backend_config(cfg: FederatedConfig, ray_temp_dir: Path | None = None) -> dict[str, Any]:
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if cfg.ray_address:
         # An existing cluster: its nodes declared their CPUs and object store at
@@ -244,7 +305,37 @@ def _backend_config(cfg: FederatedConfig) -> dict[str, Any]:
             "include_dashboard": False,
             **quiet,
         }
+        if ray_temp_dir is not None:
+            # Ray's sessions, logs and sockets in a directory of this run alone, so the
+            # watchdog of simulation.ray_reaper can tell this instance's processes from
+            # any other Ray on the host and reap them when the driver dies.
+            init_args["_temp_dir"] = str(ray_temp_dir)
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def describe_resume(cfg: FederatedConfig) -> str | None:
+    """The line a ``resume`` run opens with: the round it continues from, and where.
+
+    Returns:
+        ``None`` unless ``cfg.resume``; else which completed round the run resumes
+        from (of ``cfg.rounds``) and the checkpoint directory, or that there is no
+        checkpoint and the run starts afresh.
+
+    Raises:
+        ServerInputError: the checkpoint that ``LATEST`` names is missing or unreadable.
+    """
+    from server.federation.checkpoint import load_latest
+
+    if not cfg.resume:
+        return None
+    ckpt_dir = cfg.out_dir / CHECKPOINTS
+    ckpt = load_latest(ckpt_dir)
+    if ckpt is None:
+        return f"nothing to resume in {cfg.out_dir} (no checkpoint): starting at round 0"
+    line = f"resuming from round {ckpt.round} of {cfg.rounds} (checkpoint {ckpt.path})"
+    if ckpt.round >= cfg.rounds:
+        return line + ": no round left to train (raise --rounds to train further)"
+    return line + f": next is round {ckpt.round + 1}"
 
 
 def _single_threaded() -> None:
@@ -269,7 +360,9 @@ def run_federated(
 
     Raises:
         SimulationInputError: ``out_dir`` already holds a run and ``resume`` is off,
-            or the data or base model cannot be used.
+            or the data or base model cannot be used (too few clients for user-level
+            DP's sampling included).
+        NothingTrainedError: the run finished but no round changed the model.
         RuntimeError: the simulation itself failed (the cause is chained).
     """
     from flwr.simulation import run_simulation
@@ -278,6 +371,7 @@ def run_federated(
     from server.federation.checkpoint import load_latest
     from server.federation.server_app import make_server_app
     from simulation.base_model import ensure_base_model
+    from simulation.ray_reaper import ray_process_guard
     from simulation.report import build_summary, write_summary
 
     ckpt_dir = cfg.out_dir / CHECKPOINTS
@@ -295,12 +389,16 @@ def run_federated(
     logger.info(
         "simulating %d clients (+%d held out) for %d rounds", num_train, num_heldout, cfg.rounds
     )
-    run_simulation(
-        server_app=make_server_app(run_config, on_round_end=on_round_end),
-        client_app=make_client_app(run_config),
-        num_supernodes=num_train + num_heldout,
-        backend_config=_backend_config(cfg),  # type: ignore[arg-type]
-    )
+    # A private Ray instance dies with this process, SIGKILL included (simulation.ray_reaper
+    # says why Ray's own fate-sharing is not enough); an existing cluster is not ours.
+    guard = ray_process_guard() if cfg.ray_address is None else contextlib.nullcontext(None)
+    with guard as ray_temp_dir:
+        run_simulation(
+            server_app=make_server_app(run_config, on_round_end=on_round_end),
+            client_app=make_client_app(run_config),
+            num_supernodes=num_train + num_heldout,
+            backend_config=_backend_config(cfg, ray_temp_dir),  # type: ignore[arg-type]
+        )
     ckpt = load_latest(ckpt_dir)
     if ckpt is None or ckpt.round < cfg.rounds:
         done = -1 if ckpt is None else ckpt.round
@@ -308,6 +406,7 @@ def run_federated(
             f"the simulation stopped after round {done} of {cfg.rounds}; see the log above, "
             "then rerun with --resume to continue"
         )
+    require_training(ckpt.state["history"])
     data = build_summary(
         history=ckpt.state["history"],
         run_config=run_config,

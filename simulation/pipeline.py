@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from simulation.errors import SimulationInputError
-from simulation.federated import CHECKPOINTS, FederatedConfig, FederatedSummary, run_federated
+from simulation.federated import (
+    CHECKPOINTS,
+    FederatedConfig,
+    FederatedSummary,
+    load_data,
+    run_federated,
+)
 
 __all__ = ["EndToEndResult", "GlobalAdapterExpander", "nf4_checkpoint", "simulate_end_to_end"]
 
@@ -147,11 +153,14 @@ def simulate_end_to_end(
 
     Raises:
         SimulationInputError: bad options, an existing run, an unusable base or data.
+        NothingTrainedError: no round changed the model (nothing is reported).
         ServerStartError: the embedded OTA server did not start.
         RemoteRejectedError: the OTA server refused a release or rollout call.
         RuntimeError: the federated simulation failed.
     """
     _refuse_existing_run(cfg, fleet is not None)
+    if cfg.data_file is not None:
+        load_data(cfg, quiet=True)  # bad --data is refused before anything is written
 
     def notify(result: Any, ota_round: Any | None = None) -> None:
         if on_round is not None:

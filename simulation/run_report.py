@@ -13,8 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from simulation.fleet.faults import planted_faults
 from simulation.fleet.report import PLOTS as FLEET_PLOTS
 from simulation.fleet.report import TABLE_KEYS as FLEET_TABLE_KEYS
+from simulation.fleet.report import release_kind
 
 __all__ = ["TRAINING_PLOTS", "final_table", "write_run_report"]
 
@@ -48,7 +50,14 @@ def final_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
         rollouts = summary.get("rollouts", [])
         paused = [f"v{r['version']}" for r in rollouts if r.get("auto_paused")]
         rows.append(("releases (auto-paused)", f"{len(rollouts)} ({', '.join(paused) or 'none'})"))
+        rows.append(("planted faults", _planted(summary)))
     return rows
+
+
+def _planted(summary: dict[str, Any]) -> str:
+    """Every fault the run injected on purpose, labelled as such (``"none"`` if off)."""
+    bad = [int(r["version"]) for r in summary.get("rollouts", []) if r["kind"] == "bad"]
+    return planted_faults(bad, summary.get("fleet", {}).get("faults", {}))
 
 
 def _runtime_row(r: dict[str, Any]) -> str:
@@ -124,7 +133,7 @@ def _rollout_rows(summary: dict[str, Any]) -> list[list[str]]:
     return [
         [
             f"v{r['version']}",
-            str(r["kind"]),
+            release_kind(str(r["kind"])),
             f"{r['stages_reached']}/{len(r['stages'])} ({r['percent_reached']}%)",
             str(r["state"]),
             "yes" if r.get("auto_paused") else "no",
@@ -166,7 +175,16 @@ def write_run_report(out_dir: Path, summary: dict[str, Any]) -> Path:
         f"fedota simulate — {cfg['clients']} clients, {cfg['rounds']} rounds, "
         f"{summary['privacy']['mode']} DP, {cfg['aggregation']}"
     )
-    md = [f"# {title}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in table]]
+    planted = _planted(summary) if summary.get("fleet") else "none"
+    note = (
+        f"Faults were injected on purpose: {planted}. The failed updates, "
+        "rollbacks and the auto-paused release they cause are expected; they are not "
+        "the training's doing."
+        if planted != "none"
+        else ""
+    )
+    md = [f"# {title}", "", *([f"> {note}", ""] if note else []), "| | |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in table]
     if rollouts:
         md += ["", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
         md += ["| " + " | ".join(r) + " |" for r in rollouts]
@@ -182,7 +200,9 @@ def write_run_report(out_dir: Path, summary: dict[str, Any]) -> Path:
 
     page = (
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<h1>{html.escape(title)}</h1><table>{rows_html([list(r) for r in table])}</table>"
+        f"<h1>{html.escape(title)}</h1>"
+        + (f"<p><strong>{html.escape(note)}</strong></p>" if note else "")
+        + f"<table>{rows_html([list(r) for r in table])}</table>"
         + (
             f"<h2>Releases</h2><table>{rows_html([heads], 'th')}{rows_html(rollouts)}</table>"
             if rollouts

@@ -43,11 +43,13 @@ class Checkpoint:
         round: the last completed round (0: only the baseline evaluation ran).
         adapter: the global adapter after that round.
         state: strategy/accountant state, config fingerprint and metrics history.
+        path: the checkpoint's directory (set by :func:`load_latest`).
     """
 
     round: int
     adapter: dict[str, np.ndarray]
     state: dict[str, Any]
+    path: Path | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -121,4 +123,4 @@ def load_latest(directory: Path) -> Checkpoint | None:
             f"checkpoint {path} is unreadable ({e}); delete {directory} to start afresh"
         ) from e
     rnd = int(state.pop("round"))
-    return Checkpoint(round=rnd, adapter=dict(adapter), state=state)
+    return Checkpoint(round=rnd, adapter=dict(adapter), state=state, path=path)

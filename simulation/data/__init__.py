@@ -1,6 +1,14 @@
 """Federated data: the synthetic non-IID generator and the JSONL loader."""
 
-from simulation.data.jsonl import DataFormatError, JsonlOptions, load_jsonl, read_jsonl_texts
+from simulation.data.jsonl import (
+    DataFormatError,
+    JsonlOptions,
+    JsonlTexts,
+    describe_skipped,
+    load_jsonl,
+    read_jsonl_corpus,
+    read_jsonl_texts,
+)
 from simulation.data.partition import (
     Canary,
     ClientData,
@@ -18,11 +26,14 @@ __all__ = [
     "DataFormatError",
     "FederatedData",
     "JsonlOptions",
+    "JsonlTexts",
     "SyntheticConfig",
     "TokenStats",
+    "describe_skipped",
     "generate_public_texts",
     "generate_synthetic",
     "load_jsonl",
+    "read_jsonl_corpus",
     "read_jsonl_texts",
     "read_partition",
     "tokenize_stats",

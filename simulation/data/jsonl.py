@@ -1,15 +1,19 @@
 """Load real client text from JSONL: one ``{"client_id": ..., "text": ...}`` per line.
 
-The loader is strict about form and forgiving about size: a malformed line stops the
-load with its line number (nothing half-loaded), while clients with too little text are
-dropped or merged into pooled pseudo-clients as configured. The result has the same
-structure as the synthetic generator's, so everything downstream is shared.
+The loader is strict about form and forgiving about size: a malformed line (not a JSON
+object, no string ``"text"``, a bad ``client_id``) stops the load with the file and its
+line number (nothing half-loaded), while a record whose text is empty or whitespace only
+is skipped and counted (per client), as real corpora have such records; ``strict=True``
+refuses those too. Clients with too little text are dropped or merged into pooled
+pseudo-clients as configured. The result has the same structure as the synthetic
+generator's, so everything downstream is shared.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +22,18 @@ import numpy as np
 from simulation.data.partition import ClientData, FederatedData
 from simulation.errors import SimulationInputError
 
-__all__ = ["DataFormatError", "JsonlOptions", "load_jsonl", "read_jsonl_texts"]
+__all__ = [
+    "DataFormatError",
+    "JsonlOptions",
+    "JsonlTexts",
+    "describe_skipped",
+    "load_jsonl",
+    "read_jsonl_corpus",
+    "read_jsonl_texts",
+]
 
 _MAX_REPORTED = 5
+_MAX_CLIENTS_LISTED = 10
 
 
 class DataFormatError(SimulationInputError):
@@ -36,6 +49,7 @@ class JsonlOptions:
     heldout_fraction: float = 0.2
     heldout_clients_fraction: float = 0.1
     seed: int = 0
+    strict: bool = False  # refuse records with an empty text instead of skipping them
 
     def validate(self) -> None:
         if self.small_clients not in ("drop", "merge"):
@@ -51,7 +65,7 @@ class JsonlOptions:
 
 
 def _parse_line(line: str) -> tuple[str | None, str] | str:
-    """Return (client_id, text) or an error description."""
+    """Return (client_id, text) or an error description; the text may be blank."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -59,18 +73,25 @@ def _parse_line(line: str) -> tuple[str | None, str] | str:
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
     text = obj.get("text")
-    if not isinstance(text, str) or not text.strip():
-        return 'missing or empty string field "text"'
+    if not isinstance(text, str):
+        return 'missing string field "text"'
     cid = obj.get("client_id")
     if cid is not None and not isinstance(cid, str | int):
         return '"client_id" must be a string or an integer'
     return (None if cid is None else str(cid)), text
 
 
-def _read_records(path: Path, *, need_client_id: bool) -> list[tuple[str | None, str]]:
+@dataclass(frozen=True)
+class _Records:
+    records: list[tuple[str | None, str]]
+    skipped: dict[str | None, int]  # client id (None: none given) -> empty texts skipped
+
+
+def _read_records(path: Path, *, need_client_id: bool, strict: bool) -> _Records:
     if not path.is_file():
         raise SimulationInputError(f"data file {path} does not exist")
     records: list[tuple[str | None, str]] = []
+    skipped: dict[str | None, int] = defaultdict(int)
     errors: list[str] = []
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
@@ -80,8 +101,12 @@ def _read_records(path: Path, *, need_client_id: bool) -> list[tuple[str | None,
                 parsed = _parse_line(line)
                 if isinstance(parsed, tuple) and need_client_id and parsed[0] is None:
                     parsed = 'missing field "client_id"'
+                if isinstance(parsed, tuple) and not parsed[1].strip() and strict:
+                    parsed = 'empty "text" (refused in strict mode; without it, skipped)'
                 if isinstance(parsed, str):
                     errors.append(f"line {lineno}: {parsed}")
+                elif not parsed[1].strip():
+                    skipped[parsed[0]] += 1
                 else:
                     records.append(parsed)
         except UnicodeDecodeError as e:
@@ -93,17 +118,59 @@ def _read_records(path: Path, *, need_client_id: bool) -> list[tuple[str | None,
             ' Each line must be {"client_id": "...", "text": "..."}'
         )
     if not records:
-        raise DataFormatError(f"{path} has no records")
-    return records
+        empty = f" ({sum(skipped.values())} records with an empty text)" if skipped else ""
+        raise DataFormatError(f"{path} has no records with text{empty}")
+    return _Records(records, dict(skipped))
 
 
-def read_jsonl_texts(path: Path | str) -> tuple[str, ...]:
-    """All ``"text"`` values of a JSONL file (``client_id`` optional), e.g. public text.
+@dataclass(frozen=True)
+class JsonlTexts:
+    """The texts of a JSONL file and how many records were skipped for an empty text."""
+
+    texts: tuple[str, ...]
+    skipped_empty: int
+
+
+def read_jsonl_corpus(path: Path | str, *, strict: bool = False) -> JsonlTexts:
+    """All non-empty ``"text"`` values of a JSONL file (``client_id`` optional).
+
+    Records whose text is empty or whitespace only are skipped and counted.
+
+    Args:
+        path: The JSONL file, one ``{"text": ...}`` object per line.
+        strict: Refuse records with an empty text instead of skipping them.
 
     Raises:
-        DataFormatError: a line is malformed (the message names it) or the file is empty.
+        DataFormatError: a line is malformed (the message names the file and the line),
+            or no record has text.
     """
-    return tuple(t for _, t in _read_records(Path(path), need_client_id=False))
+    read = _read_records(Path(path), need_client_id=False, strict=strict)
+    return JsonlTexts(tuple(t for _, t in read.records), sum(read.skipped.values()))
+
+
+def read_jsonl_texts(path: Path | str, *, strict: bool = False) -> tuple[str, ...]:
+    """The texts of :func:`read_jsonl_corpus` (records with an empty text skipped).
+
+    Raises:
+        DataFormatError: a line is malformed (the message names it) or no record has text.
+    """
+    return read_jsonl_corpus(path, strict=strict).texts
+
+
+def describe_skipped(path: Path | str, per_client: Mapping[str, int]) -> str:
+    """One line saying how many records of ``path`` were skipped for an empty text, and
+    of which clients (the ten with the most first); ``""`` when none were."""
+    total = sum(per_client.values())
+    if not total:
+        return ""
+    ranked = sorted(per_client.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{c}: {n}" for c, n in ranked[:_MAX_CLIENTS_LISTED])
+    more = len(ranked) - _MAX_CLIENTS_LISTED
+    shown += f", and {more} more clients" if more > 0 else ""
+    return (
+        f"{path}: skipped {total} record(s) with an empty text (per client: {shown}); "
+        "--strict refuses them instead"
+    )
 
 
 def _split(cid: str, texts: list[str], fraction: float) -> ClientData:
@@ -114,18 +181,22 @@ def _split(cid: str, texts: list[str], fraction: float) -> ClientData:
 def load_jsonl(path: Path | str, options: JsonlOptions | None = None) -> FederatedData:
     """Load a federated data set from JSONL.
 
-    Clients with fewer than ``options.min_texts`` texts are dropped, or with
+    Records whose text is empty or whitespace only are skipped (``options.strict``:
+    refused) and counted per client in ``meta["skipped_empty_texts"]``. Clients with
+    fewer than ``options.min_texts`` texts are dropped, or with
     ``small_clients="merge"`` pooled (in file order) into ``merged-N`` clients of at
     least that size. A seeded share of the clients is held out entirely.
 
     Raises:
-        DataFormatError: malformed lines, named by line number.
+        DataFormatError: malformed lines, named by line number (with ``strict``, empty
+            texts too).
         SimulationInputError: bad options, or no client left to train.
     """
     opts = options or JsonlOptions()
     opts.validate()
     by_client: dict[str, list[str]] = defaultdict(list)
-    for cid, text in _read_records(Path(path), need_client_id=True):
+    read = _read_records(Path(path), need_client_id=True, strict=opts.strict)
+    for cid, text in read.records:
         assert cid is not None
         by_client[cid].append(text)
     kept = {c: t for c, t in by_client.items() if len(t) >= opts.min_texts}
@@ -155,5 +226,8 @@ def load_jsonl(path: Path | str, options: JsonlOptions | None = None) -> Federat
         clients=tuple(clients),
         heldout_clients=tuple(heldout),
         source=str(path),
-        meta={"dropped_clients": len(small) if opts.small_clients == "drop" else 0},
+        meta={
+            "dropped_clients": len(small) if opts.small_clients == "drop" else 0,
+            "skipped_empty_texts": dict(sorted((str(c), n) for c, n in read.skipped.items())),
+        },
     )

@@ -17,12 +17,60 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-__all__ = ["KILL_STEPS", "CorruptingMirror", "KillAt", "Killed", "corrupt_adapter", "other_base"]
+__all__ = [
+    "KILL_STEPS",
+    "PLANTED",
+    "CorruptingMirror",
+    "KillAt",
+    "Killed",
+    "corrupt_adapter",
+    "other_base",
+    "planted_devices",
+    "planted_faults",
+    "planted_release",
+]
+
+# Every planted fault is labelled with this wherever a person reads about it (log lines,
+# the end-of-run table, report.md, fleet.md), so that the rollbacks, rejections and
+# warnings a fault causes never read as the user's own training having broken.
+PLANTED = "fault injection; --no-faults to turn off"
+_DEVICE_FAULTS = {
+    "killed": "killed mid-apply",
+    "mirror": "behind a corrupting mirror",
+    "other_base": "on another base",
+    "far_behind": "far behind",
+}
+
+
+def planted_release(version: int) -> str:
+    """``v2: planted bad release (fault injection; --no-faults to turn off)``."""
+    return f"v{version}: planted bad release ({PLANTED})"
+
+
+def _device_faults(faults: Mapping[str, int]) -> str:
+    return ", ".join(f"{faults[k]} {what}" for k, what in _DEVICE_FAULTS.items() if faults.get(k))
+
+
+def planted_devices(faults: Mapping[str, int]) -> str:
+    """The phones' planted faults (``fleet.faults`` of the summary) in words, or ``""``."""
+    parts = _device_faults(faults)
+    return f"planted phone faults ({PLANTED}): {parts}" if parts else ""
+
+
+def planted_faults(bad_versions: Sequence[int], device_faults: Mapping[str, int]) -> str:
+    """Every planted fault of a run in one line; ``"none"`` when faults were off."""
+    releases = [planted_release(v) for v in bad_versions]
+    devices = _device_faults(device_faults)
+    if not releases:
+        return planted_devices(device_faults) or "none"
+    return "; ".join([*releases, *([f"planted on phones: {devices}"] if devices else [])])
+
 
 # The steps of client.update.agent where a kill leaves distinct on-disk states.
 KILL_STEPS = (

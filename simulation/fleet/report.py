@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from simulation.e2e import OtaContext
 
-__all__ = ["PLOTS", "TABLE_KEYS", "write_fleet_report"]
+__all__ = ["PLOTS", "TABLE_KEYS", "release_kind", "write_fleet_report"]
 
 logger = logging.getLogger(__name__)
 PLOTS = ("adoption.png", "bundle_sizes.png", "peak_memory.png")
@@ -36,6 +36,11 @@ TABLE_KEYS = (
     "healthy_on_latest",
     "healthy_not_on_latest",
 )
+
+
+def release_kind(kind: str) -> str:
+    """A release's kind as a person should read it: the bad one is planted."""
+    return "planted bad release (fault injection)" if kind == "bad" else kind
 
 
 def _plt() -> Any:
@@ -76,7 +81,8 @@ def _adoption(path: Path, installs: list[tuple[float, int, int]], devices: int) 
 def _bundles(path: Path, rollouts: list[dict[str, Any]]) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"v{r['version']}\n{r['kind']}" for r in rollouts]
+    short = {"bad": "planted bad"}
+    labels = [f"v{r['version']}\n{short.get(r['kind'], r['kind'])}" for r in rollouts]
     xs = list(range(len(rollouts)))
     ax.bar(
         [x - 0.2 for x in xs], [r["bundle_bytes"] / 1024 for r in rollouts], 0.4, label="primary"
@@ -160,7 +166,8 @@ def write_fleet_report(out_dir: Path, ctx: OtaContext) -> Path:
     lines += ["|---|---|---|---|---|---|"]
     for r in summary["rollouts"]:
         lines.append(
-            f"| v{r['version']} | {r['kind']} | {r['stages_reached']}/{len(r['stages'])} "
+            f"| v{r['version']} | {release_kind(r['kind'])} | "
+            f"{r['stages_reached']}/{len(r['stages'])} "
             f"({r['percent_reached']}%) | {r['state']} | {r['paused']} | "
             f"{r['rolled_back_by'] or ''} |"
         )

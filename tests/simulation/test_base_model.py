@@ -74,19 +74,47 @@ def test_sample_cli_prints_continuations(tiny_base: Path) -> None:
     [
         (["base-model", "init", "--out", "{tmp}/m", "--preset", "huge"], "unknown preset 'huge'"),
         (["base-model", "init", "--out", "{tmp}/m", "--data", "{tmp}/bad.jsonl"], "line 2:"),
+        (
+            ["base-model", "init", "--out", "{tmp}/m", "--data", "{tmp}/blank.jsonl", "--strict"],
+            'blank.jsonl: 1 malformed line(s): line 2: empty "text"',
+        ),
         (["base-model", "sample", "--model", "{tmp}/missing"], "missing does not exist"),
         (["base-model", "fingerprint", "{tmp}/missing"], "missing does not exist"),
     ],
-    ids=["unknown-preset", "malformed-jsonl", "missing-model-dir", "missing-fingerprint-dir"],
+    ids=[
+        "unknown-preset",
+        "malformed-jsonl",
+        "strict-empty-text",
+        "missing-model-dir",
+        "missing-fingerprint-dir",
+    ],
 )
 def test_cli_errors_are_one_clear_line(tmp_path: Path, args: list[str], expected: str) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+    (tmp_path / "blank.jsonl").write_text('{"text": "fine"}\n{"text": " "}\n')
     result = fedota_cli(*[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_init_skips_empty_texts_and_says_how_many(tmp_path: Path) -> None:
+    """A real corpus has records with an empty text: init skips them (saying so) instead
+    of refusing the whole file. A non-empty --out stops it right after reading."""
+    lines = [json.dumps({"text": f"public text {i}"}) for i in range(5)]
+    lines[1:1] = [json.dumps({"text": ""}), json.dumps({"text": "  "})]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep").write_text("x")
+    result = fedota_cli(
+        "base-model", "init", "--out", str(tmp_path / "m"), "--data", str(tmp_path / "corpus.jsonl")
+    )
+    assert result.returncode == 2
+    assert "skipped 2 record(s) with an empty text" in result.stderr
+    assert "exists and is not empty" in result.stderr  # got past the data
+    assert "malformed" not in result.stderr
 
 
 def test_tiny_base_is_sane_on_users_chat_text(tiny_base: Path) -> None:

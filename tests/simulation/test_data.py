@@ -202,3 +202,60 @@ def test_partitions_round_trip_and_tokenize(tmp_path: Path, micro_base: Path) ->
     assert tuple(record["train"]) == data.heldout_clients[0].train
     stats = tokenize_stats(data, AutoTokenizer.from_pretrained(micro_base))
     assert all(n > 0 for n in stats.train_tokens.values())
+
+
+def _corpus_with_empty_texts(path: Path) -> Path:
+    """A real corpus's shape: most records fine, some with an empty or blank text."""
+    lines = [json.dumps({"client_id": "a", "text": f"hello {i}"}) for i in range(6)]
+    lines += [json.dumps({"client_id": "a", "text": ""})] * 2
+    lines += [json.dumps({"client_id": "b", "text": f"hi {i}"}) for i in range(5)]
+    lines += [json.dumps({"client_id": "b", "text": " \t\n "})]
+    lines += [json.dumps({"client_id": "c", "text": ""})]  # a client with nothing left
+    return _write(path, lines)
+
+
+def test_jsonl_empty_texts_are_skipped_and_counted_per_client(tmp_path: Path) -> None:
+    from simulation.data import describe_skipped
+
+    path = _corpus_with_empty_texts(tmp_path / "d.jsonl")
+    data = load_jsonl(path, JsonlOptions(heldout_clients_fraction=0))
+    assert {c.client_id: c.num_texts for c in data.clients} == {"a": 6, "b": 5}
+    assert all(t.strip() for c in data.clients for t in (*c.train, *c.heldout))
+    assert data.meta["skipped_empty_texts"] == {"a": 2, "b": 1, "c": 1}
+    note = describe_skipped(path, data.meta["skipped_empty_texts"])
+    assert "skipped 4 record(s) with an empty text" in note
+    assert "a: 2, b: 1, c: 1" in note and "--strict" in note
+    assert describe_skipped(path, {}) == ""
+
+
+def test_jsonl_strict_refuses_empty_texts_by_line(tmp_path: Path) -> None:
+    path = _corpus_with_empty_texts(tmp_path / "d.jsonl")
+    with pytest.raises(DataFormatError) as err:
+        load_jsonl(path, JsonlOptions(strict=True))
+    message = str(err.value)
+    assert str(path) in message and "4 malformed line(s)" in message
+    assert 'line 7: empty "text"' in message and "line 1:" not in message
+    assert "\n" not in message
+
+
+def test_public_texts_skip_empty_but_still_refuse_malformed_lines(tmp_path: Path) -> None:
+    from simulation.data import read_jsonl_corpus, read_jsonl_texts
+
+    good = _write(tmp_path / "p.jsonl", ['{"text": "one"}', '{"text": "  "}', '{"text": "two"}'])
+    corpus = read_jsonl_corpus(good)
+    assert corpus.texts == ("one", "two") and corpus.skipped_empty == 1
+    assert read_jsonl_texts(good) == ("one", "two")
+    with pytest.raises(DataFormatError, match='line 2: empty "text"'):
+        read_jsonl_corpus(good, strict=True)
+    only_empty = _write(tmp_path / "e.jsonl", ['{"text": ""}'])
+    with pytest.raises(DataFormatError, match="no records with text"):
+        read_jsonl_corpus(only_empty)
+    for bad_line, why in [
+        ("{not json", "not valid JSON"),
+        ('["a"]', "expected a JSON object"),
+        ('{"text": 5}', 'missing string field "text"'),
+    ]:
+        bad = _write(tmp_path / "bad.jsonl", ['{"text": ""}', bad_line])
+        with pytest.raises(DataFormatError) as err:
+            read_jsonl_corpus(bad)
+        assert f"{bad}: 1 malformed line(s): line 2: {why}" in str(err.value)

@@ -13,6 +13,7 @@ than the 2 reports the threshold needs with probability ~0.1 %.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ def run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         "3",
         "--devices",
         "16",
+        "--faults",  # a user's own --base-model turns them off by default
         "--out",
         str(out),
         timeout=900,
@@ -94,6 +96,13 @@ def test_outputs_report_and_progress(run: dict[str, Any]) -> None:
     assert "mixed_state" in report and "![adoption.png](adoption.png)" in report
     assert (out / "report.html").is_file()
     assert "round 3/3" in run["stderr"] and "OTA: released v2, v3" in run["stderr"]
+    # Every planted fault says so, in the log, the final table and the report.
+    planted = "v2: planted bad release (fault injection; --no-faults to turn off)"
+    assert planted in run["stderr"]  # the warning before its sweep and the round's line
+    assert "planted phone faults (fault injection; --no-faults to turn off)" in run["stderr"]
+    table = " ".join(re.sub("[│┃]", " ", run["stdout"]).split())  # cells may wrap
+    assert f"planted faults {planted}; planted on phones:" in table
+    assert planted in report and "| v2 | planted bad release (fault injection) |" in report
     assert "mixed_state" in run["stdout"] and "report in" in run["stdout"]
     assert "phones on llamacpp" in run["stdout"] and "phones on nf4" in run["stdout"]
     assert "Loading weights" not in run["stderr"]  # library chatter stays hidden

@@ -115,3 +115,55 @@ def test_simulate_with_record_level_dp_reports_epsilon_within_target(
     # Balanced sampling: 4 phones, 2 per round, 2 rounds -> each is scheduled once and
     # spends its whole ε = 8 in that round (never more).
     assert 7.5 < eps[0] <= eps[1] <= 8.0
+
+
+RUN_REJECTING_EVERY_UPDATE = """
+import logging, sys
+from pathlib import Path
+from simulation.errors import NothingTrainedError
+from simulation.federated import FederatedConfig, run_federated
+
+logging.basicConfig(level=logging.WARNING)
+cfg = FederatedConfig(
+    out_dir=Path(sys.argv[1]), data_file=Path(sys.argv[2]), base_model=Path(sys.argv[3]),
+    dp_mode="none", clients_per_round=2, rounds=1, local_steps=1,
+    max_update_norm=1e-12,  # every real update is rejected: no round can change the model
+)
+try:
+    run_federated(cfg)
+except NothingTrainedError as e:
+    print(f"refused: {e}")
+    sys.exit(e.exit_code)
+"""
+
+
+def test_a_run_in_which_no_round_trained_fails_and_real_data_with_empty_texts_loads(
+    tmp_path: Path, micro_base: Path
+) -> None:
+    """Real, messy data (a record with an empty text per client) trains instead of
+    being refused whole; a run that then changes nothing (every update rejected) exits
+    non-zero with a clear message and writes no summary, never a success."""
+    lines = [
+        json.dumps({"client_id": f"u{c}", "text": f"hey ana, are we meeting at {i} pm {c}?"})
+        for c in range(3)
+        for i in range(6)
+    ]
+    lines += [json.dumps({"client_id": f"u{c}", "text": ""}) for c in range(3)]
+    data = tmp_path / "messy.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_REJECTING_EVERY_UPDATE, str(out), str(data), str(micro_base)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "skipped 3 record(s) with an empty text (per client: u0: 1, u1: 1, u2: 1)" in (
+        result.stderr
+    )
+    assert "refused: no round changed the model (round 1: 2 sampled, 0 trained, 2 rejected)" in (
+        result.stdout
+    )
+    assert not (out / "summary.json").exists()
