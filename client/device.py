@@ -180,7 +180,9 @@ class Device:
 
         Raises:
             UpdateRejectedError: the offered release was refused (reason code attached).
-            UpdateTransientError: network trouble or disk full; nothing changed.
+            UpdateRetryError: disk full, or a payload that was not the signed one; the
+                release stays offered (ADR 0007); nothing changed.
+            UpdateTransientError: network trouble; nothing changed.
             UpdateBusyError: another updater runs on this device.
         """
         from client.update.health import default_checker

@@ -10,6 +10,7 @@ from client.update.errors import (
     UpdateBusyError,
     UpdateError,
     UpdateRejectedError,
+    UpdateRetryError,
     UpdateTransientError,
 )
 from client.update.health import (
@@ -40,6 +41,7 @@ __all__ = [
     "UpdateError",
     "UpdateOutcome",
     "UpdateRejectedError",
+    "UpdateRetryError",
     "UpdateTransientError",
     "VerifiedBundle",
     "check_and_update",

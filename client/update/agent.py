@@ -32,7 +32,12 @@ from tuf.api.metadata import TargetFile
 
 from client.update import api
 from client.update.download import download
-from client.update.errors import DeviceStateError, UpdateRejectedError, UpdateTransientError
+from client.update.errors import (
+    DeviceStateError,
+    UpdateRejectedError,
+    UpdateRetryError,
+    UpdateTransientError,
+)
 from client.update.health import HealthChecker, HealthReport
 from client.update.state import ActivePointer, DeviceConfig, DeviceState, StepHook
 from client.update.telemetry import TelemetryQueue
@@ -137,8 +142,12 @@ def check_and_update(
 
     Raises:
         UpdateBusyError: another updater runs on this device.
-        UpdateRejectedError: the offered release was refused (reason code attached).
-        UpdateTransientError: network/server trouble or disk full; nothing was applied.
+        UpdateRejectedError: the offered release was refused (reason code attached); the
+            server is told ``failed`` and stops offering it to this device.
+        UpdateRetryError: disk full, or a payload that is not the signed one (truncated,
+            swapped, corrupted on the way); the server is told ``retry`` and keeps
+            offering the release (ADR 0007). Nothing was applied.
+        UpdateTransientError: network/server trouble; nothing was applied.
         DeviceStateError: the state directory is not enrolled or is corrupt.
     """
     with state.lock():
@@ -235,20 +244,32 @@ def _cycle(run: _Run) -> UpdateOutcome:
             length=target.length,
             hook=run.hook,
         )
+    except UpdateRetryError as e:
+        _cleanup(run, target)
+        _report_retry(run, version, e)
+        raise
     except UpdateRejectedError as e:
         _cleanup(run, target)
         _report_rejection(run, version, e)
         raise
     except OSError as e:
         _cleanup(run, target)
-        raise UpdateTransientError(
+        retry = UpdateRetryError(
             f"writing the download failed ({e}); space was reclaimed, the old adapter "
-            "stays active: free some space and try again"
-        ) from e
+            "stays active: free some space and try again",
+            reason=_storage_reason(e),
+        )
+        _report_retry(run, version, retry)
+        raise retry from e
     timings = {"download_s": round(time.monotonic() - started, 3), "bytes": stats.received_bytes}
     run.hook("verify")
     try:
         verified = verify_payload(bundle_path, target)
+    except UpdateRetryError as e:
+        bundle_path.unlink(missing_ok=True)
+        state.write_journal({"step": "idle"})
+        _report_retry(run, version, e)
+        raise
     except UpdateRejectedError as e:
         bundle_path.unlink(missing_ok=True)
         state.write_journal({"step": "idle"})
@@ -288,13 +309,13 @@ def _stage_and_commit(
         )
     except OSError as e:
         _cleanup(run, verified.target)
-        reason = "disk_full" if e.errno == errno.ENOSPC else "stage_failed"
-        run.event("failed", version, reason=reason, **timings)
-        _try_flush(run)
-        raise UpdateTransientError(
+        retry = UpdateRetryError(
             f"staging version {version} failed ({e}); space was reclaimed and the old "
-            "adapter stays active: free some space and try again"
-        ) from e
+            "adapter stays active: free some space and try again",
+            reason=_storage_reason(e),
+        )
+        _report_retry(run, version, retry, **timings)
+        raise retry from e
     state.write_journal({**journal, "step": "staged", "slot": slot, "attempts": 0})
     return _health_then_commit(run, verified, slot, timings)
 
@@ -368,6 +389,16 @@ def _cleanup(run: _Run, target: TargetFile) -> None:
 def _report_rejection(run: _Run, version: int, error: UpdateRejectedError) -> None:
     run.event("failed", version, reason=error.reason, why=str(error)[:300])
     _try_flush(run)
+
+
+def _report_retry(run: _Run, version: int, error: UpdateRetryError, **detail: Any) -> None:
+    """A device-local or transport problem: the release stays offered (ADR 0007)."""
+    run.event("retry", version, reason=error.reason, why=str(error)[:300], **detail)
+    _try_flush(run)
+
+
+def _storage_reason(error: OSError) -> str:
+    return "disk_full" if error.errno == errno.ENOSPC else "storage_failed"
 
 
 def _try_flush(run: _Run) -> None:

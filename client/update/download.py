@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from client.update.errors import UpdateRejectedError, UpdateTransientError
+from client.update.errors import UpdateRetryError, UpdateTransientError
 from client.update.state import StepHook
 from client.update.transport import Retrier, RetryableError, check_response
 from delta_packager.files import atomic_write_json, fsync_file, read_json
@@ -136,10 +136,10 @@ def download(
         declared = _declared_total(response)
         if declared is not None and declared < length:
             _discard(part, meta_path, stats, f"server declares {declared} bytes")
-            raise UpdateRejectedError(
+            raise UpdateRetryError(
                 f"the server says {url} is {declared} bytes, the signed length is {length}: "
-                "payload and metadata are from different releases",
-                reason="integrity",
+                "the mirror serves another file than the signed one; will retry later",
+                reason="payload_mismatch",
             )
         if status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))

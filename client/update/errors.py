@@ -44,6 +44,20 @@ class UpdateTransientError(UpdateError):
     exit_code = 4
 
 
+class UpdateRetryError(UpdateTransientError):
+    """A device-local or transport problem with an offered release; not the release's fault.
+
+    The disk filled while staging, or the payload did not match its signed length or hash
+    (a corrupt mirror or CDN edge, a truncated or swapped file). The device reports a
+    ``retry`` outcome (ADR 0007): the server keeps offering the release and does not count
+    it as a failed install; ``reason`` is a short machine-readable code.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class UpdateBusyError(UpdateTransientError):
     """Another update process holds this device's lock."""
 

@@ -19,6 +19,7 @@ Order (each a separate function, called top to bottom by the agent):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from tuf.api.exceptions import DownloadError, ExpiredMetadataError, RepositoryEr
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater, UpdaterConfig
 
-from client.update.errors import UpdateRejectedError, UpdateTransientError
+from client.update.errors import UpdateRejectedError, UpdateRetryError, UpdateTransientError
 from client.update.transport import Retrier, TufFetcher
 from delta_packager.errors import (
     BaseMismatchError,
@@ -213,16 +214,27 @@ def verify_payload(path: Path, target: TargetFile) -> VerifiedBundle:
     """Check the downloaded file against its signed target and parse it strictly.
 
     Raises:
-        UpdateRejectedError: length/hash/field mismatch or malformed bundle.
+        UpdateRetryError: the bytes are not the signed payload (truncated, swapped or
+            corrupted on the way: a transport problem, ``payload_mismatch``).
+        UpdateRejectedError: the signed payload itself is refused (malformed bundle,
+            fields that contradict its signed metadata).
     """
     size = path.stat().st_size
     if size != target.length:
-        raise UpdateRejectedError(
-            f"downloaded {size} bytes, the signed length is {target.length}",
-            reason="integrity",
+        raise UpdateRetryError(
+            f"downloaded {size} bytes, the signed length is {target.length}: the payload "
+            "was truncated or swapped on the way; will retry later",
+            reason="payload_mismatch",
+        )
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != target.hashes.get("sha256"):
+        raise UpdateRetryError(
+            "the downloaded payload does not match its signed sha256: it was corrupted or "
+            "swapped on the way (a bad mirror or CDN edge); will retry later",
+            reason="payload_mismatch",
         )
     try:
-        bundle = check_bundle_target(path.read_bytes(), target)
+        bundle = check_bundle_target(data, target)
     except BundleRejectedError as e:
         raise UpdateRejectedError(str(e), reason=reject_reason(e)) from e
     return VerifiedBundle(bundle=bundle, target=target, _proof=_VERIFIER)

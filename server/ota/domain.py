@@ -173,7 +173,7 @@ class TelemetryEvent:
 
     event_id: str
     seq: int
-    type: str  # "installed" | "failed"
+    type: str  # "installed" | "failed" | "retry" (ADR 0007)
     version: int
     installed_version: int | None
     detail: str = ""

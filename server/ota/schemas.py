@@ -119,7 +119,7 @@ class AssignmentOut(BaseModel):
 class TelemetryIn(_In):
     event_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     seq: int = Field(ge=0, le=MAX_SEQ)
-    type: Literal["installed", "failed"]
+    type: Literal["installed", "failed", "retry"]
     version: int = Field(ge=1, le=MAX_VERSION)
     installed_version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
     detail: str = Field(default="", max_length=500, pattern=TEXT_PATTERN)

@@ -3,9 +3,13 @@
 An event is stored once per ``(device, event_id)`` (``INSERT ... ON CONFLICT DO
 NOTHING``), so a retried delivery has no second effect. Events carry the device's own
 monotonic ``seq``: state is only ever moved by an event newer than the one that last
-moved it, so out-of-order delivery converges to what the device last said. A failure
-report marks the version failed for that device; it is not offered again until an
-operator clears it.
+moved it, so out-of-order delivery converges to what the device last said.
+
+Outcomes (ADR 0007): ``installed``; ``failed`` marks the version failed for that device
+(it is not offered again until an operator clears it) and counts toward the rollout's
+failure rate; ``retry`` (a device-local or transport problem: disk full, a payload that
+did not match its signed hash) is stored for the record but changes neither: the
+release stays offered and the device tries again after its own backoff.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from server.ota.models import DeviceRow, DeviceVersionRow, TelemetryEventRow, ut
 from server.ota.rollouts import record_outcome
 
 logger = logging.getLogger(__name__)
-EVENT_TYPES = ("installed", "failed")
+EVENT_TYPES = ("installed", "failed", "retry")
 
 
 def record_event(db: Database, device_id: str, event: TelemetryEvent) -> bool:
@@ -59,6 +63,11 @@ def record_event(db: Database, device_id: str, event: TelemetryEvent) -> bool:
         )
         if result.first() is None:  # a duplicate delivery: no second effect
             return False
+        if event.seq > device.last_event_seq:
+            device.last_event_seq = event.seq
+            device.installed_version = event.installed_version
+        if event.type == "retry":  # not the release's fault: no failure, no rollout count
+            return True
         status = "installed" if event.type == "installed" else "failed"
         row = session.get(DeviceVersionRow, (device_id, event.version))
         if row is None:
@@ -73,9 +82,6 @@ def record_event(db: Database, device_id: str, event: TelemetryEvent) -> bool:
             )
         elif event.seq > row.seq:
             row.status, row.seq, row.updated_at = status, event.seq, now
-        if event.seq > device.last_event_seq:
-            device.last_event_seq = event.seq
-            device.installed_version = event.installed_version
         session.flush()
         record_outcome(
             session,

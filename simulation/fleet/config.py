@@ -109,7 +109,8 @@ class FaultShares:
     Attributes:
         killed_mid_apply: Updater killed at a step of its first update, then restarted.
         corrupted_mirror: Downloads of the first release come through a mirror that
-            flips a byte (the device must reject them and keep its adapter).
+            flips a byte (the device refuses the payload, keeps its adapter and reports
+            a ``retry``: the release stays offered, ADR 0007).
         other_base: Devices holding a base with another fingerprint (never offered).
         far_behind: Devices offline until the last release (get a full bundle).
         bad_release_round: Round whose release is published with an adapter that fails

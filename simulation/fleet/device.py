@@ -26,6 +26,7 @@ from client.update.errors import (
     DeviceStateError,
     UpdateBusyError,
     UpdateRejectedError,
+    UpdateRetryError,
     UpdateTransientError,
 )
 from client.update.health import GOLDEN_FILE, GoldenLossChecker
@@ -68,7 +69,8 @@ class PollResult:
     """What one poll of one device did.
 
     Attributes:
-        status: ``updated``, ``no_update``, ``rolled_back``, ``rejected``,
+        status: ``updated``, ``no_update``, ``rolled_back``, ``rejected``, ``retry``
+            (a local or transport problem with an offered release, ADR 0007),
             ``transient`` or ``busy``.
         version: Active version afterwards (``None``: no adapter).
         offered: Whether the device was offered (and started) an update.
@@ -219,6 +221,8 @@ class SimDevice:
                 )
         except UpdateRejectedError as e:
             return self._result("rejected", True, e.reason, counter.bytes - before, killed_at)
+        except UpdateRetryError as e:
+            return self._result("retry", True, e.reason, counter.bytes - before, killed_at)
         except (UpdateTransientError, UpdateBusyError) as e:
             logger.info("%s: transient: %s", self.profile.name, e)
             return self._result("transient", False, str(e)[:120], counter.bytes - before, killed_at)

@@ -110,6 +110,7 @@ class _Stats:
     failed_devices: set[int] = field(default_factory=set)
     rolled_back_devices: set[int] = field(default_factory=set)
     rejections: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
     killed: dict[int, str] = field(default_factory=dict)
     killed_inconsistent: int = 0
     other_base_offered: int = 0
@@ -301,6 +302,8 @@ class Fleet:
             s.failed_devices.add(i)
             s.rejections[result.reason] += 1
             per_runtime.rejections += 1
+        elif result.status == "retry":  # not the release's fault: it stays offered
+            s.retries[result.reason] += 1
         elif result.status == "updated" and result.version is not None:
             s.updated_devices.add(i)
             per_runtime.updates += 1

@@ -82,6 +82,7 @@ def fleet_summary(fleet: Fleet, publisher: Publisher, *, full_model_bytes: int) 
         "killed_mid_apply": len(s.killed),
         "killed_inconsistent_before_restart": s.killed_inconsistent,
         "rejections": dict(s.rejections),
+        "retries": dict(s.retries),
         "final_versions": per_version,
         "faults": faults,
         "tiers": tiers,

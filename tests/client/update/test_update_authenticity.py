@@ -14,7 +14,7 @@ import pytest
 from conftest import World, measured_losses
 from update_fakes import Released, bomb_bundle, forged_signer, huge_header_bundle, make_base
 
-from client.update import UpdateRejectedError, check_and_update
+from client.update import UpdateRejectedError, UpdateRetryError, check_and_update
 from client.update.state import DeviceState
 from delta_packager.package import build_bundle
 from delta_packager.trust import load_signer, load_targets, release, rotate_keys
@@ -51,6 +51,28 @@ def assert_rejected(world: World, reason: str, *, fetched: bool | None = None) -
     assert failed and reason in failed[-1]["detail"]
 
 
+def assert_retried_then_installed(world: World, version: Released) -> None:
+    """A payload that is not the signed one is a transport problem (ADR 0007): nothing is
+    staged, the server hears ``retry`` (not ``failed``), and once the mirror serves the
+    right bytes again the same release installs."""
+    before = world.state.active()
+    inactive = world.state.slot_dir(world.state.inactive_slot()) / "slot.json"
+    inactive_before = inactive.read_bytes() if inactive.exists() else None
+    with pytest.raises(UpdateRetryError) as info:
+        run(world)
+    assert info.value.reason == "payload_mismatch", str(info.value)
+    assert world.state.active() == before
+    assert (inactive.read_bytes() if inactive.exists() else None) == inactive_before
+    assert not list(world.state.downloads_dir.glob("*")), "the bad payload was kept"
+    last = list(world.ota.events.values())[-1]
+    assert last["type"] == "retry" and "payload_mismatch" in last["detail"]
+    assert not [e for e in world.ota.events.values() if e["type"] == "failed"]
+    world.ota.files[world.pipeline.target_url_path(version)] = version.data  # mirror repaired
+    assert run(world) == "updated"
+    active = world.state.active()
+    assert active is not None and active.version == version.version
+
+
 def fedota_custom(world: World, *, to_version: int, size: int) -> dict[str, object]:
     return {
         "format_version": 1,
@@ -72,7 +94,17 @@ def test_a1_flipped_byte_is_rejected_before_staging(world: World) -> None:
     data[len(data) // 2] ^= 0x01
     world.ota.files[url] = bytes(data)
     world.pipeline.offer(v2)
-    assert_rejected(world, "integrity")
+    assert_retried_then_installed(world, v2)
+
+
+def test_a1_truncated_payload_is_a_retry_not_a_failure(world: World) -> None:
+    install_v1(world)
+    v2 = world.pipeline.next_version()
+    world.pipeline.publish(v2)
+    url = world.pipeline.target_url_path(v2)
+    world.ota.files[url] = world.ota.files[url][:-100]
+    world.pipeline.offer(v2)
+    assert_retried_then_installed(world, v2)
 
 
 def test_a2_edited_signed_metadata_is_rejected(world: World) -> None:
@@ -93,7 +125,7 @@ def test_a2_edited_bundle_manifest_under_old_signature_is_rejected(world: World)
     other = world.pipeline.next_version()  # a genuine bundle whose manifest says v3
     world.ota.files[world.pipeline.target_url_path(v2)] = other.data
     world.pipeline.offer(v2)
-    assert_rejected(world, "integrity")
+    assert_retried_then_installed(world, v2)
 
 
 @pytest.mark.parametrize("how", ["unknown_key", "expired", "unsigned_target"])
@@ -128,7 +160,7 @@ def test_a4_metadata_of_one_release_with_payload_of_another(world: World) -> Non
     world.pipeline.publish(v2)
     world.ota.files[world.pipeline.target_url_path(v2)] = v1.data
     world.pipeline.offer(v2)
-    assert_rejected(world, "integrity")
+    assert_retried_then_installed(world, v2)
 
 
 def test_a5_server_streaming_past_the_signed_length_is_cut_off(world: World) -> None:

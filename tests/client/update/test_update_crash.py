@@ -124,7 +124,8 @@ def test_e21_disk_full_while_staging_aborts_cleanly(
     assert not world.state.slot_dir(world.state.inactive_slot()).exists()
     assert not list(world.state.downloads_dir.glob("*"))
     assert world.state.journal() == {"step": "idle"}
-    assert "disk_full" in [e for e in world.ota.events.values()][-1]["detail"]
+    last = list(world.ota.events.values())[-1]
+    assert last["type"] == "retry" and "disk_full" in last["detail"]  # ADR 0007: not failed
 
 
 def test_e22_health_check_outside_tolerance_rolls_back_with_measured_values(

@@ -165,3 +165,27 @@ def test_every_worker_sees_a_pause_at_once(fleet, make_client, database_url) -> 
     assert check(worker_a, device, 1) is None  # A's cache was invalidated by B's pause
     worker_b.post(f"/v1/rollouts/{rollout['id']}/resume", headers=auth("operator"))
     assert check(worker_a, device, 1)["to_version"] == 2
+
+
+def test_retry_reports_keep_the_release_offered_and_never_pause_a_rollout(fleet) -> None:
+    # ADR 0007: a device-local or transport problem (disk full, a corrupted mirror) is a
+    # ``retry`` outcome, not a failed install: it neither blocks the device nor counts.
+    client, devices = fleet
+    rollout = create_rollout(client, 2, [50, 100], max_failure_rate=0.4, min_reports=2)
+    first = _by_stage(client, rollout["id"], devices)[0]
+    for n, device in enumerate(first):
+        response = event(
+            client, device, event_id=f"r{n}", seq=1, type="retry", version=2, installed=1
+        )
+        assert response.status_code == 200 and response.json()["stored"], response.text
+    status = client.get(f"/v1/rollouts/{rollout['id']}", headers=auth("operator")).json()
+    assert (status["state"], status["stage_index"]) == ("active", 0)
+    assert status["stage_stats"][0] == {"percent": 50, "installed": 0, "failed": 0}
+    for device in first:
+        assert check(client, device, 1)["to_version"] == 2  # still offered
+        state = client.get(f"/v1/devices/{device.id}/assignment", headers=auth(device.token))
+        assert state.json()["failed_versions"] == []
+    # A later ``failed`` from one of them still counts as it always did.
+    event(client, first[0], event_id="f0", seq=2, type="failed", version=2, installed=1)
+    state = client.get(f"/v1/devices/{first[0].id}/assignment", headers=auth(first[0].token))
+    assert state.json()["failed_versions"] == [2]
