@@ -102,12 +102,17 @@ def update(
 ) -> None:
     """Check for, download, verify, stage, health-check and commit one update.
 
+    A damaged active adapter (see `device status`) is repaired: the release is fetched
+    again as a full bundle, verified against its signed metadata and committed.
+
     Exit codes: 0 updated, 10 no update, 3 rejected/rolled back, 4 transient, 2 bad input.
     """
     from client.device import Device
 
     outcome = Device(state).update(retry_budget_s=retry_budget_s)
-    if outcome.status == "updated":
+    if outcome.status == "updated" and outcome.reason == "repaired":
+        typer.echo(f"repaired the damaged adapter: adapter version {outcome.version}, re-verified")
+    elif outcome.status == "updated":
         typer.echo(f"updated to adapter version {outcome.version}")
     elif outcome.status == "no_update":
         typer.echo(f"no update (installed version: {outcome.version})")

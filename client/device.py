@@ -218,6 +218,7 @@ class Device:
             "base_fingerprint": config.base_fingerprint,
             "active_version": active.version if active else None,
             "active_slot": active.slot if active else None,
+            "active_adapter": _adapter_health(self.state),
             "release_floor": self.state.release_floor(),
             "slots": slots,
             "update_step": self.state.journal().get("step"),
@@ -307,3 +308,13 @@ class Device:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _adapter_health(state: DeviceState) -> str:
+    """``none``, ``intact`` or ``damaged: <why>; run `fedota device update` to repair``."""
+    if state.active() is None:
+        return "none"
+    damage = state.active_damage()
+    if damage is None:
+        return "intact"
+    return f"damaged: {damage}; run `fedota device update` to repair it"

@@ -83,6 +83,7 @@ class _Run:
     checker: HealthChecker
     hook: StepHook
     crash_loop_limit: int
+    repairing: bool = False  # the active slot is damaged: restore it from a signed release
 
     @property
     def queue(self) -> TelemetryQueue:
@@ -92,7 +93,7 @@ class _Run:
         active = self.state.active()
         return api.DeviceReport(
             base_fingerprint=self.config.base_fingerprint,
-            installed_version=active.version if active else None,
+            installed_version=active.version if active and not self.repairing else None,
             memory_budget_bytes=self.config.memory_budget_bytes,
         )
 
@@ -199,6 +200,12 @@ def _current_base(config: DeviceConfig) -> DeviceConfig:
 
 def _cycle(run: _Run) -> UpdateOutcome:
     state, config = run.state, run.config
+    damage = state.active_damage()
+    if damage is not None:
+        # Repair: ask for the release as a device without an adapter would (a full bundle),
+        # verify it like any update and commit it to the other slot.
+        logger.warning("the active adapter is damaged (%s): repairing it", damage)
+        run = replace(run, repairing=True)
     offer = api.check_for_update(
         run.http, run.retrier, device_id=config.device_id, token=config.token, report=run.report()
     )
@@ -207,8 +214,17 @@ def _cycle(run: _Run) -> UpdateOutcome:
             for stale in state.downloads_dir.glob("*"):
                 stale.unlink(missing_ok=True)
             state.write_journal({"step": "idle"})
+        if damage is not None:
+            raise DeviceStateError(
+                f"the active adapter is damaged ({damage}) and the server offers no release "
+                "to restore it from: ask the operator to roll a release out to this device, "
+                "then run `fedota device update` again"
+            )
         return UpdateOutcome("no_update", run.report().installed_version)
     active = state.active()
+    # A repair may re-install the active release itself, whose counter is the floor: allow
+    # exactly that counter again (any lower one is still a rollback).
+    floor = state.release_floor() - (1 if run.repairing else 0)
     try:
         updater = refresh_metadata(
             tuf_dir=state.tuf_dir, server_url=config.server_url, http=run.http, retrier=run.retrier
@@ -217,8 +233,8 @@ def _cycle(run: _Run) -> UpdateOutcome:
             updater,
             offer.path,
             base_fingerprint=config.base_fingerprint,
-            release_floor=state.release_floor(),
-            installed_version=active.version if active else None,
+            release_floor=floor,
+            installed_version=active.version if active and not run.repairing else None,
         )
     except UpdateRejectedError as e:
         _report_rejection(run, offer.to_version, e)
@@ -285,9 +301,8 @@ def _stage_and_commit(
     version = verified.bundle.manifest.to_version
     run.hook("stage")
     try:
-        new = apply_bundle(
-            state.read_active(), verified.bundle, base_fingerprint=run.config.base_fingerprint
-        )
+        previous = None if run.repairing else state.read_active()
+        new = apply_bundle(previous, verified.bundle, base_fingerprint=run.config.base_fingerprint)
     except BundleRejectedError as e:
         rejection = UpdateRejectedError(str(e), reason=reject_reason(e))
         _cleanup(run, verified.target)
@@ -350,7 +365,7 @@ def _commit(
     _cleanup(run, target)
     _try_flush(run)
     logger.info("committed adapter version %d in slot %s", version, slot)
-    return UpdateOutcome("updated", version, "ok", report)
+    return UpdateOutcome("updated", version, "repaired" if run.repairing else "ok", report)
 
 
 def _roll_back(

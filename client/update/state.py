@@ -266,7 +266,8 @@ class DeviceState:
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise DeviceStateError(
                 f"slot {slot}: adapter bytes do not match the SHA-256 recorded when it was "
-                "written; the slot is corrupt (re-run `fedota device update` to restage)"
+                "written; the slot is damaged (run `fedota device update` to repair it from "
+                "the signed release)"
             )
         return AdapterState(
             version=int(meta["version"]),
@@ -280,6 +281,27 @@ class DeviceState:
         meta = read_json(self.slot_dir(slot) / _SLOT_META)
         config = None if meta is None else meta.get("adapter_config")
         return dict(config) if isinstance(config, dict) else None
+
+    def active_damage(self) -> str | None:
+        """Why the active slot cannot be trusted (``None``: intact or no adapter).
+
+        Re-reads the active adapter and checks it against the SHA-256 recorded when it was
+        written: storage can rot after a commit, and a damaged adapter must be found before
+        the runtime loads it. ``check_and_update`` repairs it from the signed release.
+
+        Raises:
+            DeviceStateError: ``active.json`` itself is malformed.
+        """
+        active = self.active()
+        if active is None:
+            return None
+        try:
+            self.read_slot(active.slot)
+        except DeviceStateError as e:
+            return str(e)
+        except (KeyError, TypeError, ValueError, safetensors.SafetensorError) as e:
+            return f"slot {active.slot}: its record or adapter is unreadable ({e})"
+        return None
 
     def read_active(self) -> AdapterState | None:
         """The active adapter, or ``None``.

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import World, measured_losses
 
-from client.update import check_and_update
+from client.update import DeviceStateError, check_and_update
 
 
 def run(world: World, **kw):  # type: ignore[no-untyped-def]
@@ -40,3 +41,19 @@ def test_full_then_delta_then_no_update_and_events_reported(world: World) -> Non
     assert sorted(e["version"] for e in installed) == [1, 2]
     assert world.state.journal() == {"step": "idle"}
     assert not list(world.state.downloads_dir.glob("*"))
+
+
+def test_a_damaged_adapter_with_nothing_to_restore_from_says_so(world: World) -> None:
+    v1 = world.pipeline.next_version()
+    world.pipeline.publish(v1)
+    world.pipeline.offer(v1)
+    assert run(world).status == "updated"
+    pointer = world.state.active()
+    assert pointer is not None
+    adapter = world.state.slot_dir(pointer.slot) / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-1])  # truncated by storage trouble
+    assert world.state.active_damage() is not None
+    world.pipeline.offer(None)  # the server has nothing for it
+    with pytest.raises(DeviceStateError, match="damaged.*offers no release.*device update"):
+        run(world)
+    assert world.state.active() == pointer  # nothing was changed

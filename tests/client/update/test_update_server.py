@@ -222,3 +222,54 @@ def test_enroll_update_status_and_exit_codes_against_fedota_serve(live: Live) ->
     live.proc.wait(timeout=30)
     down = fedota("device", "update", "--state", str(state), "--retry-budget-s", "1", env=live.env)
     assert down.returncode == 4 and "retry budget" in down.stderr
+
+
+def test_a_damaged_active_adapter_is_reported_and_repaired_from_the_signed_release(
+    live: Live,
+) -> None:
+    # Issue 22 item 5: storage rot in the active slot after a commit.
+    state = live.tmp / "device"
+    enrolled = fedota(
+        "device",
+        "enroll",
+        "--server",
+        live.url,
+        "--state",
+        str(state),
+        "--root",
+        str(live.keys / "1.root.json"),
+        "--base",
+        str(live.base),
+        env=live.env,
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    device = DeviceState(state)
+    live.release(seed=1)
+    v2 = live.release(seed=2)
+    assert check_and_update(device, checker=measured_losses({})).version == 2
+    pointer = device.active()
+    assert pointer is not None and pointer.version == 2
+
+    def status() -> dict[str, object]:
+        shown = fedota("device", "status", "--state", str(state), "--json", env=live.env)
+        assert shown.returncode == 0, shown.stderr
+        return dict(json.loads(shown.stdout))
+
+    assert status()["active_adapter"] == "intact"
+    adapter = device.slot_dir(pointer.slot) / "adapter.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-10] ^= 0x40  # one flipped bit in a tensor
+    adapter.write_bytes(bytes(data))
+
+    damaged = status()
+    assert str(damaged["active_adapter"]).startswith("damaged: ")
+    assert "fedota device update" in str(damaged["active_adapter"])
+
+    outcome = check_and_update(device, checker=measured_losses({}))
+    assert (outcome.status, outcome.version, outcome.reason) == ("updated", 2, "repaired")
+    repaired = device.read_active()
+    assert repaired is not None and repaired.version == 2
+    assert all(np.allclose(repaired.tensors[k], v, atol=1e-3) for k, v in v2.items())
+    assert status()["active_adapter"] == "intact" and device.release_floor() == 2
+    again = fedota("device", "update", "--state", str(state), env=live.env)
+    assert again.returncode == 10, again.stderr  # repaired: nothing left to do

@@ -75,7 +75,7 @@ def test_a_corrupt_slot_is_detected(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
-    with pytest.raises(DeviceStateError, match="corrupt"):
+    with pytest.raises(DeviceStateError, match="damaged"):
         state.read_slot("a")
 
 

@@ -70,6 +70,8 @@ class Faults:
     etag_override: list[str] = field(default_factory=list)  # ETags of the next answers
     payload_override: list[bytes] = field(default_factory=list)  # bodies of the next answers
     fail_suffix: str | None = None  # paths ending with this answer 503
+    hold_at: list[int] = field(default_factory=list)  # next downloads stop after byte N...
+    release_hold: threading.Event = field(default_factory=threading.Event)  # ...until set
 
 
 class FakeOta:
@@ -178,6 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
                 f.bad_content_range -= 1
             headers["Content-Range"] = f"bytes {first}-{len(body) - 1}/{len(body)}"
         cut = f.cut_at.pop(0) if f.cut_at else None
+        hold = f.hold_at.pop(0) if f.hold_at else None
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -186,6 +189,12 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is not None:
             self.wfile.write(chunk[: max(0, cut - start)])
             self.wfile.flush()
+            self.close_connection = True
+            return
+        if hold is not None:  # the client has these bytes; the rest waits (a stalled link)
+            self.wfile.write(chunk[: max(0, hold - start)])
+            self.wfile.flush()
+            f.release_hold.wait(timeout=60)
             self.close_connection = True
             return
         self.wfile.write(chunk + b"\0" * f.extra_bytes)
