@@ -31,15 +31,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import FakeClock, World
-from test_update_crash import exactly, run, v1_installed_v2_offered
-from update_fakes import FakeOta, Pipeline, enroll_device, make_base
+from test_update_crash import exactly, run
+from update_fakes import FakeOta, Pipeline, Released, enroll_device, make_base
+
+from delta_packager.package import PackagePolicy
 
 pytestmark = pytest.mark.slow
 
 PROC = Path(__file__).with_name("updater_proc.py")
-WIDTH = 16_384  # rank-4 LoRA, 4 layers x q/v x A/B of 4 x 16384 float32: 4 MiB a bundle
+WIDTH = 16_384  # rank-4 LoRA, 4 layers x q/v x A/B of 4 x 16384 float32: 4 MiB
+# fp32 (random values: ~4 MiB a bundle); v1 full, v2 a delta from it, v3 full again
+FP32 = PackagePolicy(delta_encoding="fp32", full_encoding="fp32", chain_limit=1)
 HELD_BYTES = 1_500_000  # what the server streams before it stalls
-COMMIT_FILE_OPS = 20  # file operations from the health check to the end of a clean update
+COMMIT_FILE_OPS = 60  # file operations from the health check to the end of a clean update
 
 
 @pytest.fixture
@@ -59,6 +63,17 @@ def big_world(tmp_path: Path) -> Iterator[World]:
     finally:
         ota.faults.release_hold.set()
         ota.close()
+
+
+def v1_installed_v2_offered(world: World) -> tuple[Released, Released]:
+    v1 = world.pipeline.next_version(policy=FP32)
+    world.pipeline.publish(v1)
+    world.pipeline.offer(v1)
+    assert run(world).status == "updated"
+    v2 = world.pipeline.next_version(policy=FP32)
+    world.pipeline.publish(v2)
+    world.pipeline.offer(v2)
+    return v1, v2
 
 
 def updater(world: World, kill_step: str) -> subprocess.Popen[str]:
@@ -112,7 +127,7 @@ def test_e20_killed_mid_download_stream(big_world: World, restart: str) -> None:
     if restart == "server_will_not_resume":
         world.ota.faults.ignore_range = True  # answers 200 with the whole body
     elif restart == "superseded":
-        expected = world.pipeline.next_version()
+        expected = world.pipeline.next_version(policy=FP32)
         world.pipeline.publish(expected)
         world.pipeline.offer(expected)
     outcome = run(world)

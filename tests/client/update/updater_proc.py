@@ -43,7 +43,9 @@ def kill_inside_runtime(step: str) -> None:
 
 def _writes(args: tuple[object, ...]) -> bool:
     """Whether an ``open`` audit event opens for writing (builtin ``open`` or ``os.open``)."""
-    _, mode, flags = args
+    path, mode, flags = args
+    if isinstance(path, int):
+        return False  # os.fdopen of a descriptor whose opening was counted already
     if isinstance(mode, str):
         return any(c in mode for c in "wax+")
     return isinstance(flags, int) and bool(flags & (os.O_WRONLY | os.O_RDWR))
@@ -64,6 +66,7 @@ def kill_at_file_op(k: int) -> Callable[[], None]:
             return
         if event in ("os.rename", "os.remove") or (event == "open" and _writes(args)):
             count += 1
+            sys.stderr.write(f'OP {count} {event} {args[:2]}\n')  # DEBUG
             if count == k:
                 die()
 
