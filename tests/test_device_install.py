@@ -131,6 +131,26 @@ def test_a_command_of_a_missing_extra_names_the_extra(
     assert lines[0].endswith(f"pip install 'fedota[{extra}]'")
 
 
+def test_an_nf4_base_on_the_device_install_names_the_train_extra(
+    device_venv: Path, micro_base: Path
+) -> None:
+    code = (
+        "import sys\n"
+        "from client.errors import ClientInputError\n"
+        "from client.runtime import open_runtime\n"
+        "try:\n"
+        f"    open_runtime({str(micro_base / 'nf4')!r})\n"
+        "except ClientInputError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(e.exit_code)\n"
+    )
+    result = _run(device_venv, "python", "-c", code)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "needs the train extra" in lines[0], result.stdout
+    assert "pip install 'fedota[train]'" in lines[0]
+
+
 def test_device_cli_enrolls_updates_and_infers_on_a_gguf_base_against_fedota_serve(
     device_venv: Path, released_micro_server: ReleasedServer, micro_gguf: Path, tmp_path: Path
 ) -> None:

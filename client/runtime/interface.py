@@ -17,6 +17,7 @@ This module imports nothing heavy: neither torch nor llama.cpp.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,9 @@ def runtime_kind_of(base: Path | str) -> RuntimeKind:
     )
 
 
+_NF4_RUNTIME_MODULES = ("torch", "transformers", "bitsandbytes")
+
+
 def open_runtime(
     base: Path | str,
     *,
@@ -243,6 +247,14 @@ def open_runtime(
             adapter_reserve_bytes=adapter_reserve_bytes,
             threads=threads,
             cache_dir=cache_dir,
+        )
+    # The torch-free device install has no NF4 runtime: say so before importing it.
+    missing = [m for m in _NF4_RUNTIME_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ClientInputError(
+            f"{base} is an NF4 checkpoint, and the NF4 runtime needs the train extra "
+            f"({', '.join(missing)} not installed): pip install 'fedota[train]', or export "
+            "a GGUF base with `fedota base-model export` and use the llama.cpp runtime"
         )
     from client.runtime.runtime import QuantizedRuntime
 
