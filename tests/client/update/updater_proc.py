@@ -66,7 +66,6 @@ def kill_at_file_op(k: int) -> Callable[[], None]:
             return
         if event in ("os.rename", "os.remove") or (event == "open" and _writes(args)):
             count += 1
-            sys.stderr.write(f'OP {count} {event} {args[:2]}\n')  # DEBUG
             if count == k:
                 die()
 
