@@ -72,6 +72,13 @@ def enroll(
     response = retrier.run(
         lambda: check_response(http.post("/v1/devices", json=body)), what="enroll"
     )
+    if response.status_code in (401, 403):
+        raise UpdateRejectedError(
+            f"enroll: the server refused the enrollment secret ({response.status_code}): "
+            "check the fleet's secret with its operator (--enroll-secret-env names the "
+            "variable that holds it)",
+            reason="unauthorized",
+        )
     if response.status_code != 201:
         raise _fail(response, "enroll")
     data = response.json()

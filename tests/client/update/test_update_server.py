@@ -273,3 +273,25 @@ def test_a_damaged_active_adapter_is_reported_and_repaired_from_the_signed_relea
     assert status()["active_adapter"] == "intact" and device.release_floor() == 2
     again = fedota("device", "update", "--state", str(state), env=live.env)
     assert again.returncode == 10, again.stderr  # repaired: nothing left to do
+
+
+def test_a_wrong_enrollment_secret_is_named_as_such(live: Live) -> None:
+    env = {**live.env, "FEDOTA_ENROLLMENT_SECRET": "not-the-fleet-secret-0123456789"}
+    result = fedota(
+        "device",
+        "enroll",
+        "--server",
+        live.url,
+        "--state",
+        str(live.tmp / "device"),
+        "--root",
+        str(live.keys / "1.root.json"),
+        "--base",
+        str(live.base),
+        env=env,
+    )
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "enrollment secret" in lines[0], result.stderr
+    assert "re-enroll" not in lines[0]  # there is no enrollment to redo
+    assert not (live.tmp / "device" / "device.json").exists()
