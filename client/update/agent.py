@@ -109,13 +109,14 @@ class _Run:
 
         self.queue.flush(post)
 
-    def event(self, kind: str, version: int, **detail: Any) -> None:
+    def event(self, kind: str, version: int, event_id: str | None = None, **detail: Any) -> None:
         active = self.state.active()
         self.queue.enqueue(
             kind,
             version=version,
             installed_version=active.version if active else None,
             detail=detail,
+            event_id=event_id,
         )
 
 
@@ -222,6 +223,8 @@ def _cycle(run: _Run) -> UpdateOutcome:
             )
         return UpdateOutcome("no_update", run.report().installed_version)
     active = state.active()
+    if active is not None and offer.to_version == active.version and not run.repairing:
+        return UpdateOutcome("no_update", active.version)  # a server behind our report
     # A repair may re-install the active release itself, whose counter is the floor: allow
     # exactly that counter again (any lower one is still a rollback).
     floor = state.release_floor() - (1 if run.repairing else 0)
@@ -360,7 +363,13 @@ def _commit(
     state.set_active(ActivePointer(slot, version, counter), hook=run.hook)
     run.hook("commit")
     state.raise_floor(counter)
-    run.event("installed", version, **timings, loss=report.measured_loss if report else None)
+    run.event(
+        "installed",
+        version,
+        event_id=_installed_event_id(target),
+        **timings,
+        loss=report.measured_loss if report else None,
+    )
     state.write_journal({**state.journal(), "step": "committed"})
     _cleanup(run, target)
     _try_flush(run)
@@ -404,6 +413,12 @@ def _cleanup(run: _Run, target: TargetFile) -> None:
 def _report_rejection(run: _Run, version: int, error: UpdateRejectedError) -> None:
     run.event("failed", version, reason=error.reason, why=str(error)[:300])
     _try_flush(run)
+
+
+def _installed_event_id(target: TargetFile) -> str:
+    """One id per installed release, so a commit finished after a crash reports once."""
+    fedota = target.custom["fedota"]
+    return f"installed-{fedota['to_version']}-{target.hashes['sha256'][:32]}"
 
 
 def _report_retry(run: _Run, version: int, error: UpdateRetryError, **detail: Any) -> None:
@@ -452,7 +467,8 @@ def _recover(run: _Run) -> UpdateOutcome | None:
         run.hook("commit")
         state.raise_floor(active.release_counter)
         if step != "committed":
-            run.event("installed", version, recovered=True)
+            # Same id as the report _commit may have queued before the kill: sent once.
+            run.event("installed", version, event_id=_installed_event_id(target), recovered=True)
         _cleanup(run, target)
         return UpdateOutcome("updated", version, "recovered after restart")
     if step == "commit":

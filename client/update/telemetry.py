@@ -40,8 +40,12 @@ class TelemetryQueue:
         version: int,
         installed_version: int | None,
         detail: dict[str, Any],
+        event_id: str | None = None,
     ) -> dict[str, Any]:
         """Persist a new event and return it.
+
+        ``event_id`` (default: random) lets a step that may run twice across a crash
+        report once: the server stores one event per id.
 
         Raises:
             OSError: the event could not be written.
@@ -52,7 +56,7 @@ class TelemetryQueue:
         atomic_write_json(self.directory / "seq.json", {"next": seq + 1})
         text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
         event = {
-            "event_id": uuid.uuid4().hex,
+            "event_id": event_id or uuid.uuid4().hex,
             "seq": seq,
             "type": kind,
             "version": version,

@@ -157,7 +157,8 @@ def test_e20_killed_between_the_file_operations_of_commit(big_world: World, k: i
     active = world.state.read_active()
     assert exactly(active, v1) or exactly(active, v2), f"killed at file operation {k}: mixed"
     outcome = run(world)
-    assert (outcome.status, outcome.version) == ("updated", 2)
+    # Killed once the update had ended: the restart finds v2 installed and stops there.
+    assert (outcome.status, outcome.version) in (("updated", 2), ("no_update", 2))
     assert exactly(world.state.read_active(), v2)
     assert_clean_after(world, 2)
     installed = [e for e in world.ota.events.values() if e["type"] == "installed"]
