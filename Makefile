@@ -12,12 +12,10 @@ OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # How pip builds llama-cpp-python (the `device` extra; a source distribution that
 # compiles llama.cpp with CMake). Defined once, in .ci/llama-cmake-args, which
 # tests/test_device_install.py reads too; `make -s print-llama-cmake-args` shows it.
-# The first build takes 4-5 minutes on 2 cores (measured on a 2-core Intel Xeon VM: 4m06s
-# idle; 5m22s for a whole fresh `pip install '.[device]'` beside other work). pip's wheel
-# cache keeps the wheel, so later installs of the same release take seconds (the device
-# venv of tests/test_device_install.py: 18-22 s). pip keys that cache by the sdist's URL,
-# not by CMAKE_ARGS: after changing the flags, run `$(BIN)/pip cache remove
-# llama_cpp_python` to force a rebuild.
+# The first build takes a few minutes on 2 cores (docs/benchmarks.md, "Device install").
+# pip's wheel cache keeps the wheel, so later installs of the same release take seconds.
+# pip keys that cache by the sdist's URL, not by CMAKE_ARGS: after changing the flags,
+# run `$(BIN)/pip cache remove llama_cpp_python` to force a rebuild.
 LLAMA_CMAKE_ARGS := $(strip $(shell grep -v '^\#' .ci/llama-cmake-args))
 
 $(STAMP): pyproject.toml .ci/llama-cmake-args
