@@ -75,7 +75,7 @@ def write_app(app_dir: Path) -> None:
     ]
     app_dir.mkdir(parents=True)
     (app_dir / "pyproject.toml").write_text("\n".join(lines))
-    for pkg in ("client", "server", "delta_packager"):
+    for pkg in ("client", "server", "delta_packager", "protocol"):
         shutil.copytree(
             REPO / pkg,
             app_dir / pkg,
@@ -204,8 +204,9 @@ def http_ready(url: str) -> bool:
 def golden_loss(base: Path, adapter_dir: Path, texts: list[str], *, budget_mb: int) -> float:
     """The golden-prompt loss of a PEFT adapter on the NF4 base, measured as a device
     measures it (``client.runtime.QuantizedRuntime`` under the device's budget)."""
-    from client.runtime import AdapterSpec, QuantizedRuntime
+    from client.runtime import QuantizedRuntime
     from delta_packager.adapter_io import load_adapter
+    from protocol import LoraShape
 
     tensors, config = load_adapter(adapter_dir)
     runtime = QuantizedRuntime(
@@ -213,7 +214,7 @@ def golden_loss(base: Path, adapter_dir: Path, texts: list[str], *, budget_mb: i
         budget_bytes=budget_mb * 2**20,
         adapter_reserve_bytes=sum(int(t.nbytes) for t in tensors.values()),
     )
-    spec = AdapterSpec(
+    spec = LoraShape(
         rank=config.rank, alpha=config.alpha, target_modules=config.target_modules or None
     )
     runtime.set_adapter(tensors, spec)

@@ -10,9 +10,9 @@ built the way an operator builds it:
 * its golden-prompt loss, measured as the release pipeline does, on the llama.cpp
   runtime over the GGUF with the same adapter, and declared in the provenance, so the
   device's health check (``client.update.health``) has something to compare with;
-* ``fedota serve`` on loopback (``simulation.fleet.server.EmbeddedServer``: SQLite,
+* ``fedota serve`` on loopback (``simulation.fleet.ota_client.EmbeddedServer``: SQLite,
   fresh random role secrets), the bundle published and rolled out to 100 % through its
-  HTTP API (``simulation.fleet.server.Operator``).
+  HTTP API (``simulation.fleet.ota_client.Operator``).
 
 Devices then enroll with ``ReleasedServer.enrollment_secret`` and ``ReleasedServer.root``.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import fedota_cli
+from tests.repo_helpers import fedota_cli
 
 __all__ = ["GOLDEN", "ReleasedServer", "golden_loss", "micro_lora", "released_server"]
 
@@ -82,9 +82,10 @@ def golden_loss(gguf: Path, tensors: dict[str, np.ndarray], texts: list[str]) ->
     The adapter config ``fedota package`` infers from a bare ``.safetensors`` file:
     alpha = rank, the modules named in the tensor names.
     """
-    from client.runtime import AdapterSpec, open_runtime
+    from client.runtime import open_runtime
+    from protocol import LoraShape
 
-    spec = AdapterSpec(rank=RANK, alpha=float(RANK), target_modules=("q_proj", "v_proj"))
+    spec = LoraShape(rank=RANK, alpha=float(RANK), target_modules=("q_proj", "v_proj"))
     reserve = sum(int(a.nbytes) for a in tensors.values())
     runtime = open_runtime(gguf, adapter_reserve_bytes=reserve, threads=1)
     try:
@@ -138,9 +139,9 @@ def released_server(work: Path, *, nf4: Path, gguf: Path) -> Iterator[ReleasedSe
     Raises:
         ServerStartError: the server did not come up.
     """
-    from delta_packager.fingerprint import fingerprint_base
+    from delta_packager import fingerprint_base
     from delta_packager.trust import init_keys
-    from simulation.fleet.server import EmbeddedServer, Operator
+    from simulation.fleet import EmbeddedServer, Operator
 
     keys = work / "keys"
     init_keys(keys)

@@ -13,7 +13,7 @@ import tomllib
 import pytest
 
 from fedota.cli import COMMAND_GROUPS, EXTRA_MODULES, extra_providing
-from tests.conftest import REPO
+from tests.repo_helpers import REPO
 
 # Runs the CLI with the packages named in HIDDEN reported missing by find_spec (what
 # fedota.cli checks at start) and refused by import.

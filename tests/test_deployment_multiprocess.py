@@ -17,19 +17,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-# pg_cluster lives beside the OTA tests. Appended, not inserted: tests/ holds a
-# ``client`` directory that must not shadow the ``client`` package when this file
-# runs alone (--import-mode=importlib).
-sys.path.append(str(Path(__file__).parent / "server" / "ota"))
-
-from pg_cluster import running_cluster
 
 from tests.deployment_helpers import (
     BIN,
@@ -43,6 +35,7 @@ from tests.deployment_helpers import (
     write_app,
     write_flwr_config,
 )
+from tests.server.ota.pg_cluster import running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 NODES = 3

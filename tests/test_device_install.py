@@ -1,4 +1,5 @@
-"""The device install is torch-free (DESIGN.md, "External contracts"; decision 11).
+"""The device install is torch-free (docs/architecture.md, "External contracts";
+DESIGN decision 11).
 
 A fresh virtualenv gets ``pip install 'fedota[device]'`` (the ``device_venv`` fixture in
 ``tests/conftest.py``), exactly what a phone-side install runs, and must hold none of the

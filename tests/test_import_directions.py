@@ -1,5 +1,6 @@
-"""The dependency directions of ../shared/DESIGN.md hold (import-linter contracts in
-pyproject.toml), and the torch-free modules stay torch-free at run time."""
+"""The dependency directions of docs/architecture.md ("Import directions") hold
+(import-linter contracts in pyproject.toml), and the torch-free modules stay torch-free
+at run time."""
 
 from __future__ import annotations
 

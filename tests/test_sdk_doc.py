@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from client.device import Device
-from tests.conftest import REPO
+from client import Device
 from tests.ota_server_helpers import ReleasedServer
+from tests.repo_helpers import REPO
 
 pytestmark = pytest.mark.slow
 SDK_DOC = REPO / "docs" / "sdk.md"

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client import ClientError, ClientInputError
-from client.device import Device
+from client import ClientError, ClientInputError, Device
 from client.update import DeviceStateError, api
 from delta_packager.trust import init_keys
 

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from delta_packager.manifest import AdapterConfig
-
-# Test modules import the builders as ``packager_helpers`` (pytest runs with
-# --import-mode=importlib, which does not put test directories on sys.path).
-sys.path.insert(0, str(Path(__file__).parent))
-
-from packager_helpers import random_adapter
+from delta_packager import AdapterConfig
+from tests.delta_packager.packager_helpers import random_adapter
 
 
 @pytest.fixture

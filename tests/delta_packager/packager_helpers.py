@@ -1,13 +1,16 @@
-"""Shared builders for the delta_packager tests: small random LoRA adapters."""
+"""Shared builders for the delta_packager tests: small random LoRA adapters, bundles,
+and the files ``fedota package`` reads (a PEFT adapter directory, a quantized base)."""
 
 from __future__ import annotations
 
 import json
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
 FP_X = "sha256:" + "a" * 64
 FP_Y = "sha256:" + "b" * 64
@@ -56,8 +59,7 @@ def same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 def make_bundle_bytes(seed: int = 0, *, versions: int = 1, fp: str = FP_X) -> bytes:
     """Bytes of a real bundle: a full v1 (and deltas up to ``versions`` when > 1)."""
-    from delta_packager.manifest import AdapterConfig
-    from delta_packager.package import package_version
+    from delta_packager import AdapterConfig, package_version
 
     rng = np.random.default_rng(seed)
     adapter = random_adapter(rng)
@@ -144,3 +146,30 @@ def zstd_frame_declaring(declared: int, prefix: bytes = b"") -> bytes:
             out += [block(1, size, last), b"\0"]
         pos += size
     return b"".join(out)
+
+
+def write_peft_adapter(directory: Path, tensors: dict[str, np.ndarray]) -> Path:
+    """The files PEFT ``save_pretrained`` writes for a LoRA adapter."""
+    directory.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(
+        tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"}
+    )
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def write_quantized_base(
+    directory: Path, *, quant_type: str = "nf4", tokenizer: str = "{}"
+) -> Path:
+    """A minimal pre-quantized checkpoint: packed uint8 weights, config, tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {"model.layers.0.mlp.up_proj.weight": np.arange(64, dtype=np.uint8).reshape(32, 2)}
+    safetensors.numpy.save_file(weights, str(directory / "model.safetensors"))
+    config = {
+        "model_type": "llama",
+        "quantization_config": {"bnb_4bit_quant_type": quant_type, "load_in_4bit": True},
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "tokenizer.json").write_text(tokenizer)
+    return directory

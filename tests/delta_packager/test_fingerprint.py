@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from delta_packager import PackagerInputError
-from delta_packager.fingerprint import (
+from delta_packager import (
+    PackagerInputError,
     fingerprint_base,
     fingerprint_checkpoint,
     fingerprint_gguf,
-    is_fingerprint,
-    normalize_bases,
 )
+from delta_packager.fingerprint import is_fingerprint, normalize_bases
 
 
 @pytest.fixture()

@@ -13,7 +13,32 @@ import numpy as np
 import pytest
 import typer
 import zstandard
-from packager_helpers import (
+from tuf.api.metadata import TargetFile
+from typer.testing import CliRunner
+
+from delta_packager import (
+    AdapterConfig,
+    BaseMismatchError,
+    BundleFormatError,
+    BundleIntegrityError,
+    PackagerInputError,
+    PackagerState,
+    PackagerStateError,
+    apply_bundle,
+    build_bundle,
+    fingerprint_checkpoint,
+    fingerprint_gguf,
+    load_state,
+    package_version,
+    parse_bundle,
+    read_bundle,
+    save_state,
+)
+from delta_packager.cli import register
+from delta_packager.manifest import canonical_json, manifest_from_json
+from delta_packager.store import STATE_FILE
+from delta_packager.verify import check_bundle_target, target_custom
+from tests.delta_packager.packager_helpers import (
     FP_X,
     FP_Y,
     edit_manifest,
@@ -21,26 +46,9 @@ from packager_helpers import (
     random_adapter,
     train_step,
     unpack,
+    write_peft_adapter,
+    write_quantized_base,
 )
-from test_packager_cli import write_peft_adapter, write_quantized_base
-from tuf.api.metadata import TargetFile
-from typer.testing import CliRunner
-
-from delta_packager.apply import apply_bundle
-from delta_packager.cli import register
-from delta_packager.errors import (
-    BaseMismatchError,
-    BundleFormatError,
-    BundleIntegrityError,
-    PackagerInputError,
-    PackagerStateError,
-)
-from delta_packager.fingerprint import fingerprint_checkpoint, fingerprint_gguf
-from delta_packager.format import parse_bundle, read_bundle
-from delta_packager.manifest import AdapterConfig, canonical_json, manifest_from_json
-from delta_packager.package import PackagerState, build_bundle, package_version
-from delta_packager.store import STATE_FILE, load_state, save_state
-from delta_packager.verify import check_bundle_target, target_custom
 
 FP_G = "sha256:" + "1" * 64  # a GGUF export of base X, named by the release
 FP_H = "sha256:" + "2" * 64  # another GGUF export, named too

@@ -9,19 +9,24 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packager_helpers import FP_X, FP_Y, random_adapter, same_bits, train_step
 
-from delta_packager.apply import AdapterState, apply_bundle
-from delta_packager.errors import (
+from delta_packager import (
+    AdapterConfig,
+    AdapterState,
     BaseMismatchError,
     ChainMismatchError,
+    PackagePolicy,
     PackagerInputError,
+    PackagerState,
     PackagerStateError,
+    Provenance,
     RollbackError,
+    apply_bundle,
+    build_bundle,
+    package_version,
+    parse_bundle,
 )
-from delta_packager.format import parse_bundle
-from delta_packager.manifest import AdapterConfig, Provenance
-from delta_packager.package import PackagePolicy, PackagerState, build_bundle, package_version
+from tests.delta_packager.packager_helpers import FP_X, FP_Y, random_adapter, same_bits, train_step
 
 Adapter = dict[str, np.ndarray]
 

@@ -11,16 +11,26 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import typer
-from packager_helpers import FP_X, random_adapter, train_step, zstd_frame_declaring
 from typer.testing import CliRunner
 
-from delta_packager.apply import apply_bundle
+from delta_packager import (
+    BaseMismatchError,
+    PackagerStateError,
+    apply_bundle,
+    fingerprint_checkpoint,
+    load_state,
+    read_bundle,
+)
 from delta_packager.cli import register
-from delta_packager.errors import BaseMismatchError, PackagerStateError
-from delta_packager.fingerprint import fingerprint_checkpoint
-from delta_packager.format import read_bundle
-from delta_packager.store import load_state
 from delta_packager.trust import load_targets
+from tests.delta_packager.packager_helpers import (
+    FP_X,
+    random_adapter,
+    train_step,
+    write_peft_adapter,
+    write_quantized_base,
+    zstd_frame_declaring,
+)
 
 runner = CliRunner()
 
@@ -34,33 +44,6 @@ def app() -> typer.Typer:
 
     register(root)
     return root
-
-
-def write_peft_adapter(directory: Path, tensors: dict[str, np.ndarray]) -> Path:
-    """The files PEFT ``save_pretrained`` writes for a LoRA adapter."""
-    directory.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(
-        tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"}
-    )
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-    return directory
-
-
-def write_quantized_base(
-    directory: Path, *, quant_type: str = "nf4", tokenizer: str = "{}"
-) -> Path:
-    """A minimal pre-quantized checkpoint: packed uint8 weights, config, tokenizer."""
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {"model.layers.0.mlp.up_proj.weight": np.arange(64, dtype=np.uint8).reshape(32, 2)}
-    safetensors.numpy.save_file(weights, str(directory / "model.safetensors"))
-    config = {
-        "model_type": "llama",
-        "quantization_config": {"bnb_4bit_quant_type": quant_type, "load_in_4bit": True},
-    }
-    (directory / "config.json").write_text(json.dumps(config))
-    (directory / "tokenizer.json").write_text(tokenizer)
-    return directory
 
 
 def test_package_inspect_release_round_trip(tmp_path: Path, app: typer.Typer) -> None:

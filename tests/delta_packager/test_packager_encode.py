@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from delta_packager import BundleFormatError, PackagerInputError
 from delta_packager.encode import EncodedTensor, decode_tensor, encode_tensor, expected_parts
-from delta_packager.errors import BundleFormatError, PackagerInputError
 
 _SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=24)

@@ -18,7 +18,15 @@ import safetensors.numpy
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from packager_helpers import (
+
+from delta_packager import (
+    BundleFormatError,
+    BundleIntegrityError,
+    BundleRejectedError,
+    parse_bundle,
+)
+from delta_packager.format import read_declared
+from tests.delta_packager.packager_helpers import (
     FP_X,
     edit_manifest,
     make_bundle_bytes,
@@ -26,9 +34,6 @@ from packager_helpers import (
     unpack,
     zstd_frame_declaring,
 )
-
-from delta_packager.errors import BundleFormatError, BundleIntegrityError, BundleRejectedError
-from delta_packager.format import parse_bundle, read_declared
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from packager_helpers import FP_X, random_adapter, same_bits, train_step
 
-from delta_packager.apply import apply_bundle
-from delta_packager.errors import PackagerStateError, RollbackError
-from delta_packager.format import parse_bundle
-from delta_packager.manifest import AdapterConfig
-from delta_packager.package import PackagePolicy, PackagerState, package_version
-from delta_packager.store import STATE_FILE, load_state, save_state
+from delta_packager import (
+    AdapterConfig,
+    PackagePolicy,
+    PackagerState,
+    PackagerStateError,
+    RollbackError,
+    apply_bundle,
+    load_state,
+    package_version,
+    parse_bundle,
+    save_state,
+)
+from delta_packager.store import STATE_FILE
+from tests.delta_packager.packager_helpers import FP_X, random_adapter, same_bits, train_step
 
 
 def _three_versions(config: AdapterConfig) -> tuple[PackagerState, list[bytes]]:

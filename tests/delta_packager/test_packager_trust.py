@@ -9,11 +9,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from packager_helpers import edit_manifest, make_bundle_bytes
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
-from delta_packager.errors import BundleIntegrityError, KeysError, TrustError
+from delta_packager import BundleIntegrityError, KeysError, TrustError
 from delta_packager.trust import (
     check_bundle_target,
     init_keys,
@@ -25,6 +24,7 @@ from delta_packager.trust import (
     verify_root_update,
     verify_targets,
 )
+from tests.delta_packager.packager_helpers import edit_manifest, make_bundle_bytes
 
 
 @pytest.fixture

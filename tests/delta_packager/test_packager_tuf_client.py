@@ -13,13 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from packager_helpers import FP_X, make_bundle_bytes
 from tuf.api.exceptions import DownloadHTTPError, RepositoryError
 from tuf.api.metadata import Metadata, MetaFile, Snapshot, Timestamp
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from delta_packager.apply import apply_bundle
+from delta_packager import apply_bundle
 from delta_packager.trust import (
     check_bundle_target,
     init_keys,
@@ -28,6 +27,7 @@ from delta_packager.trust import (
     release,
     rotate_keys,
 )
+from tests.delta_packager.packager_helpers import FP_X, make_bundle_bytes
 
 
 class MemoryFetcher(FetcherInterface):

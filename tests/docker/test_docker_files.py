@@ -132,21 +132,30 @@ def test_ota_server_runs_on_postgres_with_two_workers(compose: dict[str, Any]) -
     assert "root.pem" not in mounts and "targets.pem" not in mounts  # offline keys stay out
 
 
-def test_mounted_credentials_are_what_the_script_makes(
-    compose: dict[str, Any], tmp_path: Path
-) -> None:
-    work = Path(
+def _copy_docker_dir(tmp_path: Path) -> Path:
+    """docker/ copied under ``tmp_path``, without any credentials made in the checkout."""
+    return Path(
         shutil.copytree(DOCKER, tmp_path / "docker", ignore=shutil.ignore_patterns("credentials"))
     )
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
-    result = subprocess.run(
+
+
+def _make_credentials(work: Path, *, path: str) -> subprocess.CompletedProcess[str]:
+    """Run ``make-credentials.sh 2`` in ``work`` with only ``PATH=path`` in its environment."""
+    return subprocess.run(
         ["bash", str(work / "make-credentials.sh"), "2"],
         cwd=work,
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env={"PATH": path},
     )
+
+
+def test_mounted_credentials_are_what_the_script_makes(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    work = _copy_docker_dir(tmp_path)
+    result = _make_credentials(work, path=f"{Path(sys.executable).parent}:/usr/bin:/bin")
     assert result.returncode == 0, result.stderr
     for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
@@ -158,19 +167,10 @@ def test_mounted_credentials_are_what_the_script_makes(
 def test_make_credentials_checks_for_fedota_before_writing_anything(tmp_path: Path) -> None:
     """Issue 22 item 9: without ``fedota`` on PATH the script used to write the CA,
     certificates and node keys, then fail at the TUF keys."""
-    work = Path(
-        shutil.copytree(DOCKER, tmp_path / "docker", ignore=shutil.ignore_patterns("credentials"))
-    )
+    work = _copy_docker_dir(tmp_path)
     before = sorted(p.name for p in work.iterdir())
     assert shutil.which("fedota", path="/usr/bin:/bin") is None
-    result = subprocess.run(
-        ["bash", str(work / "make-credentials.sh"), "2"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin"},  # openssl and ssh-keygen, but no fedota
-    )
+    result = _make_credentials(work, path="/usr/bin:/bin")  # openssl, ssh-keygen, no fedota
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "fedota" in result.stderr and "nothing was written" in result.stderr

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.runtime import load_quantized
-from simulation.base_model import init_base_model, load_base_info
+from simulation import SimulationInputError, init_base_model
+from simulation.base_model import load_base_info
 from simulation.data import generate_public_texts
-from simulation.errors import SimulationInputError
-from tests.conftest import fedota_cli
+from tests.repo_helpers import fedota_cli
 
 
 def test_same_seed_same_weights(micro_base: Path, micro_preset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -2,7 +2,8 @@
 per-seed ratios, and every seed's ratio is printed beside it.
 
 The benchmark itself takes about an hour on the tiny base; these tests feed its
-summary functions the rows of a run, so they cover the arithmetic the README quotes.
+summary functions the rows of a run, so they cover the arithmetic docs/benchmarks.md
+quotes.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from simulation import SimulationInputError
 from simulation.data import (
     DataFormatError,
     JsonlOptions,
@@ -28,7 +29,6 @@ from simulation.data.synthetic import (
     NAMES,
     TIMES,
 )
-from simulation.errors import SimulationInputError
 
 
 def test_synthetic_is_deterministic_and_client_independent_of_population() -> None:

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
-from client.update.health import GOLDEN_FILE
-from delta_packager.manifest import AdapterConfig
-from simulation.e2e import demo_adapter, finish, on_round_end, run_fleet_demo, start_ota
-from simulation.fleet import DEFAULT_TIERS, FaultShares, FleetConfig, RolloutPolicy, Tier
-from simulation.fleet.report import PLOTS
+from client.update import GOLDEN_FILE
+from delta_packager import AdapterConfig
+from simulation.fleet import DEFAULT_TIERS, PLOTS, FaultShares, FleetConfig, RolloutPolicy, Tier
+from simulation.ota_rollout import demo_adapter, finish, on_round_end, run_fleet_demo, start_ota
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +87,7 @@ def test_the_fleets_gguf_base_evaluates_like_its_nf4_base(
 ) -> None:
     """Same adapter, same texts: the llama.cpp phones' Q8_0 export (of the NF4 weights)
     and the NF4 runtime agree on the loss (ADR 0011)."""
-    from simulation.fleet.runtimes import RuntimePool
+    from simulation.fleet import RuntimePool
 
     out, _ = demo
     (gguf,) = (out / "ota" / "gguf").glob("*-q8_0.gguf")
@@ -171,7 +170,7 @@ def test_report_has_plots_and_a_table(demo: tuple[Path, dict[str, Any]]) -> None
 def test_lightweight_fleet_through_the_on_round_end_callback(
     micro_base: Path, tmp_path: Path
 ) -> None:
-    from server.federation.rounds import RoundResult
+    from server.federation import RoundResult
 
     nf4 = micro_base / "nf4"
     cfg = FleetConfig(

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from client.runtime import AdapterSpec, QuantizedRuntime
+from client.runtime import QuantizedRuntime
 from client.train import LocalTrainer, LoraSettings
-from simulation.errors import SimulationInputError
-from simulation.export import LoraShape, export_adapter, latest_global
-from tests.conftest import fedota_cli
+from protocol import LoraShape
+from simulation import SimulationInputError
+from simulation.export import export_adapter, latest_global
+from tests.repo_helpers import fedota_cli
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_exported_adapter_runs_on_the_device_runtime(
     ).path
     rt = QuantizedRuntime(micro_base / "nf4")
     plain = rt.evaluate(["hey ana, are we still on for coffee at the blue door?"]).loss
-    rt.set_adapter(load_file(str(out / "adapter_model.safetensors")), AdapterSpec(4, 8.0))
+    rt.set_adapter(load_file(str(out / "adapter_model.safetensors")), LoraShape(4, 8.0))
     tuned = rt.evaluate(["hey ana, are we still on for coffee at the blue door?"]).loss
     assert tuned != plain
 
@@ -136,7 +137,7 @@ def test_a_run_that_adapted_the_head_exports_it_and_the_runtime_runs_it(
     rt = QuantizedRuntime(micro_base / "nf4")
     text = ["hey ana, are we still on for coffee at the blue door?"]
     plain = rt.evaluate(text).loss
-    rt.set_adapter(tensors, AdapterSpec(4, 8.0, tuple(written["target_modules"])))
+    rt.set_adapter(tensors, LoraShape(4, 8.0, tuple(written["target_modules"])))
     assert rt.evaluate(text).loss != plain
 
 

@@ -8,13 +8,12 @@ import httpx
 import numpy as np
 import pytest
 
-from client.update.state import ActivePointer, DeviceState
-from delta_packager.apply import AdapterState
-from delta_packager.fingerprint import fingerprint_checkpoint
-from simulation.errors import SimulationInputError
-from simulation.fleet import FaultShares, FleetConfig, RolloutPolicy, Tier
+from client.update import ActivePointer, DeviceState
+from delta_packager import AdapterState, fingerprint_checkpoint
+from simulation import SimulationInputError
+from simulation.fleet import FaultShares, FleetConfig, RolloutPolicy, Tier, corrupt_adapter
 from simulation.fleet.device import consistency
-from simulation.fleet.faults import KILL_STEPS, CorruptingMirror, KillAt, Killed, corrupt_adapter
+from simulation.fleet.faults import KILL_STEPS, CorruptingMirror, KillAt, Killed
 from simulation.fleet.faults import other_base as make_other_base
 from simulation.fleet.fleet import draw_profiles
 from simulation.fleet.runtimes import adapter_digest
@@ -63,7 +62,7 @@ def test_reports_needed_scales_with_the_first_stage() -> None:
 
 
 def test_auto_stages_give_the_first_stage_about_eight_phones() -> None:
-    from simulation.fleet.config import auto_stages
+    from simulation.fleet import auto_stages
 
     assert auto_stages(16) == (50, 100)
     assert auto_stages(24) == (33, 50, 100)

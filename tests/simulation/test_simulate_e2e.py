@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from simulation.fleet.report import PLOTS
-from simulation.run_report import TRAINING_PLOTS
-from tests.conftest import fedota_cli
+from simulation.fleet import PLOTS
+from simulation.report import TRAINING_PLOTS
+from tests.repo_helpers import fedota_cli
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from server.federation.checkpoint import Checkpoint, save_checkpoint
-from simulation.federated import CHECKPOINTS, FederatedConfig, describe_resume
+from simulation import FederatedConfig
+from simulation.federated import CHECKPOINTS, describe_resume
 
 REPO = Path(__file__).resolve().parents[2]
 _RESUME = [sys.executable, "-m", "fedota.cli", "simulate", "--no-ota", "--no-dp", "--resume"]

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
+from simulation import FederatedConfig, SimulationInputError
 from simulation.cli import _ota_line, faults_default
-from simulation.e2e import RoundOta, round_json
-from simulation.errors import NothingTrainedError, SimulationInputError
-from simulation.federated import FederatedConfig
+from simulation.errors import NothingTrainedError
 from simulation.guards import require_training, user_dp_cohort_problem
-from simulation.run_report import final_table, write_run_report
-from tests.conftest import fedota_cli
+from simulation.ota_rollout import RoundOta, round_json
+from simulation.report import final_table, write_run_report
+from tests.repo_helpers import fedota_cli
 
 LABEL = "v2: planted bad release (fault injection; --no-faults to turn off)"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.update.state import ActivePointer, DeviceConfig, DeviceState
-from delta_packager.apply import AdapterState
-from delta_packager.fingerprint import fingerprint_base
-from tests.conftest import fedota_cli
+from client.update import ActivePointer, DeviceConfig, DeviceState
+from delta_packager import AdapterState, fingerprint_base
+from protocol import LoraShape
+from tests.repo_helpers import fedota_cli
 
 
 def _lora_state(nf4: Path, rank: int, seed: int) -> dict[str, np.ndarray]:
@@ -57,9 +57,7 @@ def device(
         )
     )
     adapter = AdapterState(3, 3, fp, _lora_state(nf4, 4, 0))
-    state.write_slot(
-        "a", adapter, adapter_config={"rank": 4, "alpha": 8.0, "target_modules": [], "ffa": False}
-    )
+    state.write_slot("a", adapter, shape=LoraShape(rank=4, alpha=8.0))
     state.set_active(ActivePointer("a", 3, 3))
     return root
 

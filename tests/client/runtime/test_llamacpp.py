@@ -10,11 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.errors import ClientInputError
-from client.runtime import AdapterSpec, BudgetTooSmallError, RequestTooLargeError
+from client import ClientInputError
+from client.runtime import (
+    BudgetTooSmallError,
+    LlamaCppRuntime,
+    QuantizedRuntime,
+    RequestTooLargeError,
+)
 from client.runtime.gguf_plan import CTX_STEP, plan_llamacpp_memory, read_gguf_footprint
-from client.runtime.llamacpp import LlamaCppRuntime, lora_file_name
-from client.runtime.runtime import QuantizedRuntime
+from client.runtime.llamacpp import lora_file_name
+from protocol import LoraShape
 
 pytestmark = pytest.mark.slow
 MIB = 2**20
@@ -49,7 +54,7 @@ def lora_state(nf4: Path, *, rank: int, seed: int, scale: float = 0.3) -> dict[s
     return out
 
 
-SPEC = AdapterSpec(rank=4, alpha=8.0)
+SPEC = LoraShape(rank=4, alpha=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +211,7 @@ def test_bad_adapters_are_refused_before_touching_the_runtime(
 ) -> None:
     good = lora_state(micro_base / "nf4", rank=4, seed=9)
     with pytest.raises(ClientInputError, match="does not match rank 8"):
-        runtime.set_adapter(good, AdapterSpec(rank=8, alpha=8.0), version=9)
+        runtime.set_adapter(good, LoraShape(rank=8, alpha=8.0), version=9)
     with pytest.raises(ClientInputError, match="no tensor in a llama GGUF"):
         runtime.set_adapter({"base_model.model.nope.lora_A.weight": good[next(iter(good))]}, SPEC)
     tight = LlamaCppRuntime(runtime.base_path, adapter_reserve_bytes=1024, threads=1)

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from client.runtime import (
-    AdapterSpec,
     BudgetTooSmallError,
     QuantizedRuntime,
     RequestTooLargeError,
+    footprint_from_checkpoint,
+    plan_memory,
     repacked_layers,
 )
-from client.runtime.budget import footprint_from_checkpoint, plan_memory
+from protocol import LoraShape
 
 MIB = 1 << 20
 WORDS = ["hey", "ana", "coffee", "at", "the", "blue", "door", "city", "council", "plan"]
@@ -95,7 +96,7 @@ def test_peak_added_memory_never_exceeds_budget(nf4: Path) -> None:
         del rt
 
 
-def _random_adapter(rt: QuantizedRuntime, spec: AdapterSpec, seed: int) -> dict[str, np.ndarray]:
+def _random_adapter(rt: QuantizedRuntime, spec: LoraShape, seed: int) -> dict[str, np.ndarray]:
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
@@ -120,7 +121,7 @@ def test_hot_swap_changes_outputs_without_touching_the_base(
     # weights for its fused kernel at the first forward (ADR 0010), before any adapter
     base_weight = next(p for n, p in rt.model.named_parameters() if "q_proj" in n)
     before = base_weight.detach().clone()
-    spec = AdapterSpec(rank=4, alpha=8.0)
+    spec = LoraShape(rank=4, alpha=8.0)
     rt.set_adapter(_random_adapter(rt, spec, 1), spec, version=1)
     first = rt.generate(prompt, 12).text
     seconds = rt.set_adapter(_random_adapter(rt, spec, 2), spec, version=2)
@@ -140,7 +141,7 @@ def test_an_adapter_scores_the_same_before_and_after_another(
     path unpacked and lossily re-quantized bitsandbytes' repacked layers on AVX512-BF16
     CPUs, ADR 0010: the golden loss of a re-released adapter moved by 3e-5.)"""
     rt = small_runtime
-    spec = AdapterSpec(rank=4, alpha=8.0)
+    spec = LoraShape(rank=4, alpha=8.0)
     texts = ["hey ana, are we still on for coffee", "the city council approved a plan"]
     rt.set_adapter(_random_adapter(rt, spec, 11), spec)
     first = rt.evaluate(texts).loss
@@ -152,11 +153,11 @@ def test_an_adapter_scores_the_same_before_and_after_another(
 
 
 def test_adapter_of_wrong_shape_is_rejected(small_runtime: QuantizedRuntime) -> None:
-    from client.errors import ClientInputError
+    from client import ClientInputError
 
-    state = _random_adapter(small_runtime, AdapterSpec(rank=4, alpha=8.0), 3)
+    state = _random_adapter(small_runtime, LoraShape(rank=4, alpha=8.0), 3)
     with pytest.raises(ClientInputError, match="does not match rank 2"):
-        small_runtime.set_adapter(state, AdapterSpec(rank=2, alpha=4.0))
+        small_runtime.set_adapter(state, LoraShape(rank=2, alpha=4.0))
 
 
 def test_stream_yields_the_same_text_as_generate(tiny_base: Path) -> None:
@@ -178,8 +179,7 @@ def test_the_runtime_loads_its_model_for_inference_only(nf4: Path) -> None:
     CPU has one (ADR 0010); training loads keep float matmuls."""
     from bitsandbytes.functional import has_avx512bf16
 
-    from client.train import LoraSettings
-    from client.train.trainer import LocalTrainer
+    from client.train import LocalTrainer, LoraSettings
 
     runtime = QuantizedRuntime(nf4)
     runtime.generate("hey ana", 2)

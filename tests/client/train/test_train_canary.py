@@ -20,8 +20,7 @@ import random
 import pytest
 
 from client.train import DPSettings, LocalTrainer, TrainSettings, canary_exposure
-
-from .conftest import background_texts
+from tests.client.train.helpers import background_texts
 
 PREFIXES = ("alice pin is", "bob code is", "carol key number is")
 CANDIDATES = 63  # R = 64 texts per audit: max exposure 6 bits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client.errors import ClientInputError
+from client import ClientInputError
 from client.train import DPSettings, LoraSettings, TrainConfigError, TrainSettings
 
 

@@ -115,8 +115,8 @@ def test_opacus_per_sample_grads_match_single_sample_grads(
     """The opacus issue 820 guard: per-sample gradients of LoRA tensors are the real ones."""
     from opacus import GradSampleModule
 
+    from client.train import pack_texts
     from client.train._loops import per_sample_loss
-    from client.train.data import pack_texts
 
     rng = torch.Generator().manual_seed(0)
     nudged = {

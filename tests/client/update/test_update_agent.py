@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import World, measured_losses
 
 from client.update import DeviceStateError, check_and_update
+from tests.client.update.helpers import World, measured_losses
 
 
 def run(world: World, **kw):  # type: ignore[no-untyped-def]

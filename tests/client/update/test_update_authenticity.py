@@ -11,13 +11,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import World, measured_losses
-from update_fakes import Released, bomb_bundle, forged_signer, huge_header_bundle, make_base
 
-from client.update import UpdateRejectedError, UpdateRetryError, check_and_update
-from client.update.state import DeviceState
-from delta_packager.package import build_bundle
+from client.update import DeviceState, UpdateRejectedError, UpdateRetryError, check_and_update
+from delta_packager import build_bundle
 from delta_packager.trust import load_signer, load_targets, release, rotate_keys
+from tests.client.update.helpers import World, measured_losses
+from tests.client.update.update_fakes import (
+    Released,
+    bomb_bundle,
+    forged_signer,
+    huge_header_bundle,
+    make_base,
+)
 
 
 def run(world: World) -> str:

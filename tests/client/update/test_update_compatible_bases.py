@@ -15,19 +15,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FakeClock, World, measured_losses
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from update_fakes import FakeOta, Pipeline, enroll_device, make_base, make_gguf_base
 
-from client.update import UpdateRejectedError, check_and_update
-from client.update.state import DeviceConfig, DeviceState
-from client.update.transport import Retrier
-from delta_packager.format import parse_bundle
+from client.update import DeviceConfig, DeviceState, Retrier, UpdateRejectedError, check_and_update
+from delta_packager import parse_bundle
 from delta_packager.trust import release
-from server.ota.app import create_app
-from server.ota.database import make_engine, upgrade
-from server.ota.settings import OtaSettings
+from server.ota import OtaSettings, create_app, make_engine, upgrade
+from tests.client.update.helpers import FakeClock, World, measured_losses
+from tests.client.update.update_fakes import (
+    FakeOta,
+    Pipeline,
+    enroll_device,
+    make_base,
+    make_gguf_base,
+)
 
 
 def gguf_world(tmp_path: Path, *, named: bool) -> Iterator[World]:

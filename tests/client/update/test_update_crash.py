@@ -7,30 +7,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import World, measured_losses
-from update_fakes import Released
 
 from client.update import (
+    GoldenLossChecker,
     UpdateBusyError,
     UpdateTransientError,
-    check_and_update,
     default_checker,
 )
 from client.update import state as state_module
-from client.update.health import GoldenLossChecker
-from delta_packager.apply import AdapterState
-
-PROC = Path(__file__).with_name("updater_proc.py")
-BEFORE_SWAP = ["download", "verify", "stage", "write_slot", "fsync", "swap_pointer", "health_check"]
-AFTER_SWAP = ["commit", "cleanup"]
-
-
-def run(world: World, checker: GoldenLossChecker | None = None):  # type: ignore[no-untyped-def]
-    return check_and_update(
-        world.state, checker=checker or measured_losses({}), retrier=world.retrier()
-    )
+from delta_packager import AdapterState
+from tests.client.update.helpers import (
+    AFTER_SWAP,
+    BEFORE_SWAP,
+    PROC,
+    World,
+    exactly,
+    measured_losses,
+    run,
+)
+from tests.client.update.update_fakes import Released
 
 
 def v1_installed_v2_offered(world: World) -> tuple[Released, Released]:
@@ -42,15 +38,6 @@ def v1_installed_v2_offered(world: World) -> tuple[Released, Released]:
     world.pipeline.publish(v2)
     world.pipeline.offer(v2)
     return v1, v2
-
-
-def exactly(adapter: AdapterState | None, release: Released) -> bool:
-    return (
-        adapter is not None
-        and adapter.version == release.version
-        and set(adapter.tensors) == set(release.tensors)
-        and all(np.array_equal(adapter.tensors[k], v) for k, v in release.tensors.items())
-    )
 
 
 def kill_updater_at(world: World, step: str, loss: float = 1.0) -> subprocess.CompletedProcess[str]:

@@ -25,24 +25,31 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from conftest import FakeClock
-from test_update_crash import AFTER_SWAP, BEFORE_SWAP, PROC, exactly
-from test_update_health_runtime import GOLDEN, lora
-from update_fakes import FakeOta, Pipeline, Released, enroll_device
-from updater_proc import RUNTIME_STEPS
 
-from client.device import Device
+from client import Device
 from client.runtime.gguf_plan import read_gguf_footprint
 from client.runtime.llamacpp import lora_file_name
-from client.update import check_and_update, default_checker
-from client.update.agent import UpdateOutcome
-from client.update.health import GOLDEN_FILE, Measurement, runtime_measure
-from client.update.state import DeviceState
-from client.update.transport import Retrier
-from delta_packager.apply import AdapterState
-from delta_packager.fingerprint import fingerprint_checkpoint, fingerprint_gguf
-from delta_packager.format import parse_bundle
-from delta_packager.manifest import Manifest
+from client.update import (
+    GOLDEN_FILE,
+    DeviceState,
+    Measurement,
+    Retrier,
+    UpdateOutcome,
+    check_and_update,
+    default_checker,
+)
+from client.update.health import runtime_measure
+from delta_packager import (
+    AdapterState,
+    Manifest,
+    fingerprint_checkpoint,
+    fingerprint_gguf,
+    parse_bundle,
+)
+from tests.client.update.helpers import AFTER_SWAP, BEFORE_SWAP, PROC, FakeClock, exactly
+from tests.client.update.update_fakes import FakeOta, Pipeline, Released, enroll_device
+from tests.client.update.updater_proc import RUNTIME_STEPS
+from tests.ota_server_helpers import GOLDEN, micro_lora
 
 pytestmark = pytest.mark.slow
 Measure = Callable[[AdapterState, Manifest], Measurement]
@@ -94,7 +101,7 @@ def gguf_world(
         (state.root / GOLDEN_FILE).write_text(json.dumps(GOLDEN))
         budget = state.read_config().memory_budget_bytes
         measure = runtime_measure(micro_gguf, budget_bytes=budget, texts=GOLDEN)
-        pipeline.adapter = lora(nf4, b_scale=0.001, seed=1)
+        pipeline.adapter = micro_lora(nf4, seed=1, b_scale=0.001)
         v1 = released_measured(pipeline, measure)
         pipeline.publish(v1)
         pipeline.offer(v1)

@@ -30,15 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FakeClock, World
-from test_update_crash import exactly, run
-from update_fakes import FakeOta, Pipeline, Released, enroll_device, make_base
 
-from delta_packager.package import PackagePolicy
+from delta_packager import PackagePolicy
+from tests.client.update.helpers import PROC, FakeClock, World, exactly, run
+from tests.client.update.update_fakes import FakeOta, Pipeline, Released, enroll_device, make_base
 
 pytestmark = pytest.mark.slow
 
-PROC = Path(__file__).with_name("updater_proc.py")
 WIDTH = 16_384  # rank-4 LoRA, 4 layers x q/v x A/B of 4 x 16384 float32: 4 MiB
 # fp32 (random values: ~4 MiB a bundle); v1 full, v2 a delta from it, v3 full again
 FP32 = PackagePolicy(delta_encoding="fp32", full_encoding="fp32", chain_limit=1)

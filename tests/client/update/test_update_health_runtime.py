@@ -13,37 +13,16 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import FakeClock
-from update_fakes import FakeOta, Pipeline, enroll_device
 
-from client.update import check_and_update, default_checker
-from client.update.health import GOLDEN_FILE, runtime_measure
-from client.update.transport import Retrier
-from delta_packager.apply import AdapterState
-from delta_packager.fingerprint import fingerprint_checkpoint, fingerprint_gguf
-from delta_packager.format import parse_bundle
+from client.update import GOLDEN_FILE, Retrier, check_and_update, default_checker
+from client.update.health import runtime_measure
+from delta_packager import AdapterState, fingerprint_checkpoint, fingerprint_gguf, parse_bundle
+from tests.client.update.helpers import FakeClock
+from tests.client.update.update_fakes import FakeOta, Pipeline, enroll_device
+from tests.ota_server_helpers import GOLDEN, micro_lora
 
 pytestmark = pytest.mark.slow
-GOLDEN = ["hey ana, are we still on for coffee at the blue door", "the city council plan"]
-
-
-def lora(nf4: Path, *, b_scale: float, seed: int) -> dict[str, np.ndarray]:
-    """Rank-4 LoRA on q_proj and v_proj of every layer, PEFT state-dict names."""
-    cfg = json.loads((nf4 / "config.json").read_text())
-    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
-    outs = {"q_proj": hidden, "v_proj": cfg["num_key_value_heads"] * head_dim}
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i in range(layers):
-        for module, width in outs.items():
-            stem = f"base_model.model.model.layers.{i}.self_attn.{module}"
-            out[f"{stem}.lora_A.weight"] = rng.normal(size=(4, hidden)).astype(np.float32)
-            b = rng.normal(size=(width, 4)) * b_scale
-            out[f"{stem}.lora_B.weight"] = b.astype(np.float32)
-    return out
 
 
 @pytest.fixture(params=["nf4", "llamacpp"])
@@ -71,7 +50,7 @@ def test_e22_runtime_health_check_commits_good_and_rolls_back_bad(
     (state.root / GOLDEN_FILE).write_text(json.dumps(GOLDEN))
     budget = state.read_config().memory_budget_bytes
 
-    good = lora(nf4, b_scale=0.001, seed=1)
+    good = micro_lora(nf4, seed=1, b_scale=0.001)
     pipeline.adapter = good
     draft = pipeline.next_version(loss=0.0)  # the release pipeline measures the loss:
     manifest = parse_bundle(draft.data).manifest
@@ -90,7 +69,7 @@ def test_e22_runtime_health_check_commits_good_and_rolls_back_bad(
     assert abs(outcome.health.measured_loss - expected) < tolerance  # type: ignore[operator]
     assert 0 < outcome.health.peak_bytes <= budget
 
-    pipeline.adapter = lora(nf4, b_scale=5.0, seed=2)  # a broken adapter, same claimed loss
+    pipeline.adapter = micro_lora(nf4, seed=2, b_scale=5.0)  # a broken adapter, same claimed loss
     v2 = pipeline.next_version(loss=expected)
     pipeline.publish(v2)
     pipeline.offer(v2)

@@ -18,15 +18,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import measured_losses
-from update_fakes import CONFIG, make_base
 
-from client.update import check_and_update
-from client.update.state import DeviceState
-from delta_packager.manifest import Provenance
-from delta_packager.package import PackagerState, build_bundle, package_version
+from client.update import DeviceState, check_and_update
+from delta_packager import PackagerState, Provenance, build_bundle, package_version
 from delta_packager.trust import init_keys, release
-from server.ota.remote import wait_until_ready
+from server.ota import wait_until_ready
+from tests.client.update.helpers import measured_losses
+from tests.client.update.update_fakes import CONFIG, make_base
 
 pytestmark = pytest.mark.slow
 SECRETS = {
@@ -116,6 +114,23 @@ class Live:
         return dict(result.state.current.tensors)
 
 
+def enroll(live: Live, state: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``fedota device enroll`` of a device with state directory ``state`` on ``live``."""
+    return fedota(
+        "device",
+        "enroll",
+        "--server",
+        live.url,
+        "--state",
+        str(state),
+        "--root",
+        str(live.keys / "1.root.json"),
+        "--base",
+        str(live.base),
+        env=env,
+    )
+
+
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[Live]:
     keys = tmp_path / "KEYS"
@@ -168,19 +183,7 @@ def live(tmp_path: Path) -> Iterator[Live]:
 
 def test_enroll_update_status_and_exit_codes_against_fedota_serve(live: Live) -> None:
     state = live.tmp / "device"
-    enrolled = fedota(
-        "device",
-        "enroll",
-        "--server",
-        live.url,
-        "--state",
-        str(state),
-        "--root",
-        str(live.keys / "1.root.json"),
-        "--base",
-        str(live.base),
-        env=live.env,
-    )
+    enrolled = enroll(live, state, live.env)
     assert enrolled.returncode == 0, enrolled.stderr
     device = DeviceState(state)
 
@@ -229,19 +232,7 @@ def test_a_damaged_active_adapter_is_reported_and_repaired_from_the_signed_relea
 ) -> None:
     # Issue 22 item 5: storage rot in the active slot after a commit.
     state = live.tmp / "device"
-    enrolled = fedota(
-        "device",
-        "enroll",
-        "--server",
-        live.url,
-        "--state",
-        str(state),
-        "--root",
-        str(live.keys / "1.root.json"),
-        "--base",
-        str(live.base),
-        env=live.env,
-    )
+    enrolled = enroll(live, state, live.env)
     assert enrolled.returncode == 0, enrolled.stderr
     device = DeviceState(state)
     live.release(seed=1)
@@ -277,19 +268,7 @@ def test_a_damaged_active_adapter_is_reported_and_repaired_from_the_signed_relea
 
 def test_a_wrong_enrollment_secret_is_named_as_such(live: Live) -> None:
     env = {**live.env, "FEDOTA_ENROLLMENT_SECRET": "not-the-fleet-secret-0123456789"}
-    result = fedota(
-        "device",
-        "enroll",
-        "--server",
-        live.url,
-        "--state",
-        str(live.tmp / "device"),
-        "--root",
-        str(live.keys / "1.root.json"),
-        "--base",
-        str(live.base),
-        env=env,
-    )
+    result = enroll(live, live.tmp / "device", env)
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "enrollment secret" in lines[0], result.stderr

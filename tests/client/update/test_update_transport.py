@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import World, measured_losses
-from update_fakes import Released
 
 from client.update import UpdateTransientError, check_and_update
+from tests.client.update.helpers import World, measured_losses
+from tests.client.update.update_fakes import Released
 
 
 def run(world: World, **policy: float) -> str:

@@ -10,17 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FakeClock, World
 from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from client.cli import device_app
-from client.update.errors import DeviceStateError
-from client.update.state import ActivePointer, DeviceState
-from client.update.transport import Retrier, RetryPolicy, _retry_after
-from client.update.verify import VerifiedBundle
-from delta_packager.apply import AdapterState
+from client.update import (
+    ActivePointer,
+    DeviceState,
+    DeviceStateError,
+    Retrier,
+    RetryPolicy,
+    VerifiedBundle,
+)
+from client.update.transport import _retry_after
+from delta_packager import AdapterState
+from tests.client.update.helpers import FakeClock, World
 
 
 @given(

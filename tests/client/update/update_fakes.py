@@ -21,10 +21,16 @@ import safetensors.numpy
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Timestamp
 
-from client.update.state import DeviceConfig, DeviceState
-from delta_packager.fingerprint import fingerprint_checkpoint, fingerprint_gguf
-from delta_packager.manifest import AdapterConfig, Provenance
-from delta_packager.package import PackagePolicy, PackagerState, package_version
+from client.update import DeviceConfig, DeviceState
+from delta_packager import (
+    AdapterConfig,
+    PackagePolicy,
+    PackagerState,
+    Provenance,
+    fingerprint_checkpoint,
+    fingerprint_gguf,
+    package_version,
+)
 from delta_packager.trust import init_keys, load_signer, load_targets, release
 
 CONFIG = AdapterConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))

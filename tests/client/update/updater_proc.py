@@ -18,8 +18,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from client.update import check_and_update, default_checker
-from client.update.health import GoldenLossChecker, HealthChecker, Measurement
+from client.update import (
+    GoldenLossChecker,
+    HealthChecker,
+    Measurement,
+    check_and_update,
+    default_checker,
+)
 
 #: ``write_lora``: the GGUF LoRA temp file holds its header, not its tensors yet;
 #: ``evaluate``: the LoRA is complete in the runtime cache, the golden loss is running.
@@ -33,7 +38,7 @@ def die(*args: object, **kwargs: object) -> None:
 def kill_inside_runtime(step: str) -> None:
     import gguf
 
-    from client.runtime.llamacpp import LlamaCppRuntime
+    from client.runtime import LlamaCppRuntime
 
     if step == "write_lora":
         gguf.GGUFWriter.write_tensors_to_file = die  # type: ignore[method-assign]
@@ -78,7 +83,7 @@ def kill_at_file_op(k: int) -> Callable[[], None]:
 
 
 def main() -> None:
-    from client.update.state import DeviceState
+    from client.update import DeviceState
 
     state_dir, kill_step = sys.argv[1], sys.argv[2]
     state = DeviceState(Path(state_dir))

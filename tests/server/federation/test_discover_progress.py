@@ -13,12 +13,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from fed_fakes import LoopbackGrid, fake_phone_app, initial_adapter, make_grid
 from flwr.app import Message
 
-from server.federation import rounds
-from server.federation.config import FederationConfig
+from server.federation import FederationConfig, rounds
 from server.federation.rounds import FederationError, discover
+from tests.server.federation.fed_fakes import (
+    LoopbackGrid,
+    fake_phone_app,
+    initial_adapter,
+    make_grid,
+)
 
 TIMEOUT_S = 0.3
 EVERY_S = 0.1  # one reply per 0.1 s: 9 nodes take 0.9 s, three times the timeout

@@ -8,12 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from fed_fakes import LoopbackGrid
 
 from client.client_app import make_client_app
-from server.federation.config import FederationConfig
-from server.federation.rounds import RoundResult, run_federation
-from server.federation.server_app import build_strategy
+from server.federation import FederationConfig, RoundResult, build_strategy, run_federation
+from tests.server.federation.fed_fakes import LoopbackGrid
 
 pytestmark = pytest.mark.slow
 
@@ -122,8 +120,8 @@ def test_evaluation_does_not_depend_on_the_training_block_length(
 def test_a_bad_lora_head_value_is_a_clear_error(value: object, micro_base: Path) -> None:
     from flwr.app import Context, RecordDict
 
+    from client import ClientInputError
     from client.client_app import ClientSettings
-    from client.errors import ClientInputError
 
     context = Context(
         run_id=1,

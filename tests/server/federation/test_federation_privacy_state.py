@@ -8,13 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.errors import ServerInputError
-from server.federation.accountant import (
-    RoundEvent,
-    UserLevelAccountant,
-    calibrate_noise_multiplier,
-)
-from server.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
+from server import ServerInputError
+from server.federation import UserLevelAccountant, calibrate_noise_multiplier, load_latest
+from server.federation.accountant import RoundEvent
+from server.federation.checkpoint import Checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fed_fakes import fake_phone_app, make_grid, population_target
 
-from server.federation.config import FederationConfig
-from server.federation.rounds import RoundResult, run_federation
-from server.federation.server_app import build_strategy
+from server.federation import FederationConfig, RoundResult, build_strategy, run_federation
+from tests.server.federation.fed_fakes import fake_phone_app, make_grid, population_target
 
 
 def run(
@@ -79,7 +77,7 @@ def test_rounds_train_evaluate_and_improve_on_both_populations() -> None:
 def test_ffa_keeps_a_frozen_and_uploads_half_of_fedavg() -> None:
     h_ffa, g_ffa = run(cfg(aggregation="ffa"), ffa=True)
     h_avg, g_avg = run(cfg(aggregation="fedavg"), ffa=False)
-    from fed_fakes import initial_adapter
+    from tests.server.federation.fed_fakes import initial_adapter
 
     init = initial_adapter()
     for k in init:
@@ -172,7 +170,7 @@ def test_g32_a_malformed_reply_is_excluded_and_the_others_are_aggregated(
 
 
 def test_g32_under_ffa_a_reply_that_moves_the_frozen_a_is_excluded(caplog: Any) -> None:
-    from fed_fakes import initial_adapter
+    from tests.server.federation.fed_fakes import initial_adapter
 
     moved = {A0: initial_adapter()[A0] + 1.0}
     with caplog.at_level(logging.WARNING, logger="server.federation"):
@@ -193,7 +191,7 @@ def test_g32_a_round_whose_every_reply_is_malformed_leaves_the_adapter_unchanged
 ) -> None:
     """Every reply rejected behaves as every client dropping out: the round completes,
     nothing is applied (the global adapter and its evaluation stay as in round 0)."""
-    from fed_fakes import initial_adapter
+    from tests.server.federation.fed_fakes import initial_adapter
 
     missing = {f"c{i}": (lambda a: {k: v for k, v in a.items() if k != B0}) for i in range(6)}
     c = cfg(dp_mode=dp_mode, user_clip=1.0, clients_per_round=6, min_clients=1, num_rounds=2)
@@ -268,7 +266,7 @@ def test_g34_resume_after_a_crash_matches_an_uninterrupted_run(
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path) -> None:
-    from server.errors import ServerInputError
+    from server import ServerInputError
 
     run(cfg(num_rounds=1, checkpoint_dir=tmp_path))
     with pytest.raises(ServerInputError, match="checkpoint"):
@@ -311,7 +309,7 @@ def test_record_level_epsilon_is_the_max_reported_by_clients() -> None:
 
 
 def _strategy(sampling: str, *, clients: int = 6, per_round: int = 4, rounds: int = 5) -> Any:
-    from server.federation.strategy import LoraStrategy
+    from server.federation import LoraStrategy
 
     s = LoraStrategy(
         aggregation="ffa", clients_per_round=per_round, min_clients=1, seed=7,
@@ -348,7 +346,7 @@ def test_uniform_sampling_draws_each_round_alone_and_poisson_plans_nothing() -> 
     assert _strategy("poisson").planned_rounds() == {}
     with pytest.raises(ValueError, match="sampling"):
         _strategy("round-robin")
-    from server.errors import ServerInputError
+    from server import ServerInputError
 
     with pytest.raises(ServerInputError, match="client-sampling"):
         FederationConfig.from_run_config({"client-sampling": "sometimes"})

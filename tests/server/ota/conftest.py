@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-# The helpers beside this file are plain modules (tests/ is not a package).
-sys.path.insert(0, str(Path(__file__).parent))
 from fastapi.testclient import TestClient
-from ota_helpers import ENROLLMENT_SECRET, ROLE_KEYS, TufKeys
-from pg_cluster import PgCluster, running_cluster
 from pydantic import SecretStr
 
-from server.ota.app import create_app
-from server.ota.database import make_engine, upgrade
-from server.ota.settings import OtaSettings
+from server.ota import OtaSettings, create_app, make_engine, upgrade
+from tests.server.ota.ota_helpers import ENROLLMENT_SECRET, ROLE_KEYS, TufKeys
+from tests.server.ota.pg_cluster import PgCluster, running_cluster
 
 
 @pytest.fixture(scope="session")

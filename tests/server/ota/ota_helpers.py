@@ -9,12 +9,21 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+
+from server.ota import Database, wait_until_ready
+from server.ota.domain import bucket_of, stage_of
+from server.ota.models import RolloutRow
 
 FP_A = "sha256:" + "a" * 64
 FP_B = "sha256:" + "b" * 64
@@ -246,3 +255,51 @@ def create_rollout(
     )
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def first_stage(db: Database, rollout_id: str, devices: list[Device]) -> list[Device]:
+    """The ``devices`` a rollout's first stage holds (its salt and stages read from ``db``)."""
+    with db.read() as session:
+        row = session.get(RolloutRow, rollout_id)
+        assert row is not None
+        salt, stages = row.salt, tuple(row.stages)
+    return [d for d in devices if stage_of(stages, bucket_of(salt, d.id)) == 0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server_process(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """The app under uvicorn on loopback (configured by ``env``), SIGKILLed on exit."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "server.ota.app:app_from_env",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    if not wait_until_ready(url, timeout_s=30, alive=lambda: proc.poll() is None):
+        proc.kill()
+        raise AssertionError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from ota_helpers import (
+from pydantic import ValidationError
+
+from server.ota import DeviceRow, OtaSettings
+from tests.server.ota.ota_helpers import (
     ENROLLMENT_SECRET,
     Bundle,
     Device,
@@ -15,10 +18,6 @@ from ota_helpers import (
     publish,
     report,
 )
-from pydantic import ValidationError
-
-from server.ota.models import DeviceRow
-from server.ota.settings import OtaSettings
 
 
 @pytest.fixture

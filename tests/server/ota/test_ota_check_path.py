@@ -6,7 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ota_helpers import (
+from sqlalchemy import bindparam, select
+
+from server.ota import Database, DeviceRow, make_engine
+from server.ota.database import HotRead
+from server.ota.schemas import DeviceReportIn
+from tests.server.ota.ota_helpers import (
     FP_C,
     Bundle,
     auth,
@@ -17,12 +22,7 @@ from ota_helpers import (
     event,
     publish,
 )
-from ota_helpers import report as report_of
-from sqlalchemy import bindparam, select
-
-from server.ota.database import Database, HotRead, make_engine
-from server.ota.models import DeviceRow
-from server.ota.schemas import DeviceReportIn
+from tests.server.ota.ota_helpers import report as report_of
 
 V1 = Bundle(1, bundle_bytes("c1"))
 V2 = Bundle(2, bundle_bytes("c2"))

@@ -11,12 +11,19 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from ota_helpers import ROLE_KEYS, Bundle, bundle_bytes, settings_env, sign_targets
-from test_ota_restart import _free_port, server_process
 
 from fedota.cli import main
 from server.ota.database import head_revision
 from server.ota.tuf_repo import load_signer
+from tests.server.ota.ota_helpers import (
+    ROLE_KEYS,
+    Bundle,
+    bundle_bytes,
+    free_port,
+    server_process,
+    settings_env,
+    sign_targets,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +108,7 @@ def test_publish_and_rollout_commands_against_a_served_keys_dir(tmp_path, keys_d
     }
     env = settings_env(db_url, tmp_path / "storage", paths)
     assert _fedota("db", "upgrade", "--database-url", db_url).returncode == 0
-    port = _free_port()
+    port = free_port()
     server = f"http://127.0.0.1:{port}"
     cli_env = {
         **os.environ,

@@ -5,7 +5,8 @@ SQLite and PostgreSQL, through the cached check and the slow (SQL) assignment pa
 from __future__ import annotations
 
 import pytest
-from ota_helpers import (
+
+from tests.server.ota.ota_helpers import (
     FP_A,
     FP_B,
     FP_C,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from ota_helpers import Bundle, bundle_bytes, publish
 
 from server.ota.downloads import ByteRange, parse_range
 from server.ota.errors import RangeNotSatisfiableError
+from tests.server.ota.ota_helpers import Bundle, bundle_bytes, publish
 
 SIZE = 9_001
 BUNDLE = Bundle(3, bundle_bytes("download", SIZE))

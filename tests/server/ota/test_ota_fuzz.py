@@ -14,7 +14,6 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
-from ota_helpers import Bundle, auth, bundle_bytes, create_rollout, enroll, publish, report
 from schemathesis.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -24,6 +23,16 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 from schemathesis.generation import GenerationMode
+
+from tests.server.ota.ota_helpers import (
+    Bundle,
+    auth,
+    bundle_bytes,
+    create_rollout,
+    enroll,
+    publish,
+    report,
+)
 
 
 @pytest.fixture

@@ -12,7 +12,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from ota_helpers import (
+
+from server.ota.errors import TooManyRequestsError
+from server.ota.schemas import MAX_SEQ
+from server.ota.throttle import FailureThrottle
+from tests.server.ota.ota_helpers import (
     ENROLLMENT_SECRET,
     Bundle,
     auth,
@@ -22,10 +26,6 @@ from ota_helpers import (
     publish,
     report,
 )
-
-from server.ota.errors import TooManyRequestsError
-from server.ota.schemas import MAX_SEQ
-from server.ota.throttle import FailureThrottle
 
 JSON = {"Content-Type": "application/json"}
 

@@ -9,15 +9,8 @@ import pytest
 from alembic import command
 from sqlalchemy import inspect, text
 
-from server.ota.app import create_app
-from server.ota.database import (
-    alembic_config,
-    current_revision,
-    head_revision,
-    make_engine,
-    upgrade,
-)
-from server.ota.errors import DatabaseNotMigratedError
+from server.ota import DatabaseNotMigratedError, create_app, current_revision, make_engine, upgrade
+from server.ota.database import alembic_config, head_revision
 from server.ota.models import Base
 
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 import logging
 
-from ota_helpers import Bundle, auth, bundle_bytes, check, create_rollout, enroll, publish
-
 from server.ota.observability import JsonFormatter
+from tests.server.ota.ota_helpers import (
+    Bundle,
+    auth,
+    bundle_bytes,
+    check,
+    create_rollout,
+    enroll,
+    publish,
+)
 
 
 def test_health_ready_and_openapi(client) -> None:

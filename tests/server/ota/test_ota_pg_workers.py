@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from ota_helpers import (
+
+from server.ota import Database, make_engine, wait_until_ready
+from server.ota.models import RolloutReportRow, TelemetryEventRow
+from tests.server.ota.ota_helpers import (
     Bundle,
     Device,
     auth,
@@ -34,15 +36,12 @@ from ota_helpers import (
     create_rollout,
     enroll,
     event,
+    first_stage,
+    free_port,
     publish,
     settings_env,
 )
-from pg_cluster import PgCluster
-
-from server.ota.database import Database, make_engine
-from server.ota.domain import bucket_of, stage_of
-from server.ota.models import RolloutReportRow, RolloutRow, TelemetryEventRow
-from server.ota.remote import wait_until_ready
+from tests.server.ota.pg_cluster import PgCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -50,12 +49,6 @@ REPO = Path(__file__).resolve().parents[3]
 WORKERS = 2
 DEVICES = 30
 INSTALLED = 3  # first-stage devices that report success; every other one fails
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -142,7 +135,7 @@ def test_failure_burst_on_two_workers_pauses_the_rollout_exactly_once(
 ) -> None:
     database_url = pg_cluster.new_database()
     env = settings_env(database_url, tmp_path / "storage", tuf_keys.write(tmp_path / "keys"))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     v1, v2 = Bundle(1, bundle_bytes("k1")), Bundle(2, bundle_bytes("k2"))
 
@@ -155,11 +148,7 @@ def test_failure_burst_on_two_workers_pauses_the_rollout_exactly_once(
         devices = [enroll(operator, installed=1) for _ in range(DEVICES)]
         rollout = create_rollout(operator, 2, [50, 100], max_failure_rate=0.25, min_reports=5)
         db = Database(make_engine(database_url))
-        with db.read() as session:
-            row = session.get(RolloutRow, rollout["id"])
-            assert row is not None
-            salt, stages = row.salt, tuple(row.stages)
-        first = [d for d in devices if stage_of(stages, bucket_of(salt, d.id)) == 0]
+        first = first_stage(db, rollout["id"], devices)
         assert len(first) >= 8 and len(first) < DEVICES  # both stages have devices
         succeeded = {d.id for d in first[:INSTALLED]}
 

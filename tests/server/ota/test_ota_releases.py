@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from ota_helpers import (
+from securesystemslib.signer import CryptoSigner
+
+from tests.server.ota.ota_helpers import (
     FP_A,
     FP_B,
     Bundle,
@@ -16,7 +18,6 @@ from ota_helpers import (
     publish,
     sign_targets,
 )
-from securesystemslib.signer import CryptoSigner
 
 V5 = Bundle(5, bundle_bytes("v5"))
 V6 = Bundle(6, bundle_bytes("v6"))

@@ -17,7 +17,8 @@ import pytest
 import uvicorn
 
 from server.cli import KEEP_ALIVE_S
-from server.ota.remote import KEEPALIVE_EXPIRY_S, OtaRemote
+from server.ota import OtaRemote
+from server.ota.remote import KEEPALIVE_EXPIRY_S
 
 
 async def _client_port(scope, receive, send) -> None:  # type: ignore[no-untyped-def]

@@ -10,71 +10,29 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-from ota_helpers import (
+
+from server.ota import Database, make_engine, upgrade
+from server.ota.models import TelemetryEventRow, TufMetadataRow
+from tests.server.ota.ota_helpers import (
     Bundle,
     auth,
     bundle_bytes,
     create_rollout,
     enroll,
     event,
+    first_stage,
+    free_port,
     publish,
+    server_process,
     settings_env,
 )
 
-from server.ota.database import Database, make_engine, upgrade
-from server.ota.domain import bucket_of, stage_of
-from server.ota.models import RolloutRow, TelemetryEventRow, TufMetadataRow
-from server.ota.remote import wait_until_ready
-
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def server_process(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "server.ota.app:app_from_env",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    if not wait_until_ready(url, timeout_s=30, alive=lambda: proc.poll() is None):
-        proc.kill()
-        raise AssertionError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_kill_and_restart_mid_rollout(database_url, tuf_keys, tmp_path) -> None:
@@ -82,7 +40,7 @@ def test_kill_and_restart_mid_rollout(database_url, tuf_keys, tmp_path) -> None:
     upgrade(engine)
     db = Database(engine)
     env = settings_env(database_url, tmp_path / "storage", tuf_keys.write(tmp_path / "keys"))
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     v1, v2 = Bundle(1, bundle_bytes("k1")), Bundle(2, bundle_bytes("k2"))
 
@@ -90,10 +48,7 @@ def test_kill_and_restart_mid_rollout(database_url, tuf_keys, tmp_path) -> None:
         assert publish(client, tuf_keys, 1, [v1, v2]).status_code == 201
         devices = [enroll(client, installed=1) for _ in range(24)]
         rollout = create_rollout(client, 2, [75, 100], max_failure_rate=0.25, min_reports=6)
-        with db.read() as session:
-            row = session.get(RolloutRow, rollout["id"])
-            salt, stages = row.salt, tuple(row.stages)
-        first = [d for d in devices if stage_of(stages, bucket_of(salt, d.id)) == 0]
+        first = first_stage(db, rollout["id"], devices)
         assert len(first) >= 8
         sent: list[str] = []
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-from ota_helpers import (
+
+from server.ota.domain import TelemetryEvent, bucket_of, stage_of
+from server.ota.models import RolloutRow, TelemetryEventRow
+from server.ota.rollouts import rollout_events
+from server.ota.telemetry import record_event
+from tests.server.ota.ota_helpers import (
     Bundle,
     Device,
     auth,
@@ -16,11 +21,6 @@ from ota_helpers import (
     event,
     publish,
 )
-
-from server.ota.domain import TelemetryEvent, bucket_of, stage_of
-from server.ota.models import RolloutRow, TelemetryEventRow
-from server.ota.rollouts import rollout_events
-from server.ota.telemetry import record_event
 
 V1 = Bundle(1, bundle_bytes("r1"))
 V2 = Bundle(2, bundle_bytes("r2"))

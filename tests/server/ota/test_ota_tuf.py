@@ -8,11 +8,21 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from ota_helpers import Bundle, TufKeys, auth, bundle_bytes, check, create_rollout, enroll, publish
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import FetcherInterface, Updater
+
+from tests.server.ota.ota_helpers import (
+    Bundle,
+    TufKeys,
+    auth,
+    bundle_bytes,
+    check,
+    create_rollout,
+    enroll,
+    publish,
+)
 
 V1 = Bundle(1, bundle_bytes("one", 5000))
 V2 = Bundle(2, bundle_bytes("two", 7000))
