@@ -5,11 +5,20 @@ Stages: ① train (``client.train``) · ⑤ download, ⑥ verify, ⑦ apply (``c
 (enroll, update, status, generate, evaluate), documented in ``docs/sdk.md``. Must not
 import ``server``, ``simulation``, fastapi or sqlalchemy (enforced by
 ``tests/test_import_directions.py``).
+
+``client.Device``, ``client.ClientError`` and ``client.ClientInputError`` are what code
+outside this package imports from here. The Flower ``ClientApp`` (``client.client_app``,
+``[tool.flwr.app.components]``) needs flwr, which a device install does not hold: import
+it directly where it is needed, never from here.
 """
 
 import logging
+from typing import TYPE_CHECKING
 
 from client.errors import ClientError, ClientInputError
+
+if TYPE_CHECKING:
+    from client.device import Device
 
 
 class _SkipUnusedKernelNotice(logging.Filter):

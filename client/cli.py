@@ -68,8 +68,8 @@ def enroll(
 ) -> None:
     """Enroll this device: pin the trusted root, fingerprint the base, get a token."""
     from client.device import Device
-    from client.runtime.interface import RUNTIME_KINDS
-    from client.update.errors import DeviceStateError
+    from client.runtime import RUNTIME_KINDS
+    from client.update import DeviceStateError
 
     if runtime is not None and runtime not in RUNTIME_KINDS:
         raise DeviceStateError(f"unknown --runtime {runtime!r}; choose one of {RUNTIME_KINDS}")
@@ -108,13 +108,14 @@ def update(
     Exit codes: 0 updated, 10 no update, 3 rejected/rolled back, 4 transient, 2 bad input.
     """
     from client.device import Device
+    from client.update import UpdateStatus
 
     outcome = Device(state).update(retry_budget_s=retry_budget_s)
-    if outcome.status == "updated" and outcome.reason == "repaired":
+    if outcome.status == UpdateStatus.UPDATED and outcome.reason == "repaired":
         typer.echo(f"repaired the damaged adapter: adapter version {outcome.version}, re-verified")
-    elif outcome.status == "updated":
+    elif outcome.status == UpdateStatus.UPDATED:
         typer.echo(f"updated to adapter version {outcome.version}")
-    elif outcome.status == "no_update":
+    elif outcome.status == UpdateStatus.NO_UPDATE:
         typer.echo(f"no update (installed version: {outcome.version})")
         raise typer.Exit(EXIT_NO_UPDATE)
     else:

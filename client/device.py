@@ -26,17 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from client.errors import ClientInputError
-from client.runtime.interface import (
-    AdapterSpec,
+from client.runtime import (
     DeviceRuntime,
     EvalStats,
     Generation,
     open_runtime,
     runtime_kind_of,
 )
-from client.update.agent import UpdateOutcome, check_and_update
-from client.update.errors import DeviceStateError
-from client.update.state import SLOTS, DeviceConfig, DeviceState
+from client.update import (
+    SLOTS,
+    DeviceConfig,
+    DeviceState,
+    DeviceStateError,
+    UpdateOutcome,
+    check_and_update,
+)
 
 __all__ = ["Device"]
 
@@ -111,11 +115,8 @@ class Device:
         from tuf.api.metadata import Metadata, Root
         from tuf.api.serialization import DeserializationError
 
-        from client.update import api
-        from client.update.health import GOLDEN_FILE, read_golden
-        from client.update.transport import Retrier
-        from delta_packager.errors import PackagerError
-        from delta_packager.fingerprint import fingerprint_base
+        from client.update import GOLDEN_FILE, Retrier, api, read_golden
+        from delta_packager import PackagerError, fingerprint_base
         from delta_packager.verify import verify_root_update
 
         state = Path(state_dir)
@@ -185,8 +186,7 @@ class Device:
             UpdateTransientError: network trouble; nothing changed.
             UpdateBusyError: another updater runs on this device.
         """
-        from client.update.health import default_checker
-        from client.update.transport import Retrier, RetryPolicy
+        from client.update import Retrier, RetryPolicy, default_checker
 
         outcome = check_and_update(
             self.state,
@@ -199,7 +199,7 @@ class Device:
 
     def status(self) -> dict[str, Any]:
         """The device's state as a JSON-able dict (what ``fedota device status`` prints)."""
-        from client.update.telemetry import TelemetryQueue
+        from client.update import TelemetryQueue
 
         config, active = self.config, self.state.active()
         slots: dict[str, Any] = {}
@@ -258,16 +258,13 @@ class Device:
         if active is None or adapter is None:
             runtime.set_adapter(None)
             return
-        shape = self.state.read_adapter_config(active.slot)
+        shape = self.state.read_shape(active.slot)
         if shape is None:
             raise DeviceStateError(
                 f"slot {active.slot} does not record its LoRA shape; run "
                 "`fedota device update` to restage the adapter"
             )
-        spec = AdapterSpec(
-            int(shape["rank"]), float(shape["alpha"]), tuple(shape["target_modules"]) or None
-        )
-        runtime.set_adapter(dict(adapter.tensors), spec, version=adapter.version)
+        runtime.set_adapter(dict(adapter.tensors), shape, version=adapter.version)
 
     def stream(self, prompt: str, max_new_tokens: int = 32, **options: Any) -> Iterator[str]:
         """Yield generated text piece by piece (``options``: temperature, seed, stats)."""

@@ -25,6 +25,7 @@ import numpy as np
 from delta_packager.encode import decode_tensor
 from delta_packager.errors import BaseMismatchError, ChainMismatchError, RollbackError
 from delta_packager.format import Bundle, Step
+from protocol import ReleaseKind
 
 __all__ = ["AdapterState", "apply_bundle", "apply_steps"]
 
@@ -65,7 +66,7 @@ def apply_steps(
     """
     current: dict[str, np.ndarray] | None = None if previous is None else dict(previous)
     for step in steps:
-        if step.kind == "full":
+        if step.kind == ReleaseKind.FULL:
             current = {name: decode_tensor(enc) for name, enc in step.tensors.items()}
             continue
         if current is None:

@@ -111,11 +111,11 @@ def package(
     """
     from delta_packager.adapter_io import load_adapter
     from delta_packager.errors import PackagerStateError
-    from delta_packager.files import atomic_write
     from delta_packager.format import parse_bundle
     from delta_packager.package import PackagePolicy, build_bundle, package_version
     from delta_packager.store import STATE_FILE, load_state, save_state
     from delta_packager.trust import release
+    from protocol import atomic_write
 
     policy = PackagePolicy(
         delta_encoding=_encoding(encoding, "--encoding"),
@@ -205,9 +205,9 @@ def build(
     ),
 ) -> None:
     """Build a catch-up bundle for a device at FROM_VERSION to the latest version."""
-    from delta_packager.files import atomic_write
     from delta_packager.package import build_bundle
     from delta_packager.store import load_state
+    from protocol import atomic_write
 
     data = build_bundle(load_state(state), from_version=from_version)
     atomic_write(out, data)

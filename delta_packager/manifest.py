@@ -30,6 +30,7 @@ from typing import Any
 from delta_packager.encode import ENCODINGS
 from delta_packager.errors import BundleFormatError
 from delta_packager.fingerprint import MAX_COMPATIBLE_BASES, is_fingerprint
+from protocol import LoraShape, LoraShapeError, ReleaseKind
 
 __all__ = [
     "FORMAT_VERSION",
@@ -62,22 +63,18 @@ def canonical_json(obj: object) -> str:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
-    """The LoRA adapter a bundle describes.
+class AdapterConfig(LoraShape):
+    """The LoRA adapter a bundle describes: its :class:`protocol.LoraShape` (rank,
+    alpha, target modules, FFA) and the PEFT config it came with.
 
     Attributes:
-        rank: LoRA rank ``r``.
-        alpha: LoRA alpha.
-        target_modules: Module names LoRA is attached to (sorted).
-        ffa: Whether ``A`` is frozen at a shared seeded init (FFA-LoRA).
         peft_config: The PEFT ``adapter_config.json`` content, for rebuilding the model.
+
+    The manifest carries ``target_modules`` as a list; an empty one is ``None`` here
+    (every linear projection).
     """
 
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...]
-    ffa: bool = False
-    peft_config: Mapping[str, Any] = field(default_factory=dict)
+    peft_config: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -135,7 +132,7 @@ def adapter_config_to_dict(ac: AdapterConfig) -> dict[str, Any]:
     return {
         "rank": ac.rank,
         "alpha": float(ac.alpha),
-        "target_modules": list(ac.target_modules),
+        "target_modules": list(ac.target_modules or ()),
         "ffa": ac.ffa,
         "peft_config": dict(ac.peft_config),
     }
@@ -260,13 +257,16 @@ def adapter_config_from_dict(v: object) -> AdapterConfig:
         raise _fail("adapter_config.peft_config", d["peft_config"], "an object")
     alpha = _num(d["alpha"], "adapter_config.alpha", optional=False)
     assert alpha is not None
-    return AdapterConfig(
-        rank=_req_int(d["rank"], "adapter_config.rank", 1),
-        alpha=alpha,
-        target_modules=tuple(mods),
-        ffa=d["ffa"],
-        peft_config=d["peft_config"],
-    )
+    try:
+        return AdapterConfig(
+            rank=_req_int(d["rank"], "adapter_config.rank", 1),
+            alpha=alpha,
+            target_modules=tuple(mods) or None,
+            ffa=d["ffa"],
+            peft_config=d["peft_config"],
+        )
+    except LoraShapeError as e:
+        raise BundleFormatError(f"manifest field adapter_config: {e}") from e
 
 
 def provenance_from_dict(v: object) -> Provenance:
@@ -321,7 +321,7 @@ def _steps(v: object, names: set[str]) -> tuple[StepInfo, ...]:
     steps = []
     for i, raw in enumerate(v):
         d = _obj(raw, f"steps[{i}]", {"kind", "to_version", "encodings"})
-        if d["kind"] not in ("full", "delta"):
+        if d["kind"] not in tuple(ReleaseKind):
             raise _fail(f"steps[{i}].kind", d["kind"], '"full" or "delta"')
         enc = d["encodings"]
         if not isinstance(enc, dict) or set(enc) != names:
@@ -344,10 +344,11 @@ def rank_mismatches(shapes: Mapping[str, tuple[int, ...]], rank: int) -> list[st
 
 
 def _check_chain(m: Manifest) -> None:
-    first_full = m.steps[0].kind == "full"
-    if m.kind not in ("full", "delta"):
+    first_full = m.steps[0].kind == ReleaseKind.FULL
+    if m.kind not in tuple(ReleaseKind):
         raise _fail("kind", m.kind, '"full" or "delta"')
-    if (m.kind == "full") != (m.from_version is None) or (m.kind == "full") != first_full:
+    full = m.kind == ReleaseKind.FULL
+    if full != (m.from_version is None) or full != first_full:
         raise _fail(
             "kind/from_version/steps[0]", m.kind, "full ⇔ from_version null ⇔ full 1st step"
         )

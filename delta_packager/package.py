@@ -40,6 +40,7 @@ from delta_packager.errors import PackagerInputError, PackagerStateError
 from delta_packager.fingerprint import normalize_bases
 from delta_packager.format import Bundle, Step, parse_bundle, serialize_bundle
 from delta_packager.manifest import AdapterConfig, Manifest, Provenance, rank_mismatches
+from protocol import ReleaseKind
 
 __all__ = [
     "ChainStep",
@@ -60,8 +61,9 @@ class PackagePolicy:
 
     Attributes:
         delta_encoding: Encoding of delta steps (``int8`` default).
-        full_encoding: Encoding of full anchors (``int8`` keeps ``full`` ≤ 1% of an NF4
-            base; ``fp16`` or ``fp32`` trade size for a more exact anchor).
+        full_encoding: Encoding of full anchors (``int8``, the default, is the small
+            one: docs/benchmarks.md, "Bundle sizes"; ``fp16`` or ``fp32`` trade size
+            for a more exact anchor).
         chain_limit: Most delta steps after an anchor; the next version is a new anchor.
         max_behind: A device more versions behind than this gets a full bundle.
         zstd_level: zstd level for bundles.
@@ -163,7 +165,7 @@ def _bundle_bytes(
 ) -> bytes:
     last = steps[-1]
     manifest = Manifest(
-        kind="full" if from_version is None else "delta",
+        kind=ReleaseKind.FULL if from_version is None else ReleaseKind.DELTA,
         from_version=from_version,
         to_version=last.step.to_version,
         release_counter=last.release_counter,
@@ -309,13 +311,16 @@ def _next_chain(
     }
     if previous is None or layout_changed or len(previous.chain) - 1 >= policy.chain_limit:
         enc = {n: encode_tensor(t, policy.full_encoding) for n, t in sorted(tensors.items())}
-        return (ChainStep(Step("full", info.version, enc), info.release_counter, info.provenance),)
+        anchor = Step(ReleaseKind.FULL, info.version, enc)
+        return (ChainStep(anchor, info.release_counter, info.provenance),)
     cur = previous.current.tensors
     enc = {
         n: encode_tensor(_delta(t, cur[n], policy.deadband_steps), policy.delta_encoding)
         for n, t in sorted(tensors.items())
     }
-    step = ChainStep(Step("delta", info.version, enc), info.release_counter, info.provenance)
+    step = ChainStep(
+        Step(ReleaseKind.DELTA, info.version, enc), info.release_counter, info.provenance
+    )
     return (*previous.chain, step)
 
 

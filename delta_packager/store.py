@@ -36,7 +36,6 @@ import safetensors.numpy
 from delta_packager.apply import AdapterState
 from delta_packager.encode import EncodedTensor
 from delta_packager.errors import BundleFormatError, PackagerInputError, PackagerStateError
-from delta_packager.files import atomic_write
 from delta_packager.fingerprint import normalize_bases
 from delta_packager.format import Step
 from delta_packager.manifest import (
@@ -47,6 +46,7 @@ from delta_packager.manifest import (
     provenance_to_dict,
 )
 from delta_packager.package import ChainStep, PackagerState, check_state
+from protocol import ReleaseKind, atomic_write
 
 __all__ = ["load_state", "save_state"]
 
@@ -220,7 +220,7 @@ def load_state(directory: Path) -> PackagerState:
         raise PackagerStateError(
             f"packager state {path} is malformed ({e}); restore it from backup"
         ) from e
-    if not chain or chain[0].step.kind != "full":
+    if not chain or chain[0].step.kind != ReleaseKind.FULL:
         raise PackagerStateError(
             f"packager state {path} has no full anchor; restore it from backup"
         )

@@ -47,7 +47,6 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from delta_packager.errors import KeysError
-from delta_packager.files import atomic_write
 from delta_packager.format import read_bundle
 from delta_packager.verify import (
     check_bundle_target,
@@ -55,6 +54,7 @@ from delta_packager.verify import (
     verify_root_update,
     verify_targets,
 )
+from protocol import atomic_write
 
 __all__ = [
     "ROLES",

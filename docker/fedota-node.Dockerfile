@@ -12,6 +12,7 @@ COPY fedota ./fedota
 COPY server ./server
 COPY client ./client
 COPY delta_packager ./delta_packager
+COPY protocol ./protocol
 COPY simulation ./simulation
 # The train extra: torch, transformers, bitsandbytes, PEFT, Opacus and Flower (pyproject.toml).
 RUN pip install '.[train]'

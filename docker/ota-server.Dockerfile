@@ -1,6 +1,6 @@
 # fedota OTA update server: FastAPI + SQLAlchemy + TUF repository. No torch at run time:
-# the server imports only server/ota and delta_packager (enforced by import-linter), so the
-# image installs the project without its ML dependencies.
+# the server imports only server/ota, delta_packager and protocol (enforced by
+# import-linter), so the image installs the project without its ML dependencies.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -14,6 +14,7 @@ COPY fedota ./fedota
 COPY server ./server
 COPY client ./client
 COPY delta_packager ./delta_packager
+COPY protocol ./protocol
 COPY simulation ./simulation
 RUN pip install --no-deps .
 

@@ -64,10 +64,14 @@ def serve(
     from pydantic import ValidationError
 
     from server.errors import ServerInputError
-    from server.ota.app import create_app, freeze_startup_heap
-    from server.ota.database import make_engine, upgrade
-    from server.ota.observability import configure_json_logging
-    from server.ota.settings import OtaSettings
+    from server.ota import (
+        OtaSettings,
+        configure_json_logging,
+        create_app,
+        freeze_startup_heap,
+        make_engine,
+        upgrade,
+    )
 
     values = {
         "database_url": database_url,
@@ -111,7 +115,7 @@ def db_upgrade(
     revision: str = typer.Option("head", "--revision"),
 ) -> None:
     """Migrate the OTA server's database to REVISION (default: the newest)."""
-    from server.ota.database import current_revision, make_engine, upgrade
+    from server.ota import current_revision, make_engine, upgrade
 
     engine = make_engine(database_url)
     upgrade(engine, revision)
@@ -135,7 +139,7 @@ def publish(
 ) -> None:
     """Upload BUNDLE(s) and publish the release their signed targets metadata describes."""
     from server.errors import ServerInputError
-    from server.ota.remote import OtaRemote
+    from server.ota import OtaRemote
 
     path = metadata or keys / "metadata" / "targets.json"
     if not path.is_file():
@@ -172,7 +176,7 @@ def _published_line(release: dict[str, Any]) -> str:
 
 
 def _rollout_call(server: str, key_env: str, method: str, path: str, **kwargs: Any) -> Any:
-    from server.ota.remote import OtaRemote
+    from server.ota import OtaRemote
 
     remote = OtaRemote(server, _key_from(key_env))
     try:

@@ -35,7 +35,8 @@ __all__ = [
 
 MIB = 1024 * 1024
 #: Python objects, module tree, allocator arenas and library kernels touched on first
-#: use; measured ≈ 9–20 MiB for the tiny base, rounded up.
+#: use; measured on the tiny base with benchmarks/bench_runtime.py and rounded up
+#: (docs/benchmarks.md, "Runtime vs the naive path (NF4)").
 FIXED_OVERHEAD_BYTES = 32 * MIB
 #: Activations are estimated analytically and multiplied by this margin.
 ACTIVATION_MARGIN = 2.0

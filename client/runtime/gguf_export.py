@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ import numpy as np
 from client.errors import ClientInputError
 from client.runtime.gguf_lora import gguf_tensor_name, permute_rotary_rows
 from client.runtime.gguf_vocab import read_vocab
-from delta_packager.files import atomic_write_json, fsync_dir, fsync_file
+from protocol import atomic_write_json, replace_file
 
 __all__ = [
     "CHECK_TEXTS",
@@ -280,7 +279,7 @@ def export_gguf(
             exists; or the tokenizer check failed.
         LlamaCppError: llama.cpp could not quantize or load the result.
     """
-    from delta_packager.fingerprint import fingerprint_gguf
+    from delta_packager import fingerprint_gguf
 
     src, dst = Path(model_dir), Path(out)
     if quant not in GGUF_QUANTS:
@@ -305,10 +304,7 @@ def export_gguf(
             _quantize(float_path, final, quant, threads)
         stage("checking llama.cpp tokenizes exactly as Hugging Face")
         checked = check_tokenizer(final, src, check_texts)
-        with open(final, "rb") as f:
-            fsync_file(f.fileno())
-        os.replace(final, dst)
-        fsync_dir(dst.parent)
+        replace_file(final, dst)
     info = GgufExport(
         path=str(dst),
         arch=_read_config(src)[1],

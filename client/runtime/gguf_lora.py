@@ -25,15 +25,13 @@ Torch-free: numpy and the ``gguf`` package only.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from client.errors import ClientInputError
-from delta_packager.files import TMP_SUFFIX, fsync_dir, fsync_file
+from protocol import atomic_file
 
 __all__ = [
     "SUPPORTED_ARCHES",
@@ -136,11 +134,7 @@ def write_lora_gguf(
     """
     import gguf
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -151,11 +145,4 @@ def write_lora_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as f:
-            fsync_file(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -8,37 +8,33 @@ Two backends answer it (DESIGN decision 11):
   reference, shared with on-device training.
 
 The update agent's health check, the fleet simulation and ``fedota device infer`` only
-use what :class:`DeviceRuntime` names, and pick a backend with :func:`open_runtime`.
-The base's form decides the backend: a ``.gguf`` file is run by llama.cpp, a
-pre-quantized checkpoint directory by the NF4 runtime.
+use what :class:`DeviceRuntime` names, and pick a backend with
+``client.runtime.open_runtime`` (``client.runtime.backend``, which imports both backends:
+this module imports neither, so that they can import it).
 
 This module imports nothing heavy: neither torch nor llama.cpp.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
-from client.errors import ClientError, ClientInputError
+from client.errors import ClientError
 from client.runtime.budget import MemoryPlan
 from client.runtime.memory import MemoryMeter
+from protocol import LoraShape
 
 __all__ = [
     "POLICIES",
     "RUNTIME_KINDS",
-    "AdapterSpec",
     "DeviceRuntime",
     "EvalStats",
     "Generation",
     "RequestTooLargeError",
     "RuntimeKind",
     "fit_request",
-    "open_runtime",
-    "runtime_kind_of",
 ]
 
 POLICIES = ("sliding-window", "truncate", "refuse")
@@ -50,15 +46,6 @@ class RequestTooLargeError(ClientError):
     """A request does not fit the KV cache and the policy is ``refuse``."""
 
     exit_code = 3
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """The LoRA shape an adapter state belongs to (from the bundle manifest)."""
-
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...] | None = None  # None: all linear projections
 
 
 @dataclass(frozen=True)
@@ -106,7 +93,7 @@ class DeviceRuntime(Protocol):
     def set_adapter(
         self,
         state: Mapping[str, Any] | None,
-        spec: AdapterSpec | None = None,
+        spec: LoraShape | None = None,
         *,
         version: int | None = None,
     ) -> float:
@@ -192,75 +179,3 @@ def fit_request(
         new = min(max_new_tokens, capacity - 1)
         return ids[-(capacity - new) :], new, "truncate"
     return ids, max_new_tokens, "sliding-window"
-
-
-def runtime_kind_of(base: Path | str) -> RuntimeKind:
-    """The backend a base runs on: a ``.gguf`` file → llama.cpp, a directory → NF4.
-
-    Raises:
-        ClientInputError: the path is neither.
-    """
-    path = Path(base)
-    if path.is_file() and path.suffix == ".gguf":
-        return "llamacpp"
-    if path.is_dir():
-        return "nf4"
-    raise ClientInputError(
-        f"base {path} is neither a .gguf file (llama.cpp runtime) nor a pre-quantized "
-        "NF4 checkpoint directory; export one with `fedota base-model export`"
-    )
-
-
-_NF4_RUNTIME_MODULES = ("torch", "transformers", "bitsandbytes")
-
-
-def open_runtime(
-    base: Path | str,
-    *,
-    budget_bytes: int | None = None,
-    policy: str = "sliding-window",
-    adapter_reserve_bytes: int | None = None,
-    threads: int | None = None,
-    cache_dir: Path | None = None,
-) -> DeviceRuntime:
-    """Load ``base`` on the backend its form calls for (see :func:`runtime_kind_of`).
-
-    Args:
-        base: A ``.gguf`` file or a pre-quantized NF4 checkpoint directory.
-        budget_bytes: Memory the runtime may add (``None``: unbounded).
-        policy: What to do when a request does not fit the cache (``POLICIES``).
-        adapter_reserve_bytes: Budget kept for the adapter (default: a rank-16 LoRA).
-        threads: CPU threads for llama.cpp (``None``: its default for this device).
-        cache_dir: Where llama.cpp keeps the GGUF LoRAs it materialises.
-
-    Raises:
-        ClientInputError: unknown policy, or an unusable base.
-        BudgetTooSmallError: the budget cannot hold the base (before loading it).
-    """
-    if runtime_kind_of(base) == "llamacpp":
-        from client.runtime.llamacpp import LlamaCppRuntime
-
-        return LlamaCppRuntime(
-            base,
-            budget_bytes=budget_bytes,
-            policy=policy,
-            adapter_reserve_bytes=adapter_reserve_bytes,
-            threads=threads,
-            cache_dir=cache_dir,
-        )
-    # The torch-free device install has no NF4 runtime: say so before importing it.
-    missing = [m for m in _NF4_RUNTIME_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ClientInputError(
-            f"{base} is an NF4 checkpoint, and the NF4 runtime needs the train extra "
-            f"({', '.join(missing)} not installed): pip install 'fedota[train]', or export "
-            "a GGUF base with `fedota base-model export` and use the llama.cpp runtime"
-        )
-    from client.runtime.runtime import QuantizedRuntime
-
-    return QuantizedRuntime(
-        base,
-        budget_bytes=budget_bytes,
-        policy=policy,
-        adapter_reserve_bytes=adapter_reserve_bytes,
-    )

@@ -42,13 +42,13 @@ from client.runtime.gguf_plan import (
 )
 from client.runtime.interface import (
     POLICIES,
-    AdapterSpec,
     EvalStats,
     Generation,
     fit_request,
     generate_via_stream,
 )
 from client.runtime.memory import MemoryMeter, release_free_memory
+from protocol import LoraShape
 
 __all__ = ["LlamaCppError", "LlamaCppRuntime", "LlamaModel", "llama_log_tail", "lora_file_name"]
 
@@ -241,7 +241,7 @@ class LlamaCppRuntime:
     def set_adapter(
         self,
         state: Mapping[str, Any] | None,
-        spec: AdapterSpec | None = None,
+        spec: LoraShape | None = None,
         *,
         version: int | None = None,
     ) -> float:
@@ -258,7 +258,7 @@ class LlamaCppRuntime:
             self.adapter_version = None
             return time.perf_counter() - t0
         if spec is None:
-            raise ClientInputError("set_adapter needs the AdapterSpec of the state")
+            raise ClientInputError("set_adapter needs the LoraShape of the state")
         size = sum(int(np.asarray(v).size) * 4 for v in state.values())
         if size > self._adapter_reserve:
             raise BudgetTooSmallError(
@@ -280,7 +280,7 @@ class LlamaCppRuntime:
         self.adapter_version = version
         return time.perf_counter() - t0
 
-    def _load_adapter(self, digest: str, state: Mapping[str, Any], spec: AdapterSpec) -> Any:
+    def _load_adapter(self, digest: str, state: Mapping[str, Any], spec: LoraShape) -> Any:
         fp = self.footprint
         tensors = lora_to_gguf_tensors(
             state, arch=fp.arch, n_blocks=fp.n_layer, n_heads=fp.n_head, n_kv_heads=fp.n_head_kv
@@ -313,7 +313,7 @@ class LlamaCppRuntime:
             if stale.name not in keep:
                 stale.unlink(missing_ok=True)
 
-    def _check_shapes(self, tensors: Mapping[str, np.ndarray], spec: AdapterSpec) -> None:
+    def _check_shapes(self, tensors: Mapping[str, np.ndarray], spec: LoraShape) -> None:
         problems = []
         for name, t in tensors.items():
             base_name, _, kind = name.rpartition(".lora_")

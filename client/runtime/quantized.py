@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from client.errors import ClientInputError
-from delta_packager.fingerprint import TOKENIZER_FILES
+from delta_packager import TOKENIZER_FILES
+from protocol import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -130,9 +129,10 @@ def load_quantized(
         compute_dtype: matmul dtype; float32 by default.
         inference_only: the model will only run forward passes without gradients.
             bitsandbytes may then repack it for its fused bfloat16 CPU kernel on CPUs
-            with AVX512-BF16 (8x faster decoding of a 0.5B model there, bfloat16
-            precision, no backward). False, the default, keeps every matmul in float
-            on every CPU (:func:`keep_float_compute`): what training needs.
+            with AVX512-BF16 (much faster decoding there, bfloat16 precision, no
+            backward; docs/benchmarks.md, "Runtime vs the naive path (NF4)"). False,
+            the default, keeps every matmul in float on every CPU
+            (:func:`keep_float_compute`): what training needs.
 
     Returns:
         The model in eval mode, with every linear projection a bitsandbytes
@@ -178,10 +178,10 @@ def keep_float_compute(model: torch.nn.Module) -> int:
     mode without gradients, then sends every later forward (training ones included)
     through a fused bfloat16 kernel. That kernel has no autograd: once a model has been
     evaluated, the LoRA adapters of a layer get no gradient through the base layers
-    above it (only through the residual stream and the adapters), and on the default
-    synthetic data a non-private federated run gained +0.120 accuracy instead of +0.228.
-    Turning the flag off keeps training and the evaluation it reports on one numeric
-    path on every machine.
+    above it (only through the residual stream and the adapters), and federated
+    training silently learns much less (measured in
+    docs/adr/0010-float-nf4-compute-on-every-cpu.md, "Context"). Turning the flag off
+    keeps training and the evaluation it reports on one numeric path on every machine.
 
     Returns:
         The number of ``Linear4bit`` layers set.
@@ -217,18 +217,10 @@ def repacked_layers(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_quantized(
     model: PreTrainedModel, out_dir: Path | str, *, tokenizer_dir: Path | str | None = None
 ) -> Path:
-    """Write a pre-quantized checkpoint atomically (temp dir, fsync, rename).
+    """Write a pre-quantized checkpoint atomically (``protocol.files.atomic_dir``).
 
     Args:
         model: a model returned by :func:`load_quantized`.
@@ -247,23 +239,13 @@ def save_quantized(
         raise QuantizedModelError("save_quantized needs a 4-bit model from load_quantized")
     if out.exists():
         raise QuantizedModelError(f"{out} already exists; remove it or choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

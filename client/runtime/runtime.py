@@ -29,7 +29,6 @@ from client.runtime.budget import (
 )
 from client.runtime.interface import (
     POLICIES,
-    AdapterSpec,
     EvalStats,
     Generation,
     fit_request,
@@ -37,15 +36,16 @@ from client.runtime.interface import (
 )
 from client.runtime.memory import MemoryMeter, release_free_memory
 from client.runtime.quantized import load_quantized
+from protocol import LoraShape
 
-__all__ = ["ADAPTER_NAME", "QuantizedRuntime", "lora_parameters"]
+__all__ = ["ADAPTER_NAME", "QuantizedRuntime", "lora_parameters", "warm_up_libraries"]
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_ADAPTER_RANK = 16
 
 
-def _warm_up_libraries() -> None:
+def warm_up_libraries() -> None:
     """Import and initialise the libraries, so the baseline includes them (the budget
     covers only what the runtime itself adds)."""
     import bitsandbytes.functional as bnbf
@@ -77,7 +77,7 @@ def lora_parameters(peft_model: Any) -> dict[str, Any]:
     }
 
 
-def _lora_config(spec: AdapterSpec) -> Any:
+def _lora_config(spec: LoraShape) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -120,7 +120,7 @@ class QuantizedRuntime:
             raise ClientInputError(f"unknown policy {policy!r}; choose one of {POLICIES}")
         self.base_dir = Path(base_dir)
         self.policy = policy
-        _warm_up_libraries()
+        warm_up_libraries()
         self.meter = MemoryMeter.start()
         footprint = footprint_from_checkpoint(self.base_dir)
         if adapter_reserve_bytes is None:
@@ -143,7 +143,7 @@ class QuantizedRuntime:
         self.model: Any = load_quantized(self.base_dir, device=device, inference_only=True)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.base_dir, local_files_only=True)
         self._peft: Any = None
-        self._spec: AdapterSpec | None = None
+        self._spec: LoraShape | None = None
         self.adapter_version: int | None = None
         max_pos = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.capacity = min(max_pos, self.plan.kv_capacity_tokens if self.plan else max_pos)
@@ -158,7 +158,7 @@ class QuantizedRuntime:
     def set_adapter(
         self,
         state: Mapping[str, Any] | None,
-        spec: AdapterSpec | None = None,
+        spec: LoraShape | None = None,
         *,
         version: int | None = None,
     ) -> float:
@@ -179,7 +179,7 @@ class QuantizedRuntime:
             self.adapter_version = None
             return time.perf_counter() - t0
         if spec is None:
-            raise ClientInputError("set_adapter needs the AdapterSpec of the state")
+            raise ClientInputError("set_adapter needs the LoraShape of the state")
         tensors = {
             k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
             for k, v in state.items()
@@ -203,7 +203,7 @@ class QuantizedRuntime:
         self.adapter_version = version
         return time.perf_counter() - t0
 
-    def _copy_lora_tensors(self, tensors: Mapping[str, Any], spec: AdapterSpec) -> None:
+    def _copy_lora_tensors(self, tensors: Mapping[str, Any], spec: LoraShape) -> None:
         """Copy the adapter into the PEFT model's LoRA parameters, by name, in place.
 
         Not through PEFT's ``set_peft_model_state_dict``: it reads the whole model's
@@ -231,7 +231,7 @@ class QuantizedRuntime:
             for name, tensor in tensors.items():
                 params[name].copy_(tensor.to(params[name].dtype))
 
-    def _check_shapes(self, tensors: Mapping[str, Any], spec: AdapterSpec) -> None:
+    def _check_shapes(self, tensors: Mapping[str, Any], spec: LoraShape) -> None:
         """Validate an adapter against the base's linear layers before touching the model."""
         base = self._peft.get_base_model() if self._peft is not None else self.model
         modules = dict(base.named_modules())

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from client.runtime.runtime import ADAPTER_NAME, lora_parameters
+from client.runtime import ADAPTER_NAME, lora_parameters
 from client.train.errors import AdapterMismatchError, PrivacyGuardError
 from client.train.settings import LoraSettings
 

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from client.train.accounting import DPRound, compute_epsilon
 from client.train.errors import LedgerError, TrainConfigError
+from protocol import atomic_write_text
 
 __all__ = ["LEDGER_FILE", "PrivacyLedger"]
 
@@ -32,29 +30,6 @@ logger = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy_ledger.json"
 _FORMAT = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PrivacyLedger:
@@ -132,7 +107,7 @@ class PrivacyLedger:
             "epsilon_spent": self.spent_epsilon(),
             "updated_at": time.time(),
         }
-        _atomic_write_json(self.path, payload)
+        atomic_write_text(self.path, json.dumps(payload, indent=2, sort_keys=True), mode=0o600)
 
     @property
     def epsilon_budget(self) -> float | None:

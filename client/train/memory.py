@@ -7,10 +7,10 @@ model config: what autograd keeps for a Llama-style decoder layer, attention sco
 and the logits with their cross-entropy workspace) + the transient fp32 copy of the
 largest dequantised NF4 weight (measured from the loaded ``Linear4bit`` modules).
 ``ACTIVATION_SAFETY`` covers allocator slack; it was set so that the estimate is at
-least the peak RSS growth measured by ``benchmarks/bench_client_train.py`` on the
-``tiny`` preset's shape (batch 8 x 64 tokens, plain: 103 MiB measured with NF4 and
-109 MiB with fp32; DP estimates are for the Poisson headroom batch, so they exceed
-the measured mean-batch growth).
+least the peak RSS growth that ``benchmarks/bench_client_train.py`` measures on the
+``tiny`` preset's shape (batch 8 x 64 tokens; figures in docs/benchmarks.md,
+"On-device training step"). DP estimates are for the Poisson headroom batch, so they
+exceed the measured mean-batch growth.
 
 A larger logical batch than fits is reached by gradient accumulation (Opacus
 ``BatchMemoryManager`` under DP), which leaves the DP guarantee unchanged.

@@ -6,12 +6,14 @@ trainer never sees an out-of-range value; units are in the names (``_bytes``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from client.train.errors import TrainConfigError
+from protocol import LoraShape, LoraShapeError
 
 __all__ = ["DPSettings", "EvalResult", "LoraSettings", "TrainResult", "TrainSettings"]
 
@@ -26,42 +28,32 @@ def _require(ok: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
-class LoraSettings:
-    """Shape of the LoRA adapter every client of a federation shares.
+class LoraSettings(LoraShape):
+    """The trainer's LoRA: the federation's shared :class:`protocol.LoraShape` plus the
+    one setting that is the trainer's alone.
 
     Attributes:
-        rank: LoRA rank r.
-        alpha: LoRA scaling numerator (scale = alpha / rank).
         dropout: dropout on the LoRA input; keep 0.0 under DP (it is per-sample noise
             that Opacus does not account for, and it slows memorisation audits).
-        target_modules: module names to adapt; None means every linear projection
-            except the output head (PEFT's ``"all-linear"``).
-        adapt_head: also adapt the output head (``lm_head``, found through
-            ``get_output_embeddings()``, so any causal-LM family works). Costs r x
-            vocabulary more in B; under record-level DP per-text gradients agree more
-            on the head than on any projection, and on the tiny base it gained +0.018
-            accuracy for 13 % more upload (docs/adr/0006-lora-aggregation.md).
-        ffa: FFA-LoRA (Sun et al., ICLR 2024): A frozen at a seeded init that every
-            client reproduces from ``init_seed``; only B is trained and exchanged.
-        init_seed: seed of the LoRA A initialisation (identical on every client).
+
+    ``adapt_head`` finds the output head through ``get_output_embeddings()``, so any
+    causal-LM family works; it costs r x vocabulary more in B (ADR 0006).
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-    adapt_head: bool = False
-    ffa: bool = False
-    init_seed: int = 0
+    dropout: float = field(default=0.0, kw_only=True)
 
     def __post_init__(self) -> None:
-        _require(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
-        _require(self.alpha > 0, f"LoRA alpha must be > 0, got {self.alpha}")
+        try:
+            super().__post_init__()
+        except LoraShapeError as e:
+            raise TrainConfigError(str(e)) from e
         _require(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        _require(
-            self.target_modules is None or len(self.target_modules) > 0,
-            "target_modules must be None (all linear projections) or a non-empty tuple",
-        )
+
+    @classmethod
+    def of(cls, shape: LoraShape, *, dropout: float = 0.0) -> LoraSettings:
+        """The trainer settings for ``shape``."""
+        fields_ = {f.name: getattr(shape, f.name) for f in dataclasses.fields(LoraShape)}
+        return cls(**fields_, dropout=dropout)
 
 
 @dataclass(frozen=True)

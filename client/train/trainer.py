@@ -367,7 +367,7 @@ class LocalTrainer:
 
 
 def _load_base(base_dir: Path, *, device: str, quantized: bool) -> Any:
-    from client.runtime.quantized import load_quantized
+    from client.runtime import load_quantized
 
     if quantized:
         return load_quantized(resolve_model_dir(base_dir), device=device)

@@ -25,13 +25,15 @@ import errno
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import httpx
 from tuf.api.metadata import TargetFile
 
 from client.update import api
-from client.update.download import download
+from client.update.download import DownloadStats, download
 from client.update.errors import (
     DeviceStateError,
     UpdateRejectedError,
@@ -39,7 +41,7 @@ from client.update.errors import (
     UpdateTransientError,
 )
 from client.update.health import HealthChecker, HealthReport
-from client.update.state import ActivePointer, DeviceConfig, DeviceState, StepHook
+from client.update.state import ActivePointer, DeviceConfig, DeviceState, JournalStep, StepHook
 from client.update.telemetry import TelemetryQueue
 from client.update.transport import Retrier
 from client.update.verify import (
@@ -50,21 +52,28 @@ from client.update.verify import (
     select_target,
     verify_payload,
 )
-from delta_packager.apply import apply_bundle
-from delta_packager.errors import BundleRejectedError, PackagerError
-from delta_packager.fingerprint import fingerprint_base
+from delta_packager import BundleRejectedError, PackagerError, apply_bundle, fingerprint_base
+from protocol import EventType
 
-__all__ = ["CRASH_LOOP_LIMIT", "UpdateOutcome", "check_and_update"]
+__all__ = ["CRASH_LOOP_LIMIT", "UpdateOutcome", "UpdateStatus", "check_and_update"]
 
 logger = logging.getLogger(__name__)
 CRASH_LOOP_LIMIT = 3
 
 
+class UpdateStatus(StrEnum):
+    """How one update run ended."""
+
+    UPDATED = "updated"  # a new (or repaired) adapter is active
+    NO_UPDATE = "no_update"  # nothing newer is offered
+    ROLLED_BACK = "rolled_back"  # the new adapter failed its health check
+
+
 @dataclass(frozen=True)
 class UpdateOutcome:
-    """How a run ended: ``updated``, ``no_update`` or ``rolled_back``."""
+    """How a run ended: its :class:`UpdateStatus`, the version, and why."""
 
-    status: str
+    status: UpdateStatus
     version: int | None
     reason: str = ""
     health: HealthReport | None = None
@@ -200,31 +209,68 @@ def _current_base(config: DeviceConfig) -> DeviceConfig:
 
 
 def _cycle(run: _Run) -> UpdateOutcome:
-    state, config = run.state, run.config
+    """One update run: ask, select and check the target, download, verify, then stage."""
+    state = run.state
     damage = state.active_damage()
     if damage is not None:
         # Repair: ask for the release as a device without an adapter would (a full bundle),
         # verify it like any update and commit it to the other slot.
         logger.warning("the active adapter is damaged (%s): repairing it", damage)
         run = replace(run, repairing=True)
+    config = run.config
     offer = api.check_for_update(
         run.http, run.retrier, device_id=config.device_id, token=config.token, report=run.report()
     )
     if offer is None:
-        if state.journal().get("step") == "download":  # no longer offered: drop the partial
-            for stale in state.downloads_dir.glob("*"):
-                stale.unlink(missing_ok=True)
-            state.write_journal({"step": "idle"})
-        if damage is not None:
-            raise DeviceStateError(
-                f"the active adapter is damaged ({damage}) and the server offers no release "
-                "to restore it from: ask the operator to roll a release out to this device, "
-                "then run `fedota device update` again"
-            )
-        return UpdateOutcome("no_update", run.report().installed_version)
+        return _nothing_offered(run, damage)
     active = state.active()
     if active is not None and offer.to_version == active.version and not run.repairing:
-        return UpdateOutcome("no_update", active.version)  # a server behind our report
+        return UpdateOutcome(UpdateStatus.NO_UPDATE, active.version)  # a server behind our report
+    target = _select(run, offer)
+    version = int(target.custom["fedota"]["to_version"])
+    journal: dict[str, Any] = {
+        "step": JournalStep.DOWNLOAD,
+        "version": version,
+        "target": _target_json(target),
+    }
+    state.write_journal(journal)
+    started = time.monotonic()
+    bundle_path = state.downloads_dir / target.hashes["sha256"]
+    stats = _download(run, target, version, bundle_path)
+    timings = {"download_s": round(time.monotonic() - started, 3), "bytes": stats.received_bytes}
+    run.hook("verify")
+    verified = _verify(run, target, version, bundle_path)
+    return _stage_and_commit(run, verified, journal, timings)
+
+
+def _nothing_offered(run: _Run, damage: str | None) -> UpdateOutcome:
+    """No release is offered: drop a partial download; a damaged adapter cannot be fixed.
+
+    Raises:
+        DeviceStateError: the active adapter is damaged and nothing can restore it.
+    """
+    state = run.state
+    if state.journal().get("step") == JournalStep.DOWNLOAD:  # no longer offered
+        for stale in state.downloads_dir.glob("*"):
+            stale.unlink(missing_ok=True)
+        state.write_journal({"step": JournalStep.IDLE})
+    if damage is not None:
+        raise DeviceStateError(
+            f"the active adapter is damaged ({damage}) and the server offers no release "
+            "to restore it from: ask the operator to roll a release out to this device, "
+            "then run `fedota device update` again"
+        )
+    return UpdateOutcome(UpdateStatus.NO_UPDATE, run.report().installed_version)
+
+
+def _select(run: _Run, offer: api.Offer) -> TargetFile:
+    """The signed target of ``offer``, checked against this device's base and floor.
+
+    Raises:
+        UpdateRejectedError: the target is not one this device may install (reported).
+    """
+    state, config = run.state, run.config
+    active = state.active()
     # A repair may re-install the active release itself, whose counter is the floor: allow
     # exactly that counter again (any lower one is still a rollback).
     floor = state.release_floor() - (1 if run.repairing else 0)
@@ -232,7 +278,7 @@ def _cycle(run: _Run) -> UpdateOutcome:
         updater = refresh_metadata(
             tuf_dir=state.tuf_dir, server_url=config.server_url, http=run.http, retrier=run.retrier
         )
-        target = select_target(
+        return select_target(
             updater,
             offer.path,
             base_fingerprint=config.base_fingerprint,
@@ -242,23 +288,23 @@ def _cycle(run: _Run) -> UpdateOutcome:
     except UpdateRejectedError as e:
         _report_rejection(run, offer.to_version, e)
         raise
-    version = int(target.custom["fedota"]["to_version"])
-    journal: dict[str, Any] = {
-        "step": "download",
-        "version": version,
-        "target": _target_json(target),
-    }
-    state.write_journal(journal)
-    started = time.monotonic()
-    bundle_path = state.downloads_dir / target.hashes["sha256"]
-    for stale in state.downloads_dir.glob("*"):
+
+
+def _download(run: _Run, target: TargetFile, version: int, bundle_path: Path) -> DownloadStats:
+    """Fetch the bundle to ``bundle_path`` (resuming a partial of the same target).
+
+    Raises:
+        UpdateRetryError: a transient failure, the disk included (reported as retry).
+        UpdateRejectedError: the server sent what the signed target does not allow.
+    """
+    for stale in run.state.downloads_dir.glob("*"):
         if not stale.name.startswith(bundle_path.name):
             stale.unlink(missing_ok=True)  # a partial of a release no longer offered
     try:
-        stats = download(
+        return download(
             run.http,
             run.retrier,
-            url=payload_url(config.server_url, target),
+            url=payload_url(run.config.server_url, target),
             dest=bundle_path,
             length=target.length,
             hook=run.hook,
@@ -280,21 +326,25 @@ def _cycle(run: _Run) -> UpdateOutcome:
         )
         _report_retry(run, version, retry)
         raise retry from e
-    timings = {"download_s": round(time.monotonic() - started, 3), "bytes": stats.received_bytes}
-    run.hook("verify")
+
+
+def _verify(run: _Run, target: TargetFile, version: int, bundle_path: Path) -> VerifiedBundle:
+    """Check the downloaded bytes against the signed target and parse the bundle.
+
+    Raises:
+        UpdateRetryError: the bytes are not what was signed (fetched again next time).
+        UpdateRejectedError: the bundle itself is refused (reported as failed).
+    """
     try:
-        verified = verify_payload(bundle_path, target)
-    except UpdateRetryError as e:
+        return verify_payload(bundle_path, target)
+    except (UpdateRetryError, UpdateRejectedError) as e:
         bundle_path.unlink(missing_ok=True)
-        state.write_journal({"step": "idle"})
-        _report_retry(run, version, e)
+        run.state.write_journal({"step": JournalStep.IDLE})
+        if isinstance(e, UpdateRetryError):
+            _report_retry(run, version, e)
+        else:
+            _report_rejection(run, version, e)
         raise
-    except UpdateRejectedError as e:
-        bundle_path.unlink(missing_ok=True)
-        state.write_journal({"step": "idle"})
-        _report_rejection(run, version, e)
-        raise
-    return _stage_and_commit(run, verified, journal, timings)
 
 
 def _stage_and_commit(
@@ -318,12 +368,7 @@ def _stage_and_commit(
             slot,
             new,
             hook=run.hook,
-            adapter_config={
-                "rank": config.rank,
-                "alpha": config.alpha,
-                "target_modules": list(config.target_modules),
-                "ffa": config.ffa,
-            },
+            shape=config,
         )
     except OSError as e:
         _cleanup(run, verified.target)
@@ -334,7 +379,7 @@ def _stage_and_commit(
         )
         _report_retry(run, version, retry, **timings)
         raise retry from e
-    state.write_journal({**journal, "step": "staged", "slot": slot, "attempts": 0})
+    state.write_journal({**journal, "step": JournalStep.STAGED, "slot": slot, "attempts": 0})
     return _health_then_commit(run, verified, slot, timings)
 
 
@@ -344,13 +389,13 @@ def _health_then_commit(
     state = run.state
     journal = state.journal()
     attempts = int(journal.get("attempts", 0)) + 1
-    state.write_journal({**journal, "step": "health", "attempts": attempts})
+    state.write_journal({**journal, "step": JournalStep.HEALTH, "attempts": attempts})
     run.hook("health_check")
     manifest = verified.bundle.manifest
     report = run.checker.check(state.read_slot(slot), manifest)
     if not report.ok:
         return _roll_back(run, verified.target, manifest.to_version, report.reason, report)
-    state.write_journal({**state.journal(), "step": "commit", "health": asdict(report)})
+    state.write_journal({**state.journal(), "step": JournalStep.COMMIT, "health": asdict(report)})
     return _commit(run, verified.target, slot, report, timings)
 
 
@@ -364,27 +409,29 @@ def _commit(
     run.hook("commit")
     state.raise_floor(counter)
     run.event(
-        "installed",
+        EventType.INSTALLED,
         version,
         event_id=_installed_event_id(target),
         **timings,
         loss=report.measured_loss if report else None,
     )
-    state.write_journal({**state.journal(), "step": "committed"})
+    state.write_journal({**state.journal(), "step": JournalStep.COMMITTED})
     _cleanup(run, target)
     _try_flush(run)
     logger.info("committed adapter version %d in slot %s", version, slot)
-    return UpdateOutcome("updated", version, "repaired" if run.repairing else "ok", report)
+    return UpdateOutcome(
+        UpdateStatus.UPDATED, version, "repaired" if run.repairing else "ok", report
+    )
 
 
 def _roll_back(
     run: _Run, target: TargetFile, version: int, reason: str, report: HealthReport | None
 ) -> UpdateOutcome:
     logger.warning("rolling back version %d: %s", version, reason)
-    run.state.write_journal({**run.state.journal(), "step": "rollback", "reason": reason})
+    run.state.write_journal({**run.state.journal(), "step": JournalStep.ROLLBACK, "reason": reason})
     measured = asdict(report) if report else {}
     run.event(
-        "failed",
+        EventType.FAILED,
         version,
         reason="health_check",
         why=reason[:200],
@@ -392,7 +439,7 @@ def _roll_back(
     )
     _cleanup(run, target)
     _try_flush(run)
-    return UpdateOutcome("rolled_back", version, reason, report)
+    return UpdateOutcome(UpdateStatus.ROLLED_BACK, version, reason, report)
 
 
 def _cleanup(run: _Run, target: TargetFile) -> None:
@@ -407,11 +454,11 @@ def _cleanup(run: _Run, target: TargetFile) -> None:
     sha = target.hashes.get("sha256", "")
     for path in state.downloads_dir.glob(f"{sha}*"):
         path.unlink(missing_ok=True)
-    state.write_journal({"step": "idle"})
+    state.write_journal({"step": JournalStep.IDLE})
 
 
 def _report_rejection(run: _Run, version: int, error: UpdateRejectedError) -> None:
-    run.event("failed", version, reason=error.reason, why=str(error)[:300])
+    run.event(EventType.FAILED, version, reason=error.reason, why=str(error)[:300])
     _try_flush(run)
 
 
@@ -423,7 +470,7 @@ def _installed_event_id(target: TargetFile) -> str:
 
 def _report_retry(run: _Run, version: int, error: UpdateRetryError, **detail: Any) -> None:
     """A device-local or transport problem: the release stays offered (ADR 0007)."""
-    run.event("retry", version, reason=error.reason, why=str(error)[:300], **detail)
+    run.event(EventType.RETRY, version, reason=error.reason, why=str(error)[:300], **detail)
     _try_flush(run)
 
 
@@ -446,8 +493,8 @@ def _recover(run: _Run) -> UpdateOutcome | None:
     """Finish or undo what a killed run left (see the table in the module docstring)."""
     state = run.state
     journal = state.journal()
-    step = journal.get("step", "idle")
-    if step in ("idle", "download"):
+    step = journal.get("step", JournalStep.IDLE)
+    if step in (JournalStep.IDLE, JournalStep.DOWNLOAD):
         return None  # a partial download simply resumes
     try:
         raw = dict(journal["target"])
@@ -459,21 +506,23 @@ def _recover(run: _Run) -> UpdateOutcome | None:
     version = int(journal["version"])
     logger.warning("recovering an interrupted update to version %d (step %s)", version, step)
     active = state.active()
-    if step == "rollback":  # killed while cleaning up after a rollback (already reported)
+    if step == JournalStep.ROLLBACK:  # killed while cleaning up after a rollback (already reported)
         _cleanup(run, target)
-        return UpdateOutcome("rolled_back", version, str(journal.get("reason", "")))
+        return UpdateOutcome(UpdateStatus.ROLLED_BACK, version, str(journal.get("reason", "")))
     if active is not None and active.version == version and active.slot == slot:
         # Killed after the pointer swap: the new adapter is active; finish the commit.
         run.hook("commit")
         state.raise_floor(active.release_counter)
-        if step != "committed":
+        if step != JournalStep.COMMITTED:
             # Same id as the report _commit may have queued before the kill: sent once.
-            run.event("installed", version, event_id=_installed_event_id(target), recovered=True)
+            run.event(
+                EventType.INSTALLED, version, event_id=_installed_event_id(target), recovered=True
+            )
         _cleanup(run, target)
-        return UpdateOutcome("updated", version, "recovered after restart")
-    if step == "commit":
+        return UpdateOutcome(UpdateStatus.UPDATED, version, "recovered after restart")
+    if step == JournalStep.COMMIT:
         return _commit(run, target, slot, None, {"recovered": True})
-    if step == "health" and int(journal.get("attempts", 0)) >= run.crash_loop_limit:
+    if step == JournalStep.HEALTH and int(journal.get("attempts", 0)) >= run.crash_loop_limit:
         reason = f"crash loop: health check started {journal['attempts']} times without finishing"
         return _roll_back(run, target, version, reason, None)
     try:

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from client.update.errors import UpdateRetryError, UpdateTransientError
 from client.update.state import StepHook
 from client.update.transport import Retrier, RetryableError, check_response
-from delta_packager.files import atomic_write_json, fsync_file, read_json
+from protocol import atomic_write_json, fsync_file, read_json, replace_file
 
 __all__ = ["DownloadStats", "download"]
 
@@ -47,15 +47,6 @@ class DownloadStats:
     reasons: list[str] = field(default_factory=list)
 
 
-def _discard(part: Path, meta: Path, stats: DownloadStats, reason: str) -> None:
-    for path in (part, meta):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    stats.restarts += 1
-    stats.reasons.append(reason)
-    logger.info("discarding partial download %s: %s", part.name, reason)
-
-
 def _declared_total(response: httpx.Response) -> int | None:
     """Total size the server claims: Content-Range total on 206, Content-Length on 200."""
     if response.status_code == 206:
@@ -63,6 +54,162 @@ def _declared_total(response: httpx.Response) -> int | None:
         return int(match[3]) if match and match[3] != "*" else None
     value = response.headers.get("content-length", "")
     return int(value) if value.isdigit() else None
+
+
+@dataclass
+class _Download:
+    """One download of ``url`` into ``dest``: what its attempts share.
+
+    The partial file ``dest.part`` and its validator ``dest.part.json`` (URL, signed
+    length, strong ETag) persist between attempts and across restarts; ``stats`` adds
+    up every attempt.
+    """
+
+    http: httpx.Client
+    url: str
+    dest: Path
+    length: int
+    hook: StepHook | None
+    stats: DownloadStats = field(default_factory=DownloadStats)
+    part: Path = field(init=False)
+    meta_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.part = self.dest.with_name(self.dest.name + ".part")
+        self.meta_path = self.dest.with_name(self.dest.name + ".part.json")
+
+    def _validator(self) -> dict[str, Any] | None:
+        return read_json(self.meta_path) if self.meta_path.exists() else None
+
+    def discard(self, reason: str) -> None:
+        """Delete the partial file and its validator; count a restart for ``reason``."""
+        for path in (self.part, self.meta_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.stats.restarts += 1
+        self.stats.reasons.append(reason)
+        logger.info("discarding partial download %s: %s", self.part.name, reason)
+
+    def drop_foreign_partial(self) -> None:
+        """Discard a partial file whose validator names another URL or length, or none."""
+        meta = self._validator()
+        if self.part.exists() and (
+            not meta or meta.get("url") != self.url or meta.get("length") != self.length
+        ):
+            self.discard("partial file without matching validator")
+
+    def attempt(self) -> None:
+        """One request: resume the partial file if it can be validated, else start over."""
+        offset = self._partial_size()
+        if offset == self.length:
+            return
+        stored = self._validator()
+        etag = stored.get("etag") if stored else None
+        headers = {}
+        if offset and etag:
+            headers = {"Range": f"bytes={offset}-{self.length - 1}", "If-Range": etag}
+        elif offset:
+            self.discard("no strong ETag to resume with")
+            offset = 0
+        self.stats.requests += 1
+        with self.http.stream("GET", self.url, headers=headers) as response:
+            check_response(response)
+            self._receive(response, offset=offset, etag=etag)
+
+    def _partial_size(self) -> int:
+        """Bytes already held; a partial file longer than the signed length is discarded."""
+        offset = self.part.stat().st_size if self.part.exists() else 0
+        if offset > self.length:
+            self.discard(f"partial file is {offset} bytes > {self.length}")
+            return 0
+        return offset
+
+    def _receive(self, response: httpx.Response, *, offset: int, etag: str | None) -> None:
+        self._check_answer(response)
+        if response.status_code == 206:
+            self._accept_range(response, offset=offset, etag=etag)
+        else:
+            offset = self._restart_whole(response, offset=offset)
+        self._write(response, offset)
+
+    def _check_answer(self, response: httpx.Response) -> None:
+        """Refuse a 416, a status other than 200/206, and a declared size below ours."""
+        status = response.status_code
+        if status == 416:
+            self.discard("server answered 416")
+            raise RetryableError("416 Range Not Satisfiable; restarting from byte 0")
+        if status not in (200, 206):
+            raise UpdateTransientError(
+                f"GET {self.url} answered {status}; expected 200 or 206: the server does not "
+                "serve this signed target, report it to the operator"
+            )
+        declared = _declared_total(response)
+        if declared is not None and declared < self.length:
+            self.discard(f"server declares {declared} bytes")
+            raise UpdateRetryError(
+                f"the server says {self.url} is {declared} bytes, the signed length is "
+                f"{self.length}: the mirror serves another file than the signed one; "
+                "will retry later",
+                reason="payload_mismatch",
+            )
+
+    def _accept_range(self, response: httpx.Response, *, offset: int, etag: str | None) -> None:
+        """A 206 continues the partial file only from our offset, same length and ETag."""
+        new_etag = response.headers.get("etag")
+        match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+        ok = (
+            match is not None
+            and int(match[1]) == offset
+            and match[3] in (str(self.length), "*")
+            and int(match[1]) <= int(match[2]) < self.length
+            and (new_etag is None or new_etag == etag)
+        )
+        if not ok:
+            self.discard("bad Content-Range or ETag on 206")
+            raise RetryableError(
+                f"206 with Content-Range {response.headers.get('content-range')!r} "
+                f"for a request from byte {offset} of {self.length}"
+            )
+        self.stats.resumed += 1
+
+    def _restart_whole(self, response: httpx.Response, *, offset: int) -> int:
+        """A 200 replaces any partial file; store its strong ETag. Returns the offset, 0."""
+        if offset:
+            self.discard("server sent the whole file (200)")
+        new_etag = response.headers.get("etag")
+        strong = new_etag if new_etag and not new_etag.startswith("W/") else None
+        atomic_write_json(self.meta_path, {"url": self.url, "length": self.length, "etag": strong})
+        return 0
+
+    def _write(self, response: httpx.Response, offset: int) -> None:
+        """Append the body at ``offset`` as it arrives, never past the signed length."""
+        position = offset
+        mode = "r+b" if offset else "wb"
+        with open(self.part, mode) as f:
+            f.seek(offset)
+            f.truncate()
+            try:
+                for chunk in response.iter_bytes():  # as received: a cut loses nothing held
+                    self.stats.received_bytes += len(chunk)
+                    take = chunk[: self.length - position]
+                    f.write(take)
+                    f.flush()
+                    position += len(take)
+                    if self.hook is not None:
+                        self.hook("download")
+                    if position >= self.length:
+                        break  # A5: never read past the signed length
+            finally:
+                f.flush()
+                fsync_file(f.fileno())
+        if position < self.length:
+            raise RetryableError(f"transfer ended at byte {position} of {self.length}")
+
+    def finish(self) -> None:
+        """Move the complete partial file to ``dest`` and drop its validator."""
+        replace_file(self.part, self.dest)
+        with contextlib.suppress(FileNotFoundError):
+            self.meta_path.unlink()
 
 
 def download(
@@ -92,104 +239,11 @@ def download(
         UpdateTransientError: retries exhausted, or the server refuses the target.
         UpdateRejectedError: the server declares a size below the signed length.
     """
-    part = dest.with_name(dest.name + ".part")
-    meta_path = dest.with_name(dest.name + ".part.json")
+    job = _Download(http, url=url, dest=dest, length=length, hook=hook)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stats = DownloadStats()
     if dest.exists() and dest.stat().st_size == length:
-        return stats  # finished before a restart; the verifier checks its hash
-    meta = read_json(meta_path) if meta_path.exists() else None
-    if part.exists() and (not meta or meta.get("url") != url or meta.get("length") != length):
-        _discard(part, meta_path, stats, "partial file without matching validator")
-
-    def attempt() -> None:
-        offset = part.stat().st_size if part.exists() else 0
-        if offset > length:
-            _discard(part, meta_path, stats, f"partial file is {offset} bytes > {length}")
-            offset = 0
-        if offset == length:
-            return
-        stored = read_json(meta_path) if meta_path.exists() else None
-        etag = stored.get("etag") if stored else None
-        headers = {}
-        if offset and etag:
-            headers = {"Range": f"bytes={offset}-{length - 1}", "If-Range": etag}
-        elif offset:
-            _discard(part, meta_path, stats, "no strong ETag to resume with")
-            offset = 0
-        stats.requests += 1
-        with http.stream("GET", url, headers=headers) as response:
-            check_response(response)
-            _receive(response, offset=offset, etag=etag)
-
-    def _receive(response: httpx.Response, *, offset: int, etag: str | None) -> None:
-        status = response.status_code
-        if status == 416:
-            _discard(part, meta_path, stats, "server answered 416")
-            raise RetryableError("416 Range Not Satisfiable; restarting from byte 0")
-        if status not in (200, 206):
-            raise UpdateTransientError(
-                f"GET {url} answered {status}; expected 200 or 206: the server does not "
-                "serve this signed target, report it to the operator"
-            )
-        new_etag = response.headers.get("etag")
-        declared = _declared_total(response)
-        if declared is not None and declared < length:
-            _discard(part, meta_path, stats, f"server declares {declared} bytes")
-            raise UpdateRetryError(
-                f"the server says {url} is {declared} bytes, the signed length is {length}: "
-                "the mirror serves another file than the signed one; will retry later",
-                reason="payload_mismatch",
-            )
-        if status == 206:
-            match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
-            ok = (
-                match is not None
-                and int(match[1]) == offset
-                and match[3] in (str(length), "*")
-                and int(match[1]) <= int(match[2]) < length
-                and (new_etag is None or new_etag == etag)
-            )
-            if not ok:
-                _discard(part, meta_path, stats, "bad Content-Range or ETag on 206")
-                raise RetryableError(
-                    f"206 with Content-Range {response.headers.get('content-range')!r} "
-                    f"for a request from byte {offset} of {length}"
-                )
-            stats.resumed += 1
-        else:
-            if offset:
-                _discard(part, meta_path, stats, "server sent the whole file (200)")
-            offset = 0
-            strong = new_etag if new_etag and not new_etag.startswith("W/") else None
-            atomic_write_json(meta_path, {"url": url, "length": length, "etag": strong})
-        _write(response, offset)
-
-    def _write(response: httpx.Response, offset: int) -> None:
-        position = offset
-        mode = "r+b" if offset else "wb"
-        with open(part, mode) as f:
-            f.seek(offset)
-            f.truncate()
-            try:
-                for chunk in response.iter_bytes():  # as received: a cut loses nothing held
-                    stats.received_bytes += len(chunk)
-                    take = chunk[: length - position]
-                    f.write(take)
-                    f.flush()
-                    position += len(take)
-                    if hook is not None:
-                        hook("download")
-                    if position >= length:
-                        break  # A5: never read past the signed length
-            finally:
-                f.flush()
-                fsync_file(f.fileno())
-        if position < length:
-            raise RetryableError(f"transfer ended at byte {position} of {length}")
-
-    retrier.run(attempt, what=f"download {url}")
-    os.replace(part, dest)
-    with contextlib.suppress(FileNotFoundError):
-        meta_path.unlink()
-    return stats
+        return job.stats  # finished before a restart; the verifier checks its hash
+    job.drop_foreign_partial()
+    retrier.run(job.attempt, what=f"download {url}")
+    job.finish()
+    return job.stats

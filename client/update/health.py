@@ -30,8 +30,7 @@ import numpy as np
 
 from client.update.errors import DeviceStateError
 from client.update.state import DeviceState
-from delta_packager.apply import AdapterState
-from delta_packager.manifest import Manifest
+from delta_packager import AdapterState, Manifest
 
 __all__ = [
     "GOLDEN_FILE",
@@ -170,12 +169,9 @@ def runtime_measure(
     next-token loss over the golden ``texts`` and the peak memory the runtime added."""
 
     def measure(adapter: AdapterState, manifest: Manifest) -> Measurement:
-        from client.runtime import AdapterSpec, open_runtime
+        from client.runtime import open_runtime
 
-        config = manifest.adapter_config
-        spec = AdapterSpec(
-            rank=config.rank, alpha=config.alpha, target_modules=config.target_modules or None
-        )
+        spec = manifest.adapter_config.as_shape()
         adapter_bytes = sum(int(a.nbytes) for a in adapter.tensors.values())
         runtime = open_runtime(
             base,

@@ -29,8 +29,9 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,31 @@ import numpy as np
 import safetensors.numpy
 
 from client.update.errors import DeviceStateError, UpdateBusyError
-from delta_packager.apply import AdapterState
-from delta_packager.files import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, read_json
+from delta_packager import AdapterState
+from protocol import (
+    TMP_SUFFIX,
+    LoraShape,
+    LoraShapeError,
+    atomic_write,
+    atomic_write_json,
+    fsync_dir,
+    read_json,
+)
 
 __all__ = ["SLOTS", "ActivePointer", "DeviceConfig", "DeviceState", "StepHook"]
+
+
+class JournalStep(StrEnum):
+    """Where an update stands, persisted before each step so a restart resumes it."""
+
+    IDLE = "idle"  # nothing in flight
+    DOWNLOAD = "download"  # bytes arriving (a partial file may exist)
+    STAGED = "staged"  # verified and written to the inactive slot
+    HEALTH = "health"  # the pointer swapped; the health check is running
+    COMMIT = "commit"  # healthy: telling the server, then cleaning up
+    COMMITTED = "committed"  # reported; only cleanup is left
+    ROLLBACK = "rollback"  # unhealthy: the previous adapter is restored
+
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +212,7 @@ class DeviceState:
     # ------------------------------------------------------------------ journal
     def journal(self) -> dict[str, Any]:
         """The persisted state machine record (``{"step": "idle"}`` when none)."""
-        return self._json("journal.json") or {"step": "idle"}
+        return self._json("journal.json") or {"step": JournalStep.IDLE}
 
     def write_journal(self, record: dict[str, Any]) -> None:
         """Persist the state machine record.
@@ -212,12 +234,12 @@ class DeviceState:
         adapter: AdapterState,
         *,
         hook: StepHook = _no_hook,
-        adapter_config: Mapping[str, Any] | None = None,
+        shape: LoraShape | None = None,
     ) -> None:
         """Write ``adapter`` into ``slot`` (never the active one): tensors, then meta last.
 
-        ``adapter_config`` (rank, alpha, target modules, ffa — from the bundle manifest)
-        is kept beside the tensors so the runtime can rebuild the LoRA layers.
+        ``shape`` (the LoRA shape, from the bundle manifest) is kept beside the tensors
+        so the runtime can rebuild the LoRA layers.
 
         Raises:
             DeviceStateError: ``slot`` is the active slot.
@@ -242,7 +264,7 @@ class DeviceState:
                 "release_counter": adapter.release_counter,
                 "base_fingerprint": adapter.base_fingerprint,
                 "sha256": hashlib.sha256(data).hexdigest(),
-                "adapter_config": dict(adapter_config) if adapter_config else None,
+                "adapter_config": None if shape is None else shape.as_shape().to_json(),
             }
             atomic_write_json(directory / _SLOT_META, meta)
         except OSError:
@@ -276,11 +298,20 @@ class DeviceState:
             tensors=safetensors.numpy.load(data),
         )
 
-    def read_adapter_config(self, slot: str) -> dict[str, Any] | None:
-        """The LoRA shape recorded with the adapter in ``slot`` (``None`` if absent)."""
+    def read_shape(self, slot: str) -> LoraShape | None:
+        """The LoRA shape recorded with the adapter in ``slot`` (``None`` if absent).
+
+        Raises:
+            DeviceStateError: the recorded shape is not a LoRA shape.
+        """
         meta = read_json(self.slot_dir(slot) / _SLOT_META)
         config = None if meta is None else meta.get("adapter_config")
-        return dict(config) if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            return None
+        try:
+            return LoraShape.from_json(config)
+        except LoraShapeError as e:
+            raise DeviceStateError(f"slot {slot}: {e}; run `fedota device update`") from e
 
     def active_damage(self) -> str | None:
         """Why the active slot cannot be trusted (``None``: intact or no adapter).

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from client.update.errors import UpdateTransientError
-from delta_packager.files import atomic_write_json, read_json
+from protocol import atomic_write_json, read_json
 
 __all__ = ["TelemetryQueue"]
 

@@ -33,15 +33,16 @@ from tuf.ngclient import Updater, UpdaterConfig
 
 from client.update.errors import UpdateRejectedError, UpdateRetryError, UpdateTransientError
 from client.update.transport import Retrier, TufFetcher
-from delta_packager.errors import (
+from delta_packager import (
+    DEFAULT_MAX_UNCOMPRESSED_BYTES,
     BaseMismatchError,
+    Bundle,
     BundleFormatError,
     BundleIntegrityError,
     BundleRejectedError,
     ChainMismatchError,
     RollbackError,
 )
-from delta_packager.format import DEFAULT_MAX_UNCOMPRESSED_BYTES, Bundle
 from delta_packager.verify import check_bundle_target
 
 __all__ = [

@@ -4,9 +4,10 @@ The guarantee is *user-level*: neighbouring data sets differ by all the data of 
 client (add/remove one user). Each round is one Poisson-subsampled Gaussian mechanism
 with sampling rate ``q`` (the rate the server actually sampled with) and noise
 multiplier ``σ``; rounds compose. ε comes from Google's maintained ``dp-accounting``
-privacy-loss-distribution (PLD) accountant — tight, and in agreement with Opacus' PRV
-accountant (an independent implementation) to within 1% — rebuilt from the recorded
-events, so the state is a small JSON value that a checkpoint can carry.
+privacy-loss-distribution (PLD) accountant — tight, and checked against Opacus' PRV
+accountant, an independent implementation (THREATS G35, docs/threats.md) — rebuilt
+from the recorded events, so the state is a small JSON value that a checkpoint can
+carry.
 
 This is never mixed up with the *record-level* ε that each phone's Opacus ledger
 reports: the summary carries both, under different names.

@@ -8,8 +8,8 @@ Layout under the checkpoint directory::
     LATEST                          name of the newest complete checkpoint
 
 Invariants: a checkpoint directory is complete before ``LATEST`` names it (files are
-written to a temporary directory, fsynced, renamed, the parent fsynced; then
-``LATEST`` is replaced atomically the same way). A crash at any point leaves the
+written through ``protocol.files.atomic_dir``; then ``LATEST`` is replaced with
+``atomic_write``). A crash at any point leaves the
 previous checkpoint loadable. Tensors are stored with safetensors, never pickled.
 """
 
@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from protocol import atomic_dir, atomic_write
 from server.errors import ServerInputError
 
 __all__ = ["Checkpoint", "load_latest", "save_checkpoint"]
@@ -52,21 +51,6 @@ class Checkpoint:
     path: Path | None = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically and point ``LATEST`` at it; keep the last two.
 
@@ -78,23 +62,14 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
     """
     from safetensors.numpy import save
 
-    directory.mkdir(parents=True, exist_ok=True)
     name = f"round-{ckpt.round:04d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
-    tensors = {k: np.ascontiguousarray(v) for k, v in ckpt.adapter.items()}
-    _write_synced(tmp / "global.safetensors", save(tensors))
-    state = {"round": ckpt.round, **ckpt.state}
-    _write_synced(tmp / "state.json", json.dumps(state, indent=1, sort_keys=True).encode())
-    _fsync_dir(tmp)
     final = directory / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
-    latest_tmp = directory / f".{_LATEST}.tmp"
-    _write_synced(latest_tmp, name.encode())
-    os.replace(latest_tmp, directory / _LATEST)
-    _fsync_dir(directory)
+    tensors = {k: np.ascontiguousarray(v) for k, v in ckpt.adapter.items()}
+    state = {"round": ckpt.round, **ckpt.state}
+    with atomic_dir(final, replace=True) as tmp:
+        (tmp / "global.safetensors").write_bytes(save(tensors))
+        (tmp / "state.json").write_bytes(json.dumps(state, indent=1, sort_keys=True).encode())
+    atomic_write(directory / _LATEST, name.encode())
     for old in sorted(directory.glob("round-*"))[:-_KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpointed round %d to %s", ckpt.round, final)

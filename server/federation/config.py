@@ -1,25 +1,26 @@
-"""The server's federation settings, parsed once from the Flower run config.
+"""The server's federation settings: its view of the run's ``protocol.RunConfig``.
 
-Keys are those of ``[tool.flwr.app.config]`` in ``pyproject.toml`` (kebab-case); any
-key may be overridden with ``flwr run --run-config`` or by ``simulation.federated``.
-Unknown keys are ignored here (the ``ClientApp`` reads its own).
+Keys and defaults are ``protocol.RunConfig``'s (kebab-case in Flower's run config, from
+``[tool.flwr.app.config]``, overridden with ``flwr run --run-config`` or by
+``simulation.federated``). The keys only the phones use are not kept here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol import Aggregation, ClientSampling, DpMode, RunConfig, RunConfigError
 from server.errors import ServerInputError
 
 __all__ = ["AGGREGATIONS", "CLIENT_SAMPLINGS", "DP_MODES", "FederationConfig"]
 
-AGGREGATIONS = ("fedavg", "ffa")
-CLIENT_SAMPLINGS = ("balanced", "uniform")
-DP_MODES = ("none", "record", "user")
+AGGREGATIONS = tuple(a.value for a in Aggregation)
+CLIENT_SAMPLINGS = tuple(c.value for c in ClientSampling)
+DP_MODES = tuple(d.value for d in DpMode)
+_RUN = RunConfig()  # the one set of defaults
 
 
 @dataclass(frozen=True)
@@ -48,48 +49,36 @@ class FederationConfig:
             (independently each round); user-level DP always samples Poisson.
     """
 
-    num_rounds: int = 3
-    clients_per_round: int = 3
-    min_clients: int = 2
-    aggregation: str = "ffa"
-    dp_mode: str = "record"
-    target_epsilon: float = 8.0
-    delta: float = 1e-5
-    user_clip: float = 1.0
-    user_noise_multiplier: float = 0.0
-    max_update_norm: float = 100.0
-    num_nodes: int = 0
-    round_timeout_s: float = 600.0
-    connect_timeout_s: float = 120.0
-    seed: int = 0
+    num_rounds: int = _RUN.num_server_rounds
+    clients_per_round: int = _RUN.clients_per_round
+    min_clients: int = _RUN.min_clients
+    aggregation: str = _RUN.resolved_aggregation
+    dp_mode: str = _RUN.dp_mode
+    target_epsilon: float = _RUN.target_epsilon
+    delta: float = _RUN.delta
+    user_clip: float = _RUN.user_clip
+    user_noise_multiplier: float = _RUN.user_noise_multiplier
+    max_update_norm: float = _RUN.max_update_norm
+    num_nodes: int = _RUN.num_nodes
+    round_timeout_s: float = _RUN.round_timeout_s
+    connect_timeout_s: float = _RUN.connect_timeout_s
+    seed: int = _RUN.seed
     checkpoint_dir: Path | None = None
-    eval_max_clients: int = 0
-    client_sampling: str = "balanced"
+    eval_max_clients: int = _RUN.eval_max_clients
+    client_sampling: str = _RUN.client_sampling
 
     def __post_init__(self) -> None:
         problems = []
-        if self.num_rounds < 1:
-            problems.append(f"num-server-rounds={self.num_rounds} (need ≥ 1)")
-        if self.clients_per_round < 1:
-            problems.append(f"clients-per-round={self.clients_per_round} (need ≥ 1)")
-        if self.min_clients < 0:
-            problems.append(f"min-clients={self.min_clients} (need ≥ 0)")
         if self.aggregation not in AGGREGATIONS:
             problems.append(f"aggregation={self.aggregation!r} (need one of {AGGREGATIONS})")
         if self.dp_mode not in DP_MODES:
             problems.append(f"dp-mode={self.dp_mode!r} (need one of {DP_MODES})")
-        if self.dp_mode != "none" and not (
-            self.target_epsilon > 0 and math.isfinite(self.target_epsilon)
-        ):
-            problems.append(f"target-epsilon={self.target_epsilon} (need a finite ε > 0)")
-        if not 0 < self.delta < 1:
-            problems.append(f"delta={self.delta} (need 0 < δ < 1)")
         if self.client_sampling not in CLIENT_SAMPLINGS:
             problems.append(
                 f"client-sampling={self.client_sampling!r} (need one of {CLIENT_SAMPLINGS})"
             )
-        if self.user_clip <= 0:
-            problems.append(f"user-clip={self.user_clip} (need > 0)")
+        if not problems:
+            problems = self.run_config().problems()
         if problems:
             raise ServerInputError(
                 "invalid federation config: "
@@ -97,43 +86,66 @@ class FederationConfig:
                 + ". Fix [tool.flwr.app.config] or the --run-config override."
             )
 
+    def run_config(self) -> RunConfig:
+        """These settings as the run's ``RunConfig`` (phone-only keys at their defaults)."""
+        return RunConfig(
+            num_server_rounds=self.num_rounds,
+            clients_per_round=self.clients_per_round,
+            min_clients=self.min_clients,
+            aggregation=Aggregation(self.aggregation),
+            dp_mode=DpMode(self.dp_mode),
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
+            user_clip=self.user_clip,
+            user_noise_multiplier=self.user_noise_multiplier,
+            max_update_norm=self.max_update_norm,
+            num_nodes=self.num_nodes,
+            round_timeout_s=self.round_timeout_s,
+            connect_timeout_s=self.connect_timeout_s,
+            seed=self.seed,
+            checkpoint_dir=str(self.checkpoint_dir or ""),
+            eval_max_clients=self.eval_max_clients,
+            client_sampling=ClientSampling(self.client_sampling),
+        )
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
         """Parse the Flower run config (kebab-case keys) into a config.
 
         Raises:
-            ServerInputError: a value has the wrong type or is out of range.
+            ServerInputError: a key is unknown, or a value has the wrong type or range.
         """
+        try:
+            run = RunConfig.from_flower(run_config)
+        except RunConfigError as e:
+            raise ServerInputError(f"run config {e}") from e
+        return cls.from_run(run)
 
-        def get(key: str, default: Any, kind: type) -> Any:
-            raw = run_config.get(key, default)
-            try:
-                return kind(raw)
-            except (TypeError, ValueError) as e:
-                raise ServerInputError(
-                    f"run config {key}={raw!r} is not a valid {kind.__name__}"
-                ) from e
+    @classmethod
+    def from_run(cls, run: RunConfig) -> FederationConfig:
+        """The server's view of ``run``.
 
-        d = cls()
-        ckpt = str(run_config.get("checkpoint-dir", "") or "")
+        Raises:
+            ServerInputError: a value is out of range.
+        """
         return cls(
-            num_rounds=get("num-server-rounds", d.num_rounds, int),
-            clients_per_round=get("clients-per-round", d.clients_per_round, int),
-            min_clients=get("min-clients", d.min_clients, int),
-            aggregation=get("aggregation", d.aggregation, str),
-            dp_mode=get("dp-mode", d.dp_mode, str),
-            target_epsilon=get("target-epsilon", d.target_epsilon, float),
-            delta=get("delta", d.delta, float),
-            user_clip=get("user-clip", d.user_clip, float),
-            user_noise_multiplier=get("user-noise-multiplier", d.user_noise_multiplier, float),
-            max_update_norm=get("max-update-norm", d.max_update_norm, float),
-            num_nodes=get("num-nodes", d.num_nodes, int),
-            round_timeout_s=get("round-timeout-s", d.round_timeout_s, float),
-            connect_timeout_s=get("connect-timeout-s", d.connect_timeout_s, float),
-            seed=get("seed", d.seed, int),
-            checkpoint_dir=Path(ckpt) if ckpt else None,
-            eval_max_clients=get("eval-max-clients", d.eval_max_clients, int),
-            client_sampling=get("client-sampling", d.client_sampling, str),
+            num_rounds=run.num_server_rounds,
+            clients_per_round=run.clients_per_round,
+            min_clients=run.min_clients,
+            aggregation=run.resolved_aggregation,
+            dp_mode=run.dp_mode,
+            target_epsilon=run.target_epsilon,
+            delta=run.delta,
+            user_clip=run.user_clip,
+            user_noise_multiplier=run.user_noise_multiplier,
+            max_update_norm=run.max_update_norm,
+            num_nodes=run.num_nodes,
+            round_timeout_s=run.round_timeout_s,
+            connect_timeout_s=run.connect_timeout_s,
+            seed=run.seed,
+            checkpoint_dir=Path(run.checkpoint_dir) if run.checkpoint_dir else None,
+            eval_max_clients=run.eval_max_clients,
+            client_sampling=run.client_sampling,
         )
 
     def fingerprint(self) -> dict[str, Any]:

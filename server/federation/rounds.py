@@ -24,10 +24,10 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from protocol.records import ARRAYS, CONFIG, STATUS, arrays_to_numpy, numpy_to_arrays
 from server.errors import ServerError, ServerInputError
 from server.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from server.federation.config import FederationConfig
-from server.federation.records import ARRAYS, CONFIG, STATUS, arrays_to_numpy, numpy_to_arrays
 from server.federation.strategy import Population
 
 __all__ = ["RoundCallback", "RoundResult", "discover", "run_federation"]

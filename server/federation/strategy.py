@@ -27,13 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.federation.aggregate import (
-    Contribution,
-    add_delta,
-    fedavg_delta,
-    subtract,
-)
-from server.federation.records import (
+from protocol.records import (
     ARRAYS,
     CONFIG,
     TrainReply,
@@ -41,6 +35,12 @@ from server.federation.records import (
     decode_eval_reply,
     decode_train_reply,
     numpy_to_arrays,
+)
+from server.federation.aggregate import (
+    Contribution,
+    add_delta,
+    fedavg_delta,
+    subtract,
 )
 
 __all__ = ["SAMPLINGS", "LoraStrategy", "Population"]

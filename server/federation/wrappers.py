@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from protocol.records import TrainReply, decode_train_reply, numpy_to_arrays
 from server.federation.accountant import UserLevelAccountant, calibrate_noise_multiplier
 from server.federation.aggregate import (
     add_delta,
@@ -34,7 +35,6 @@ from server.federation.aggregate import (
     structure_error,
     subtract,
 )
-from server.federation.records import TrainReply, decode_train_reply, numpy_to_arrays
 from server.federation.strategy import Population
 
 __all__ = ["CentralDP", "UpdateValidation"]

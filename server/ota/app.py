@@ -106,8 +106,9 @@ def freeze_startup_heap() -> None:
     """Exempt everything alive now (modules, the app, its routes and schemas) from the
     garbage collector.
 
-    A full collection over those ~10^5 long-lived objects takes tens of milliseconds,
-    a stall every request in flight waits out (it shows in the p99 of update checks).
+    A full collection over those long-lived objects stalls every request in flight
+    (it shows in the p99 of update checks; measured in
+    docs/adr/0009-update-check-hot-path.md, "Context").
     Call it once per server process, after the app is built; not in a process that
     builds many apps (tests), where frozen apps would never be freed.
     """

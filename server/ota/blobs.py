@@ -1,18 +1,18 @@
 """Content-addressed blob storage for bundles (immutable once written).
 
 A blob's name is the SHA-256 of its bytes, so a URL that names a blob can never serve
-other bytes. Writes are crash-safe: temp file, fsync, rename, fsync the directory.
+other bytes. Writes are crash-safe (``protocol.files.atomic_file``): bytes that do not
+hash to the name never become the blob.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from protocol import atomic_file
 from server.ota.errors import PayloadTooLargeError, RequestError
 
 _CHUNK_BYTES = 256 * 1024
@@ -37,7 +37,6 @@ class FileBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "sha256").mkdir(parents=True, exist_ok=True)
-        (root / "tmp").mkdir(parents=True, exist_ok=True)
 
     def path_of(self, sha256: str) -> Path:
         """The file holding a blob."""
@@ -65,33 +64,23 @@ class FileBlobStore:
         """
         digest = hashlib.sha256()
         length = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                async for chunk in chunks:
-                    length += len(chunk)
-                    if length > max_bytes:
-                        raise PayloadTooLargeError(
-                            f"blob is larger than the {max_bytes}-byte limit; "
-                            "raise FEDOTA_OTA_MAX_BLOB_BYTES if this is intended"
-                        )
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+        with atomic_file(self.path_of(expected_sha256)) as tmp, tmp.open("wb") as out:
+            async for chunk in chunks:
+                length += len(chunk)
+                if length > max_bytes:
+                    raise PayloadTooLargeError(
+                        f"blob is larger than the {max_bytes}-byte limit; "
+                        "raise FEDOTA_OTA_MAX_BLOB_BYTES if this is intended"
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
             if digest.hexdigest() != expected_sha256:
                 raise RequestError(
                     f"uploaded bytes hash to sha256 {digest.hexdigest()}, "
                     f"not {expected_sha256} as the URL says; upload the file again"
                 )
-            final = self.path_of(expected_sha256)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
-            return length
-        finally:
-            tmp.unlink(missing_ok=True)
+        return length
 
     def iter_range(self, sha256: str, start: int, end_inclusive: int) -> Iterator[bytes]:
         """Yield the bytes ``start..end_inclusive`` of a blob in bounded chunks."""
@@ -104,14 +93,6 @@ class FileBlobStore:
                     return
                 remaining -= len(chunk)
                 yield chunk
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def hash_file(path: Path, algorithms: list[str]) -> dict[str, str]:

@@ -14,15 +14,27 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+from protocol import ReleaseKind
 from server.ota.errors import ReleaseRejectedError
 
 FORMAT_VERSION = 1
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 TARGET_PATH_RE = re.compile(r"^adapters/(\d{1,9})/([A-Za-z0-9][A-Za-z0-9._-]{0,199})$")
 MAX_COMPATIBLE_BASES = 64  # as delta_packager's manifest parser
-ROLLOUT_STATES = ("active", "paused", "cancelled")
+
+
+class RolloutState(StrEnum):
+    """Where a rollout stands (stored as text in ``rollouts.state``)."""
+
+    ACTIVE = "active"  # offering its release to the devices of its stages so far
+    PAUSED = "paused"  # by an operator or the failure threshold; offers nothing
+    CANCELLED = "cancelled"  # final; devices keep what they installed
+
+
+ROLLOUT_STATES = tuple(RolloutState)
 BUCKETS = 10_000  # bucket resolution: 0.01 percent
 
 
@@ -102,7 +114,7 @@ def parse_bundle_target(
             f"target {path} is under adapters/{match.group(1)}/ but its to_version is {to_version}"
         )
     from_raw = meta.get("from_version")
-    if kind == "full":
+    if kind == ReleaseKind.FULL:
         if from_raw is not None:
             raise ReleaseRejectedError(f"full bundle {path} must have from_version null")
         from_version = None
@@ -260,5 +272,5 @@ def select_target(
         for target in usable:
             if target.kind == "delta" and target.from_version == installed:
                 return target
-    fulls = [t for t in usable if t.kind == "full"]
+    fulls = [t for t in usable if t.kind == ReleaseKind.FULL]
     return fulls[0] if fulls else None

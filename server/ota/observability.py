@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.ota.domain import RolloutState
 from server.ota.errors import PayloadTooLargeError
 
 logger = logging.getLogger("server.ota.access")
@@ -83,8 +84,8 @@ class RolloutStateCollector(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily("fedota_rollouts", "Rollouts by state.", labels=["state"])
         counts = self._count()
-        for state in ("active", "paused", "cancelled"):
-            family.add_metric([state], counts.get(state, 0))
+        for state in RolloutState:
+            family.add_metric([state.value], counts.get(state.value, 0))
         yield family
 
 

@@ -25,8 +25,16 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from protocol import EventType, ReleaseKind
 from server.ota.database import Database
-from server.ota.domain import RolloutSpec, RolloutView, StageStats, bucket_of, stage_of
+from server.ota.domain import (
+    RolloutSpec,
+    RolloutState,
+    RolloutView,
+    StageStats,
+    bucket_of,
+    stage_of,
+)
 from server.ota.errors import ConflictError, NotFoundError, RequestError
 from server.ota.models import (
     ReleaseRow,
@@ -58,7 +66,7 @@ def create_rollout(db: Database, spec: RolloutSpec) -> RolloutView:
     with db.write() as session:
         db.serialize(session, _PG_ROLLOUT_LOCK)  # one creator at a time: versions only rise
         targets = current_targets(session, spec.base_fingerprint, spec.to_version)
-        if not any(t.kind == "full" for t in targets):
+        if not any(t.kind == ReleaseKind.FULL for t in targets):
             raise ConflictError(
                 f"the current release has no full bundle of v{spec.to_version} for base "
                 f"{spec.base_fingerprint}; publish one first"
@@ -67,7 +75,7 @@ def create_rollout(db: Database, spec: RolloutSpec) -> RolloutView:
         newest = session.scalar(
             select(func.max(RolloutRow.to_version)).where(
                 RolloutRow.base_fingerprint.in_(reached),
-                RolloutRow.state != "cancelled",
+                RolloutRow.state != RolloutState.CANCELLED,
             )
         )
         if newest is not None and spec.to_version <= newest:
@@ -84,7 +92,7 @@ def create_rollout(db: Database, spec: RolloutSpec) -> RolloutView:
             max_failure_rate=spec.max_failure_rate,
             min_reports=spec.min_reports,
             stage_index=0,
-            state="active",
+            state=RolloutState.ACTIVE,
             pause_reason=None,
             created_at=now,
             updated_at=now,
@@ -125,10 +133,10 @@ def pause_rollout(db: Database, rollout_id: int) -> RolloutView:
     """
     with db.write() as session:
         row = _locked(session, rollout_id)
-        if row.state == "cancelled":
+        if row.state == RolloutState.CANCELLED:
             raise ConflictError(f"rollout {rollout_id} was cancelled; create a new one")
-        if row.state == "active":
-            row.state, row.pause_reason, row.updated_at = "paused", "operator", utcnow()
+        if row.state == RolloutState.ACTIVE:
+            row.state, row.pause_reason, row.updated_at = RolloutState.PAUSED, "operator", utcnow()
             _event(session, row, "pause", "operator")
         return _view(session, row)
 
@@ -142,12 +150,12 @@ def resume_rollout(db: Database, rollout_id: int) -> RolloutView:
     """
     with db.write() as session:
         row = _locked(session, rollout_id)
-        if row.state == "cancelled":
+        if row.state == RolloutState.CANCELLED:
             raise ConflictError(f"rollout {rollout_id} was cancelled; create a new one")
-        if row.state == "paused":
+        if row.state == RolloutState.PAUSED:
             if row.pause_reason == "threshold" and row.stage_index + 1 < len(row.stages):
                 row.stage_index += 1
-            row.state, row.pause_reason, row.updated_at = "active", None, utcnow()
+            row.state, row.pause_reason, row.updated_at = RolloutState.ACTIVE, None, utcnow()
             _event(session, row, "resume")
         return _view(session, row)
 
@@ -161,7 +169,7 @@ def advance_rollout(db: Database, rollout_id: int) -> RolloutView:
     """
     with db.write() as session:
         row = _locked(session, rollout_id)
-        if row.state != "active" or row.stage_index + 1 >= len(row.stages):
+        if row.state != RolloutState.ACTIVE or row.stage_index + 1 >= len(row.stages):
             raise ConflictError(
                 f"rollout {rollout_id} is {row.state} at its stage "
                 f"{row.stage_index + 1}/{len(row.stages)}; cannot advance"
@@ -180,8 +188,8 @@ def cancel_rollout(db: Database, rollout_id: int) -> RolloutView:
     """
     with db.write() as session:
         row = _locked(session, rollout_id)
-        if row.state != "cancelled":
-            row.state, row.updated_at = "cancelled", utcnow()
+        if row.state != RolloutState.CANCELLED:
+            row.state, row.updated_at = RolloutState.CANCELLED, utcnow()
             _event(session, row, "cancel")
         return _view(session, row)
 
@@ -241,7 +249,7 @@ def _view(session: Session, row: RolloutRow) -> RolloutView:
         stage_stats=tuple(
             StageStats(
                 percent=percent,
-                installed=counts.get((i, "installed"), 0),
+                installed=counts.get((i, EventType.INSTALLED), 0),
                 failed=counts.get((i, "failed"), 0),
             )
             for i, percent in enumerate(row.stages)
@@ -273,7 +281,7 @@ def assigned_version(session: Session, device_id: str, base_fingerprint: str) ->
     """The version the newest active rollout covering this device moves it to."""
     rows = session.execute(
         select(RolloutRow.to_version, RolloutRow.salt, RolloutRow.stages, RolloutRow.stage_index)
-        .where(reaches(base_fingerprint), RolloutRow.state == "active")
+        .where(reaches(base_fingerprint), RolloutRow.state == RolloutState.ACTIVE)
         .order_by(RolloutRow.to_version.desc())
     )
     return assigned_in(rows, device_id)
@@ -297,7 +305,7 @@ def record_outcome(
         select(RolloutRow.id).where(
             reaches(base_fingerprint),
             RolloutRow.to_version == version,
-            RolloutRow.state != "cancelled",
+            RolloutRow.state != RolloutState.CANCELLED,
         )
     ).all()
     for rollout_id in ids:
@@ -325,16 +333,16 @@ def record_outcome(
 
 
 def _evaluate(session: Session, row: RolloutRow) -> None:
-    if row.state != "active":
+    if row.state != RolloutState.ACTIVE:
         return
     counts = _stage_counts(session, row.id)
     failed = counts.get((row.stage_index, "failed"), 0)
-    total = failed + counts.get((row.stage_index, "installed"), 0)
+    total = failed + counts.get((row.stage_index, EventType.INSTALLED), 0)
     if total < row.min_reports:
         return
     rate = failed / total
     if rate > row.max_failure_rate:
-        row.state, row.pause_reason, row.updated_at = "paused", "threshold", utcnow()
+        row.state, row.pause_reason, row.updated_at = RolloutState.PAUSED, "threshold", utcnow()
         _event(
             session,
             row,

@@ -6,15 +6,15 @@ the edge and never reach the database as values it cannot store.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol import EventType, ReleaseKind
 from server.ota.domain import (
     BundleTarget,
     DeviceCapabilities,
     DeviceReport,
     RolloutSpec,
+    RolloutState,
     RolloutView,
     TelemetryEvent,
 )
@@ -74,7 +74,7 @@ class TargetOut(BaseModel):
     url: str = Field(description="Relative URL of the immutable, content-addressed bundle.")
     length: int
     hashes: dict[str, str]
-    kind: Literal["full", "delta"]
+    kind: ReleaseKind
     from_version: int | None
     to_version: int
     base_fingerprint: str
@@ -93,7 +93,7 @@ class TargetOut(BaseModel):
             url=f"/tuf/targets/{target.url_path}",
             length=target.length,
             hashes=target.hashes,
-            kind="full" if target.kind == "full" else "delta",
+            kind=ReleaseKind(target.kind),
             from_version=target.from_version,
             to_version=target.to_version,
             base_fingerprint=target.base_fingerprint,
@@ -119,7 +119,7 @@ class AssignmentOut(BaseModel):
 class TelemetryIn(_In):
     event_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     seq: int = Field(ge=0, le=MAX_SEQ)
-    type: Literal["installed", "failed", "retry"]
+    type: EventType
     version: int = Field(ge=1, le=MAX_VERSION)
     installed_version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
     detail: str = Field(default="", max_length=500, pattern=TEXT_PATTERN)
@@ -168,7 +168,7 @@ class RolloutOut(BaseModel):
     to_version: int
     stages: list[int]
     stage_index: int
-    state: Literal["active", "paused", "cancelled"]
+    state: RolloutState
     pause_reason: str | None
     max_failure_rate: float
     min_reports: int

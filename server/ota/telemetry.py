@@ -20,6 +20,7 @@ from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from protocol import EventType
 from server.ota.database import Database
 from server.ota.domain import TelemetryEvent
 from server.ota.errors import NotFoundError
@@ -27,7 +28,7 @@ from server.ota.models import DeviceRow, DeviceVersionRow, TelemetryEventRow, ut
 from server.ota.rollouts import record_outcome
 
 logger = logging.getLogger(__name__)
-EVENT_TYPES = ("installed", "failed", "retry")
+EVENT_TYPES = tuple(EventType)
 
 
 def record_event(db: Database, device_id: str, event: TelemetryEvent) -> bool:
@@ -68,7 +69,7 @@ def record_event(db: Database, device_id: str, event: TelemetryEvent) -> bool:
             device.installed_version = event.installed_version
         if event.type == "retry":  # not the release's fault: no failure, no rollout count
             return True
-        status = "installed" if event.type == "installed" else "failed"
+        status = "installed" if event.type == EventType.INSTALLED else "failed"
         row = session.get(DeviceVersionRow, (device_id, event.version))
         if row is None:
             session.add(

@@ -25,8 +25,7 @@ from tuf.api.exceptions import RepositoryError, UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
-from delta_packager import trust
-from delta_packager.errors import PackagerError
+from delta_packager import PackagerError, trust
 from server.ota.database import Database
 from server.ota.errors import ConflictError, NotFoundError, OtaConfigError, ReleaseRejectedError
 from server.ota.models import TufMetadataRow, as_utc

@@ -39,7 +39,7 @@ from sqlalchemy.engine import Connection
 
 from server.ota.database import Database
 from server.ota.devices import apply_report, check_device_row, hash_token, report_from_columns
-from server.ota.domain import BundleTarget, DeviceReport, select_target
+from server.ota.domain import BundleTarget, DeviceReport, RolloutState, select_target
 from server.ota.models import (
     DeviceRow,
     DeviceVersionRow,
@@ -81,7 +81,7 @@ _ACTIVE_ROLLOUTS = (
         RolloutRow.stages,
         RolloutRow.stage_index,
     )
-    .where(RolloutRow.state == "active")
+    .where(RolloutRow.state == RolloutState.ACTIVE)
     .order_by(RolloutRow.to_version.desc())
 )
 _CURRENT_TARGETS = select(TargetRow).where(
