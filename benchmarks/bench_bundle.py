@@ -46,10 +46,14 @@ from typing import Any
 
 import numpy as np
 
-from delta_packager.apply import apply_bundle
-from delta_packager.format import parse_bundle
-from delta_packager.manifest import AdapterConfig
-from delta_packager.package import PackagePolicy, PackagerState, package_version
+from delta_packager import (
+    AdapterConfig,
+    PackagePolicy,
+    PackagerState,
+    apply_bundle,
+    package_version,
+    parse_bundle,
+)
 
 FP = "sha256:" + "0" * 64
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -92,7 +92,7 @@ QUICK_SHAPE = Shape(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, interme
 
 def preset_shape(name: str) -> Shape:
     """The architecture of a ``simulation.base_model`` preset (weights are random here)."""
-    from simulation.base_model import PRESETS
+    from simulation import PRESETS
 
     p = PRESETS[name]
     return Shape(p.vocab_size, p.hidden_size, p.num_layers, p.num_heads, p.num_kv_heads,
@@ -158,7 +158,7 @@ def check_equal_work(base: Path, texts: list[str], seq_len: int) -> int:
     """Tokens per block row; raises when plain and DP training would cut different blocks."""
     from transformers import AutoTokenizer
 
-    from client.train.data import pack_texts
+    from client.train import pack_texts
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     packed = pack_texts(tokenizer, texts, seq_len).trimmed()
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(summary: dict[str, Any]) -> str:
-    """The side-by-side table the README quotes."""
+    """The side-by-side table docs/benchmarks.md quotes ("On-device training step")."""
     lines = [
         f"{'config':<14}{'cpu s/step':>11}{'wall s/step':>12}{'weights MiB':>13}"
         f"{'train RSS MiB':>15}{'est. MiB':>10}"

@@ -39,7 +39,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.conftest import make_device_venv  # noqa: E402  (as the tests build it)
+from tests.repo_helpers import make_device_venv  # noqa: E402  (as the tests build it)
 
 DEVICE_PATH = ("client.update", "client.runtime.llamacpp", "llama_cpp")
 FULL_PATH = ("client.runtime.runtime", "torch", "transformers", "bitsandbytes", "peft")

@@ -116,7 +116,7 @@ def _adapter(nf4_dir: Path, rank: int, seed: int) -> dict[str, Any]:
 def _ensure_gguf(root: Path, quant: str, source: str = "nf4") -> Path:
     """The GGUF export of the base at ``root`` (by default from its NF4 weights, ADR
     0011; ``float``: from the float checkpoint), made once."""
-    from client.runtime.gguf_export import export_gguf
+    from client.runtime import export_gguf
 
     path = root / f"gguf-{quant}{'' if source == 'nf4' else '-from-' + source}.gguf"
     if not path.is_file():
@@ -144,9 +144,9 @@ def _speed(rt: Any, prompts: list[str], new_tokens: int) -> dict[str, Any]:
 
 
 def _adapter_times(rt: Any, nf4_dir: Path) -> dict[str, float]:
-    from client.runtime import AdapterSpec
+    from protocol import LoraShape
 
-    spec = AdapterSpec(rank=8, alpha=16.0)
+    spec = LoraShape(rank=8, alpha=16.0)
     one, two = _adapter(nf4_dir, 8, 1), _adapter(nf4_dir, 8, 2)
     apply_s = [rt.set_adapter(one, spec, version=1), rt.set_adapter(two, spec, version=2)]
     swap_s = [rt.set_adapter(state, spec) for state in (one, two, one, two, one)]
@@ -161,21 +161,21 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "nf4":
         import torch
 
-        from client.runtime.runtime import QuantizedRuntime, _warm_up_libraries
+        from client.runtime import QuantizedRuntime, warm_up_libraries
 
         torch.set_num_threads(args.threads)
-        _warm_up_libraries()
+        warm_up_libraries()
         rt: Any = QuantizedRuntime(model)
     else:
-        from client.runtime.llamacpp import LlamaCppRuntime
+        from client.runtime import LlamaCppRuntime
 
         rt = LlamaCppRuntime(model, threads=args.threads)
     if args.loss:
-        from client.runtime import AdapterSpec
+        from protocol import LoraShape
 
         texts = _heldout()
         base = rt.evaluate(texts).loss
-        rt.set_adapter(_adapter(nf4_dir, 8, 1), AdapterSpec(rank=8, alpha=16.0))
+        rt.set_adapter(_adapter(nf4_dir, 8, 1), LoraShape(rank=8, alpha=16.0))
         return {"loss_base": base, "loss_adapter": rt.evaluate(texts).loss}
     out = _speed(rt, prompts, args.new_tokens)
     out.update(_adapter_times(rt, nf4_dir))

@@ -35,8 +35,8 @@ from typing import Any
 
 import httpx
 
+from client.update import Retrier, RetryPolicy
 from client.update.download import download
-from client.update.transport import Retrier, RetryPolicy
 
 CHUNK_BYTES = 64 * 1024  # httpx's largest single network read
 

@@ -152,7 +152,7 @@ def trainer_rows(base: Path, plan: Plan, seed: int) -> dict[str, dict[str, Any]]
 def federated_row(
     name: str, base: Path, out: Path, plan: Plan, seed: int, **kw: Any
 ) -> dict[str, Any]:
-    from simulation.federated import FederatedConfig, run_federated
+    from simulation import FederatedConfig, run_federated
 
     cfg = FederatedConfig(
         out_dir=out / name,
@@ -162,7 +162,7 @@ def federated_row(
         **{"rounds": plan.rounds, **kw},
     )
     t0 = time.monotonic()
-    summary = run_federated(cfg).data
+    summary = run_federated(cfg).data.to_dict()
     final, rounds = summary["final"], summary["rounds"]
     trained = [r for r in rounds if r["clients_trained"]]
     return {
@@ -236,7 +236,7 @@ def _base_model(args: argparse.Namespace, tmp: Path, seed: int) -> Path:
     if args.base_model:
         return Path(args.base_model)
     if args.quick:
-        from simulation.base_model import BasePreset, init_base_model
+        from simulation import BasePreset, init_base_model
         from simulation.data import generate_public_texts
 
         preset = BasePreset("micro", 512, 64, 2, 4, 2, 128, 32, 30, 8, 3e-3)
@@ -245,7 +245,7 @@ def _base_model(args: argparse.Namespace, tmp: Path, seed: int) -> Path:
                 tmp / "micro", public_texts=generate_public_texts(600, 0), preset=preset, seed=0
             )
         return tmp / "micro"
-    from simulation.base_model import ensure_base_model
+    from simulation import ensure_base_model
 
     return ensure_base_model(Path.home() / ".cache" / "fedota", preset="tiny", seed=seed)
 

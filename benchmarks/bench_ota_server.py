@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "server" / "ota"))  # pg_cluster: the tests' helper
+sys.path.insert(0, str(ROOT))  # tests.server.ota.pg_cluster: the tests' helper
 
 ROLE_KEY = "bench-role-key-0123456789"
 FP = "sha256:" + "c" * 64
@@ -59,7 +59,7 @@ def bench_app() -> Any:
 
     Built as :func:`server.ota.app.app_from_env` builds each production worker's app.
     """
-    from server.ota.app import create_app, freeze_startup_heap
+    from server.ota import create_app, freeze_startup_heap
 
     app = create_app()
 
@@ -137,9 +137,7 @@ def _seed(url: str, base: str, signer: Any, devices: int) -> tuple[list[tuple[st
     import httpx
     from sqlalchemy import insert
 
-    from server.ota.database import Database, make_engine
-    from server.ota.devices import hash_token
-    from server.ota.models import DeviceRow
+    from server.ota import Database, DeviceRow, hash_token, make_engine
 
     full = os.urandom(8 * 2**20)
     delta = os.urandom(64 * 1024)
@@ -368,7 +366,7 @@ def _loadgen(
 
 
 def run_one(kind: str, url: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from server.ota.database import make_engine, upgrade
+    from server.ota import make_engine, upgrade
 
     engine = make_engine(url)
     upgrade(engine)
@@ -411,7 +409,7 @@ def run_one(kind: str, url: str, work: Path, args: argparse.Namespace) -> dict[s
         cwd=ROOT,
     )
     try:
-        from server.ota.remote import wait_until_ready
+        from server.ota import wait_until_ready
 
         base_url = f"http://127.0.0.1:{port}"
         if not wait_until_ready(base_url, timeout_s=60, alive=lambda: server.poll() is None):
@@ -466,7 +464,7 @@ def _targets_met(result: dict[str, Any]) -> dict[str, bool]:
 
 
 def _summary(report: dict[str, Any]) -> str:
-    """One line per database: the figures the README quotes."""
+    """One line per database: the figures docs/benchmarks.md quotes ("Update server")."""
     lines = []
     for kind in ("sqlite", "postgres"):
         result = report.get(kind)
@@ -512,7 +510,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ota-") as tmp:
         work = Path(tmp)
         report["sqlite"] = run_one("sqlite", f"sqlite:///{work / 'ota.db'}", work, args)
-        from pg_cluster import find_pg_bin, running_cluster
+        from tests.server.ota.pg_cluster import find_pg_bin, running_cluster
 
         if find_pg_bin() is None:
             report["postgres"] = (

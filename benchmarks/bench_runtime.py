@@ -76,17 +76,16 @@ def _ensure_qwen_shape(cache: Path) -> Path:
 
 
 def _tiny_base(cache: Path) -> Path:
-    from simulation.base_model import ensure_base_model
+    from simulation import ensure_base_model
 
     return ensure_base_model(cache, preset="tiny", seed=0)
 
 
 # ---------------------------------------------------------------- worker processes
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
-    from client.runtime.memory import MemoryMeter
-    from client.runtime.runtime import _warm_up_libraries
+    from client.runtime import MemoryMeter, warm_up_libraries
 
-    _warm_up_libraries()
+    warm_up_libraries()
     prompts = _prompts(args.prompts, args.max_words)
     if args.mode == "naive":
         return _naive(Path(args.model), prompts, args.new_tokens, MemoryMeter.start())
@@ -97,8 +96,7 @@ def _naive(model_dir: Path, prompts: list[str], new_tokens: int, meter: Any) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from client.runtime import nf4_config
-    from client.runtime.memory import release_free_memory
+    from client.runtime import nf4_config, release_free_memory
 
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=nf4_config(), device_map="cpu"
@@ -127,7 +125,8 @@ def _naive(model_dir: Path, prompts: list[str], new_tokens: int, meter: Any) -> 
 
 
 def _fedota(nf4_dir: Path, prompts: list[str], new_tokens: int, budget: int) -> dict[str, Any]:
-    from client.runtime import AdapterSpec, QuantizedRuntime
+    from client.runtime import QuantizedRuntime
+    from protocol import LoraShape
 
     rt = QuantizedRuntime(nf4_dir, budget_bytes=budget, policy="sliding-window")
     peak, violations, rates = rt.load_peak_added_bytes, 0, []
@@ -136,7 +135,7 @@ def _fedota(nf4_dir: Path, prompts: list[str], new_tokens: int, budget: int) -> 
         peak = max(peak, g.peak_added_bytes)
         violations += g.peak_added_bytes > budget
         rates.append(g.new_tokens / g.seconds)
-    spec = AdapterSpec(rank=8, alpha=16.0)
+    spec = LoraShape(rank=8, alpha=16.0)
     swap_s = [rt.set_adapter(_random_adapter(rt, spec, seed), spec) for seed in range(3)]
     t0 = time.perf_counter()
     del rt
@@ -185,8 +184,7 @@ def _run_worker(**kw: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- driver
 def _budgets_mb(nf4_dir: Path) -> list[int]:
     """Three budgets: just above the planner's minimum, +25 %, +60 %."""
-    from client.runtime import BudgetTooSmallError
-    from client.runtime.budget import footprint_from_checkpoint, plan_memory
+    from client.runtime import BudgetTooSmallError, footprint_from_checkpoint, plan_memory
 
     try:
         plan_memory(footprint_from_checkpoint(nf4_dir), 1, adapter_bytes=0)

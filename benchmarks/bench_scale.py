@@ -1,9 +1,10 @@
 """Fleet scale: wall time and peak memory of the OTA half for 100, 1,000 and 10,000 devices.
 
 Each size runs in a fresh Python process (so peak RSS is that run's own) through
-``simulation.e2e.run_fleet_demo``: the real ``fedota serve`` on 127.0.0.1 (SQLite), real
-TUF metadata and bundles, the real update agent on every device (enroll, check, TUF
-refresh, download, verify, stage, health check, commit, telemetry), the micro NF4 base.
+``simulation.ota_rollout.run_fleet_demo``: the real ``fedota serve`` on 127.0.0.1
+(SQLite), real TUF metadata and bundles, the real update agent on every device (enroll,
+check, TUF refresh, download, verify, stage, health check, commit, telemetry), the micro
+NF4 base.
 
 * ``full`` mode: every device health-checks on the shared runtime of its tier and
   evaluates its held-out text after each update (per-device inference);
@@ -50,7 +51,7 @@ DEFAULT_SIZES = ("100:full", "1000:light", "10000:light")
 
 
 def _base(cache: Path) -> Path:
-    from simulation.base_model import BasePreset, init_base_model
+    from simulation import BasePreset, init_base_model
     from simulation.data import generate_public_texts
 
     out = cache / "base-micro-bench"
@@ -68,8 +69,8 @@ def run_one(
     ``quick``: one 100% stage, two sweeps per release and no catch-up sweep (fewer
     polls per device, so the largest fleet fits in a time box).
     """
-    from simulation.e2e import run_fleet_demo
     from simulation.fleet import FaultShares, FleetConfig, RolloutPolicy
+    from simulation.ota_rollout import run_fleet_demo
 
     base = _base(cache)
     cfg = FleetConfig(

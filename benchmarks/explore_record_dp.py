@@ -48,7 +48,7 @@ from typing import Any, cast
 
 import torch
 
-from simulation.federated import FederatedConfig
+from simulation import FederatedConfig
 
 CLIENTS, PER_ROUND, SEED = 6, 3, 0
 
@@ -178,7 +178,7 @@ def activation_a(trainer: Any, seed: int, mode: str) -> None:
     The inputs are the base model's activations on public text (no private data), so
     every party can rebuild A. Rows keep the seeded init's norm (1/sqrt(3)).
     """
-    from client.train.data import pack_texts
+    from client.train import pack_texts
     from simulation.data import generate_public_texts
 
     modules = dict(trainer.model.named_modules())
@@ -224,8 +224,8 @@ def per_text_gradients(
     Yields the text's index while ``p.grad`` of every parameter holds that text's
     gradient; the model is in train mode meanwhile and the grads are cleared after.
     """
+    from client.train import pack_texts
     from client.train._loops import per_sample_loss
-    from client.train.data import pack_texts
 
     blocks = pack_texts(trainer.tokenizer, texts, DEFAULTS["seq_len"], pack=False).trimmed()
     trainer.model.train()
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    from simulation.base_model import ensure_base_model
+    from simulation import ensure_base_model
 
     base = Path(args.base_model) if args.base_model else ensure_base_model(
         Path.home() / ".cache" / "fedota", preset="tiny", seed=SEED

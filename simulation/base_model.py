@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol import atomic_dir
 from simulation.errors import SimulationInputError
 
 __all__ = [
@@ -208,15 +206,13 @@ def init_base_model(
     import torch
 
     from client.runtime import quantize_checkpoint
-    from delta_packager.fingerprint import fingerprint_checkpoint
+    from delta_packager import fingerprint_checkpoint
 
     spec = _resolve_preset(preset)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise SimulationInputError(f"{out} exists and is not empty; choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         torch.manual_seed(seed)
         tokenizer = _train_tokenizer(public_texts, spec.vocab_size)
         blocks = _token_blocks(public_texts, tokenizer, spec.seq_len)
@@ -237,12 +233,6 @@ def init_base_model(
             data=data_label,
         )
         (tmp / BASE_INFO_FILE).write_text(json.dumps(asdict(info), indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("base model %s written to %s (loss %.3f)", spec.name, out, final_loss)
     return info
 

@@ -6,9 +6,17 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from server.federation import RoundResult
+    from simulation.federated import FederatedConfig
+    from simulation.fleet import Endpoint, FleetConfig
+    from simulation.ota_rollout import RoundOta
+    from simulation.pipeline import EndToEndResult
+    from simulation.run_summary import Summary
 
 base_model_app = typer.Typer(
     help="Create, sample, export and fingerprint the base model.", no_args_is_help=True
@@ -123,7 +131,7 @@ def base_model_fingerprint(
 ) -> None:
     """Print the base fingerprint bundles are bound to (over the NF4 tensors, the
     quantization config and the tokenizer; or over a GGUF export's bytes)."""
-    from delta_packager.fingerprint import fingerprint_base
+    from delta_packager import fingerprint_base
 
     target = model / "nf4" if (model / "nf4" / "config.json").is_file() else model
     fp = fingerprint_base(target)
@@ -158,7 +166,7 @@ def base_model_export(
 ) -> None:
     """Export a base as a GGUF file for the llama.cpp device runtime: weights, tokenizer
     (checked to tokenize exactly as Hugging Face does), quantized by llama.cpp."""
-    from client.runtime.gguf_export import export_gguf
+    from client.runtime import export_gguf
     from simulation.data import read_jsonl_texts
     from simulation.errors import SimulationInputError
 
@@ -281,25 +289,12 @@ def simulate(
 ) -> None:
     """Federated LoRA fine-tuning of the NF4 base on simulated phones, each round shipped
     to a fleet through the OTA server; writes OUT/summary.json and OUT/report.md."""
-    from rich.console import Console
-
     from simulation.errors import SimulationInputError
     from simulation.federated import FederatedConfig, describe_resume
-    from simulation.pipeline import simulate_end_to_end
 
     if dp_mode not in ("record", "user"):
         raise SimulationInputError(f"--dp-mode {dp_mode!r} is not one of: record, user")
-    import logging
-
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        # Flower logs at DEBUG through its own handler; keep it out of ours (fedota -v
-        # shows everything).
-        logging.getLogger("flwr").propagate = False
-        # Flower 1.41 deprecates its Python `run_simulation` entry point in favour of
-        # `flwr run`; fedota keeps it because the OTA half hooks into the ServerApp in
-        # this process (ADR 0008). The notice is not actionable for a user of fedota.
-        logging.getLogger("flwr").addFilter(lambda record: "run_simulation" not in str(record.args))
-    console = Console(stderr=True)
+    _quiet_flower()
     cfg = FederatedConfig(
         out_dir=out,
         num_clients=clients,
@@ -345,26 +340,46 @@ def simulate(
     if not ota and (resumed := describe_resume(cfg)):  # with OTA, --resume is refused
         typer.echo(resumed, err=True)
 
-    def on_round(result: Any, ota_round: Any) -> None:
-        console.print(_round_line(result, rounds))
+    result = _simulate_with_progress(cfg, fleet, endpoint, keys)
+    if result.report is None:
+        typer.echo(f"{_training_line(result.summary.data)}; summary in {result.summary.path}")
+        return
+    _print_final_table(result.summary.data)
+    typer.echo(f"summary in {result.summary.path}; report in {result.report}")
+
+
+def _quiet_flower() -> None:
+    """Keep Flower's own logging out of ours, unless ``fedota -v`` asked for everything."""
+    import logging
+
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # Flower logs at DEBUG through its own handler.
+        logging.getLogger("flwr").propagate = False
+        # Flower 1.41 deprecates its Python `run_simulation` entry point in favour of
+        # `flwr run`; fedota keeps it because the OTA half hooks into the ServerApp in
+        # this process (ADR 0008). The notice is not actionable for a user of fedota.
+        logging.getLogger("flwr").addFilter(lambda record: "run_simulation" not in str(record.args))
+
+
+def _simulate_with_progress(
+    cfg: FederatedConfig, fleet: FleetConfig | None, endpoint: Endpoint | None, keys: Path | None
+) -> EndToEndResult:
+    """``simulate_end_to_end`` under a status line, one line per round (and its release)."""
+    from rich.console import Console
+
+    from simulation.pipeline import simulate_end_to_end
+
+    console = Console(stderr=True)
+
+    def on_round(result: RoundResult, ota_round: RoundOta | None) -> None:
+        console.print(_round_line(result, cfg.rounds))
         if ota_round is not None and ota_round.releases:
             console.print("  " + _ota_line(ota_round))
 
-    what = "federated training (Ray simulation)" + (f" → OTA fleet of {devices}" if ota else "")
+    what = "federated training (Ray simulation)"
+    what += f" → OTA fleet of {fleet.devices}" if fleet is not None else ""
     with console.status(what + "…"):
-        result = simulate_end_to_end(cfg, fleet, server=endpoint, keys_dir=keys, on_round=on_round)
-    data_ = result.summary.data
-    if result.report is None:
-        base, final, priv = data_["baseline"], data_["final"], data_["privacy"]
-        typer.echo(
-            f"accuracy {base['eval_accuracy']:.4f} → {final['eval_accuracy']:.4f}, loss "
-            f"{base['eval_loss']:.4f} → {final['eval_loss']:.4f}; privacy {priv['mode']}"
-            + (f" ε={priv['epsilon']:.3g} δ={priv['delta']:g}" if priv["epsilon"] else "")
-            + f"; summary in {result.summary.path}"
-        )
-        return
-    _print_final_table(data_)
-    typer.echo(f"summary in {result.summary.path}; report in {result.report}")
+        return simulate_end_to_end(cfg, fleet, server=endpoint, keys_dir=keys, on_round=on_round)
 
 
 def faults_default(flag: bool | None, *, data: Path | None, base_model: Path | None) -> bool:
@@ -408,13 +423,24 @@ def _fleet_config(
     faults: bool,
     seed: int,
     device_runtime: str = "mixed",
-) -> Any:
+) -> FleetConfig:
     from simulation.errors import SimulationInputError
-    from simulation.fleet import FaultShares, FleetConfig, RolloutPolicy
-    from simulation.fleet.config import DEFAULT_TIERS, auto_stages, with_device_runtime
+    from simulation.fleet import (
+        DEFAULT_TIERS,
+        FaultShares,
+        FleetConfig,
+        FleetMode,
+        RolloutPolicy,
+        auto_stages,
+        with_device_runtime,
+    )
 
-    if mode not in ("full", "light"):
-        raise SimulationInputError(f"--fleet-mode {mode!r} is not one of: full, light")
+    try:
+        fleet_mode = FleetMode(mode)
+    except ValueError:
+        raise SimulationInputError(
+            f"--fleet-mode {mode!r} is not one of: {', '.join(FleetMode)}"
+        ) from None
     try:
         percents = auto_stages(devices) if stages == "auto" else _percents(stages)
     except ValueError:
@@ -429,7 +455,7 @@ def _fleet_config(
         tiers=with_device_runtime(DEFAULT_TIERS, device_runtime),
         faults=shares,
         rollout=RolloutPolicy(percents),
-        lightweight=mode == "light",
+        lightweight=fleet_mode == FleetMode.LIGHT,
         publish_every=publish_every,
         seed=seed,
     )
@@ -439,9 +465,9 @@ def _percents(stages: str) -> tuple[int, ...]:
     return tuple(int(p) for p in stages.split(","))
 
 
-def _endpoint(url: str) -> Any:
+def _endpoint(url: str) -> Endpoint:
     from simulation.errors import SimulationInputError
-    from simulation.fleet.server import Endpoint
+    from simulation.fleet import Endpoint
 
     names = ("FEDOTA_PUBLISHER_KEY", "FEDOTA_OPERATOR_KEY", "FEDOTA_ENROLLMENT_SECRET")
     missing = [n for n in names if not os.environ.get(n)]
@@ -453,9 +479,19 @@ def _endpoint(url: str) -> Any:
     return Endpoint(url.rstrip("/"), *(os.environ[n] for n in names))
 
 
-def _round_line(result: Any, rounds: int) -> str:
-    r = getattr(result, "round", 0)
-    ev, tr = getattr(result, "evaluate", {}), getattr(result, "train", {})
+def _training_line(summary: Summary) -> str:
+    """The run's result in one line (without a fleet: there is no report)."""
+    base, final, priv = summary.baseline, summary.final, summary.privacy
+    return (
+        f"accuracy {base.eval_accuracy:.4f} → {final.eval_accuracy:.4f}, loss "
+        f"{base.eval_loss:.4f} → {final.eval_loss:.4f}; privacy {priv.mode}"
+        + (f" ε={priv.epsilon:.3g} δ={priv.delta:g}" if priv.epsilon else "")
+    )
+
+
+def _round_line(result: RoundResult, rounds: int) -> str:
+    r = result.round
+    ev, tr = result.evaluate, result.train
     eps = tr.get("user-epsilon", tr.get("record-epsilon"))
     line = (
         f"round {r}/{rounds}: eval loss {ev.get('clients-loss', float('nan')):.4f} "
@@ -471,12 +507,12 @@ def _round_line(result: Any, rounds: int) -> str:
     return line
 
 
-def _ota_line(ota_round: Any) -> str:
-    from simulation.fleet.faults import planted_release
+def _ota_line(ota_round: RoundOta) -> str:
+    from simulation.fleet import planted_release
 
     releases = ", ".join(f"v{v}" for v in ota_round.releases)
     parts = [f"released {releases}", f"bundle {ota_round.bundle_bytes:,} B"]
-    planted = getattr(ota_round, "planted", ())
+    planted = ota_round.planted
     parts += [
         f"{planted_release(v)}, auto-paused and replaced by the last good adapter" for v in planted
     ]
@@ -486,14 +522,14 @@ def _ota_line(ota_round: Any) -> str:
     return "OTA: " + "; ".join(parts)
 
 
-def _print_final_table(summary: dict[str, Any]) -> None:
+def _print_final_table(summary: Summary) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from simulation.run_report import final_table
+    from simulation.report import final_table
 
     table = Table(title="fedota simulate", show_header=False)
-    for key, value in final_table(summary):
+    for key, value in final_table(summary.to_dict()):
         table.add_row(key, value)
     Console().print(table)
 
@@ -521,8 +557,8 @@ def adapter_export(
 ) -> None:
     """Write the newest global adapter of RUN, with FFA's frozen A rebuilt, as a PEFT
     adapter directory for `fedota package --new`."""
+    from protocol import LoraShape
     from simulation.export import (
-        LoraShape,
         export_adapter,
         global_adapts_head,
         latest_global,
@@ -540,7 +576,11 @@ def adapter_export(
     if lora_head is None:  # a checkpoint dir has no summary: the tensors tell
         lora_head = global_adapts_head(global_path)
     shape = LoraShape(
-        rank, float(alpha if alpha is not None else 2 * rank), seed, bool(ffa), bool(lora_head)
+        rank=rank,
+        alpha=float(alpha if alpha is not None else 2 * rank),
+        init_seed=seed,
+        ffa=bool(ffa),
+        adapt_head=bool(lora_head),
     )
     result = export_adapter(global_path, base_model, out, shape)
     typer.echo(

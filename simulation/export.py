@@ -11,33 +11,20 @@ writes a standard PEFT adapter directory (``adapter_model.safetensors`` +
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol import Aggregation, LoraShape, atomic_dir
 from simulation.errors import SimulationInputError
 
 __all__ = [
     "ExportedAdapter",
-    "LoraShape",
     "export_adapter",
     "global_adapts_head",
     "latest_global",
     "lora_shape_of_run",
 ]
-
-
-@dataclass(frozen=True)
-class LoraShape:
-    """The LoRA settings a run trained with (must match the phones' exactly)."""
-
-    rank: int
-    alpha: float
-    init_seed: int
-    ffa: bool
-    adapt_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,11 +87,11 @@ def lora_shape_of_run(run_dir: Path) -> LoraShape:
     rank = int(config["lora_rank"])
     alpha = float(config.get("lora_alpha") or 2 * rank)  # the ClientApp's default
     return LoraShape(
-        rank,
-        alpha,
-        int(config["seed"]),
-        config["aggregation"] == "ffa",
-        bool(config.get("lora_head", False)),  # summaries before the option had no head
+        rank=rank,
+        alpha=alpha,
+        init_seed=int(config["seed"]),
+        ffa=config["aggregation"] == Aggregation.FFA,
+        adapt_head=bool(config.get("lora_head", False)),  # summaries before the option
     )
 
 
@@ -119,8 +106,7 @@ def export_adapter(
     import torch
     from safetensors.numpy import load_file, save_file
 
-    from client.train import LocalTrainer, LoraSettings
-    from client.train.errors import AdapterMismatchError
+    from client.train import AdapterMismatchError, LocalTrainer, LoraSettings
 
     out = Path(out_dir)
     if out.exists():
@@ -152,14 +138,9 @@ def export_adapter(
         "target_modules": modules,
         "fedota": {"ffa": shape.ffa, "init_seed": shape.init_seed, "head": shape.adapt_head},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    save_file({k: v.numpy() for k, v in full.items()}, str(tmp / "adapter_model.safetensors"))
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        save_file({k: v.numpy() for k, v in full.items()}, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     round_ = None
     if global_path.parent.name.startswith("round-"):
         round_ = int(global_path.parent.name.rsplit("-", 1)[-1])

@@ -28,21 +28,22 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protocol import Aggregation, DpMode, RunConfig, RunConfigError
 from simulation.errors import SimulationInputError
 from simulation.guards import require_training, user_dp_cohort_problem
 
 if TYPE_CHECKING:
+    from server.federation import RoundCallback
     from simulation.data import FederatedData
+    from simulation.run_summary import Summary
 
 __all__ = [
     "FederatedConfig",
     "FederatedSummary",
-    "RoundCallback",
     "describe_resume",
     "load_data",
     "run_federated",
@@ -50,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RoundCallback = Callable[[Any], None]  # receives server.federation.rounds.RoundResult
+_RUN = RunConfig()  # the one set of run defaults
 CHECKPOINTS = "checkpoints"
 PARTITIONS = "partitions"
 DEVICES = "devices"
@@ -98,28 +99,28 @@ class FederatedConfig:
 
     out_dir: Path
     num_clients: int = 6
-    clients_per_round: int = 3
-    rounds: int = 3
-    dp_mode: str = "record"
-    target_epsilon: float = 8.0
+    clients_per_round: int = _RUN.clients_per_round
+    rounds: int = _RUN.num_server_rounds
+    dp_mode: str = _RUN.dp_mode
+    target_epsilon: float = _RUN.target_epsilon
     aggregation: str | None = None
     data_file: Path | None = None
     strict_data: bool = False
     base_model: Path | None = None
     cache_dir: Path = Path(".cache/fedota")
-    seed: int = 0
+    seed: int = _RUN.seed
     num_heldout_clients: int = 2
-    min_clients: int = 2
+    min_clients: int = _RUN.min_clients
     local_steps: int | None = None
     learning_rate: float | None = None
     lora_rank: int | None = None
     lora_head: bool | None = None
     batch_size: int | None = None
     seq_len: int | None = None
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    user_clip: float = 1.0
-    max_update_norm: float = 100.0
+    delta: float = _RUN.delta
+    max_grad_norm: float = _RUN.max_grad_norm
+    user_clip: float = _RUN.user_clip
+    max_update_norm: float = _RUN.max_update_norm
     num_cpus: int = 2
     ray_address: str | None = None
     resume: bool = False
@@ -153,62 +154,72 @@ class FederatedConfig:
         if problems:
             raise SimulationInputError("; ".join(problems))
 
-    def client_hyperparameters(self) -> dict[str, Any]:
-        """Client training settings: explicit values, else the defaults of the DP mode.
+    def run_config(
+        self, *, base_model: Path | None = None, data_dir: Path | None = None, num_nodes: int = 0
+    ) -> RunConfig:
+        """The run's ``protocol.RunConfig``, the privacy mode's defaults filled in.
 
-        Record-level DP-SGD wants large batches (many texts per step, so the noise is
-        small against the summed gradient), few steps and a larger learning rate. Each
-        text is one block under DP (the unit ε protects), so ``seq-len`` only has to
-        hold a text. A logical batch of 1,024 is every text of a phone with up to 1,024
-        texts in each step (sampling rate q = 1); larger phones sample at q = 1/2, ...
-        Picked on the default synthetic data and the tiny base (3 rounds, ε = 8, every
-        run evaluated on the same 64-token blocks; benchmarks/explore_record_dp.py):
-        full-batch steps at lr 3e-2, rank 8, beat 10 steps of 128 texts (+0.080/+0.090/
-        +0.105 accuracy against +0.061/+0.074/+0.092 on seeds 0/1/2, at 5 steps); rank
-        4 or 1, adapters on fewer modules, 8 rounds and a smaller clip did no better;
-        rank 32 or 64 gained about +0.010 more at 4x/8x the upload and bundle size.
-        LoRA on the output head as well (``lora-head``) gained +0.098/+0.112/+0.108 for
-        13 % more upload; without DP it adds only +0.012, so it is a record-DP default.
-        Since the server's balanced sampling tells each phone the rounds it trains in
-        (ADR 0006), a phone's σ is lower and 8 steps beat 5: +0.129/+0.140 against
-        +0.120/+0.122 on seeds 0/1 (12 steps: +0.128 on seed 0).
+        Client settings left ``None`` here take the defaults of the DP mode
+        (``protocol.run_config.MODE_DEFAULTS``); ``extra`` keys are applied last.
+
+        Raises:
+            SimulationInputError: an ``extra`` key is unknown or has a bad value.
         """
-        record = self.dp_mode == "record"
-        defaults: dict[str, Any] = (
-            {
-                "local-steps": 8,
-                "learning-rate": 3e-2,
-                "lora-rank": 8,
-                "lora-head": True,
-                "batch-size": 1024,
-                "seq-len": 32,
-            }
-            if record
-            else {"local-steps": 10, "learning-rate": 5e-3, "lora-rank": 8, "lora-head": False}
+        run = RunConfig(
+            num_server_rounds=self.rounds,
+            clients_per_round=self.clients_per_round,
+            min_clients=self.min_clients,
+            aggregation=None if self.aggregation is None else Aggregation(self.aggregation),
+            dp_mode=DpMode(self.dp_mode),
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
+            max_grad_norm=self.max_grad_norm,
+            user_clip=self.user_clip,
+            max_update_norm=self.max_update_norm,
+            local_steps=self.local_steps,
+            learning_rate=self.learning_rate,
+            lora_rank=self.lora_rank or _RUN.lora_rank,
+            lora_head=self.lora_head,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            num_nodes=num_nodes,
+            base_model=str(base_model or ""),
+            data_dir=str(data_dir or ""),
+            state_dir=str(self.out_dir / DEVICES),
+            checkpoint_dir=str(self.out_dir / CHECKPOINTS),
         )
-        chosen = {
-            "local-steps": self.local_steps,
-            "learning-rate": self.learning_rate,
-            "lora-rank": self.lora_rank,
-            "lora-head": self.lora_head,
-            "batch-size": self.batch_size,
-            "seq-len": self.seq_len,
+        try:
+            return RunConfig.from_flower({**run.to_flower(), **self.extra}).resolved()
+        except RunConfigError as e:
+            raise SimulationInputError(f"run config {e}") from e
+
+    def client_hyperparameters(self) -> dict[str, Any]:
+        """The client training settings of :meth:`run_config`, as run-config keys
+        (``batch-size`` and ``seq-len`` only where the mode or the caller sets them)."""
+        run = self.run_config()
+        out: dict[str, Any] = {
+            "local-steps": run.local_steps,
+            "learning-rate": run.learning_rate,
+            "lora-rank": run.lora_rank,
+            "lora-head": run.lora_head,
+            "batch-size": run.batch_size,
+            "seq-len": run.seq_len,
+            "lora-alpha": run.lora_alpha,
         }
-        out = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
-        out["lora-alpha"] = 2.0 * out["lora-rank"]
-        return out
+        return {k: v for k, v in out.items() if v is not None}
 
     @property
     def resolved_aggregation(self) -> str:
         """The aggregation actually used (``ffa`` is the default under DP)."""
-        return self.aggregation or ("fedavg" if self.dp_mode == "none" else "ffa")
+        return self.run_config().resolved_aggregation
 
 
 @dataclass(frozen=True)
 class FederatedSummary:
-    """The machine-readable result of a run (what ``summary.json`` holds)."""
+    """The machine-readable result of a run: ``summary.json`` and where it was written."""
 
-    data: dict[str, Any]
+    data: Summary
     path: Path
 
 
@@ -262,29 +273,6 @@ def _prepare_data(cfg: FederatedConfig) -> tuple[Path, int, int]:
     return out, len(data.clients), len(data.heldout_clients)
 
 
-def _run_config(cfg: FederatedConfig, base: Path, parts: Path, nodes: int) -> dict[str, Any]:
-    return {
-        "num-server-rounds": cfg.rounds,
-        "clients-per-round": cfg.clients_per_round,
-        "min-clients": cfg.min_clients,
-        "aggregation": cfg.resolved_aggregation,
-        "dp-mode": cfg.dp_mode,
-        "target-epsilon": cfg.target_epsilon,
-        "delta": cfg.delta,
-        "max-grad-norm": cfg.max_grad_norm,
-        "user-clip": cfg.user_clip,
-        "max-update-norm": cfg.max_update_norm,
-        **cfg.client_hyperparameters(),
-        "seed": cfg.seed,
-        "num-nodes": nodes,
-        "base-model": str(base),
-        "data-dir": str(parts),
-        "state-dir": str(cfg.out_dir / DEVICES),
-        "checkpoint-dir": str(cfg.out_dir / CHECKPOINTS),
-        **cfg.extra,
-    }
-
-
 def _backend_config(cfg: FederatedConfig, ray_temp_dir: Path | None = None) -> dict[str, Any]:
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if cfg.ray_address:
@@ -324,7 +312,7 @@ def describe_resume(cfg: FederatedConfig) -> str | None:
     Raises:
         ServerInputError: the checkpoint that ``LATEST`` names is missing or unreadable.
     """
-    from server.federation.checkpoint import load_latest
+    from server.federation import load_latest
 
     if not cfg.resume:
         return None
@@ -368,11 +356,10 @@ def run_federated(
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.federation.checkpoint import load_latest
-    from server.federation.server_app import make_server_app
+    from server.federation import load_latest, make_server_app
     from simulation.base_model import ensure_base_model
     from simulation.ray_reaper import ray_process_guard
-    from simulation.report import build_summary, write_summary
+    from simulation.run_summary import build_summary, write_summary
 
     ckpt_dir = cfg.out_dir / CHECKPOINTS
     if (ckpt_dir / "LATEST").exists() and not cfg.resume:
@@ -384,7 +371,9 @@ def run_federated(
     started = time.monotonic()
     parts, num_train, num_heldout = _prepare_data(cfg)
     base = cfg.base_model or ensure_base_model(cfg.cache_dir, preset="tiny", seed=cfg.seed)
-    run_config = _run_config(cfg, Path(base), parts, num_train + num_heldout)
+    run_config = cfg.run_config(
+        base_model=Path(base), data_dir=parts, num_nodes=num_train + num_heldout
+    ).to_flower()
     _single_threaded()
     logger.info(
         "simulating %d clients (+%d held out) for %d rounds", num_train, num_heldout, cfg.rounds

@@ -4,13 +4,15 @@ Reads top to bottom:
 
 1. resolve the base (the cached tiny base, or ``--base-model``) and its pre-quantized NF4
    checkpoint — the one the phones run;
-2. start the OTA half (``simulation.e2e.start_ota``): keys, an embedded server or a
-   running one, the fleet enrolled;
+2. start the OTA half (``simulation.ota_rollout.start_ota``): keys, an embedded server
+   or a running one, the fleet enrolled;
 3. run the federated rounds (``simulation.federated.run_federated``); after each round
    the exchanged global adapter is made whole (FFA-LoRA exchanges only B; the frozen,
    seeded A is rebuilt exactly as every phone rebuilds it) and released to the fleet;
-4. the catch-up sweep and consistency check (``simulation.e2e.finish``), then
-   ``summary.json`` gains ``fleet`` and ``rollouts`` and the report is written.
+4. the catch-up sweep and consistency check (``simulation.ota_rollout.finish_rollouts``),
+   then ``summary.json`` gains ``fleet``, ``rollouts`` and ``ota_rounds``
+   (``simulation.run_summary.Summary``) and the report is written
+   (``simulation.report``).
 
 Without a fleet (``fleet=None``, ``fedota simulate --no-ota``) only step 3 runs.
 """
@@ -21,7 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
@@ -34,11 +36,25 @@ from simulation.federated import (
     run_federated,
 )
 
-__all__ = ["EndToEndResult", "GlobalAdapterExpander", "nf4_checkpoint", "simulate_end_to_end"]
+if TYPE_CHECKING:
+    from delta_packager import AdapterConfig
+    from server.federation import RoundCallback, RoundResult
+    from simulation.fleet import Endpoint, FleetConfig
+    from simulation.ota_rollout import OtaContext, RoundOta
+
+__all__ = [
+    "EndToEndResult",
+    "GlobalAdapterExpander",
+    "RoundListener",
+    "nf4_checkpoint",
+    "simulate_end_to_end",
+]
 
 logger = logging.getLogger(__name__)
 
-RoundListener = Callable[[Any, Any], None]  # (RoundResult, RoundOta | None)
+# Called after each round with its result and what the OTA half did with it (``None``
+# for round 0, the baseline, and without a fleet).
+RoundListener: TypeAlias = "Callable[[RoundResult, RoundOta | None], None]"
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,8 @@ class EndToEndResult:
     """What ``simulate_end_to_end`` produced.
 
     Attributes:
-        summary: ``summary.json`` (training, plus ``fleet`` and ``rollouts`` with a fleet).
+        summary: ``summary.json`` (training, plus ``fleet``, ``rollouts`` and
+            ``ota_rounds`` with a fleet) and where it was written.
         report: ``OUT/report.md`` (``None`` without a fleet: the summary is the report).
     """
 
@@ -65,8 +82,7 @@ def nf4_checkpoint(base: Path, work_dir: Path) -> Path:
     Raises:
         ModelLoadError: ``base`` is not a causal LM checkpoint.
     """
-    from client.runtime import quantize_checkpoint
-    from client.runtime.quantized import is_prequantized
+    from client.runtime import is_prequantized, quantize_checkpoint
     from simulation.base_model import NF4_SUBDIR
 
     if (base / NF4_SUBDIR).is_dir() and is_prequantized(base / NF4_SUBDIR):
@@ -129,11 +145,54 @@ def _refuse_existing_run(cfg: FederatedConfig, with_fleet: bool) -> None:
         )
 
 
+def _ota_inputs(cfg: FederatedConfig) -> tuple[FederatedConfig, Path, GlobalAdapterExpander]:
+    """Step 1: the run with its base resolved, the NF4 checkpoint the phones run, and
+    the expander that makes each round's exchanged adapter whole."""
+    from simulation.base_model import ensure_base_model
+
+    base = Path(cfg.base_model or ensure_base_model(cfg.cache_dir, preset="tiny", seed=cfg.seed))
+    cfg = replace(cfg, base_model=base)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    nf4 = nf4_checkpoint(base, cfg.out_dir / "ota")
+    expand = GlobalAdapterExpander(
+        nf4, cfg.client_hyperparameters(), ffa=cfg.resolved_aggregation == "ffa", seed=cfg.seed
+    )
+    return cfg, nf4, expand
+
+
+def _adapter_config(expand: GlobalAdapterExpander) -> AdapterConfig:
+    from delta_packager import AdapterConfig
+
+    return AdapterConfig(
+        rank=expand.rank, alpha=expand.alpha, target_modules=expand.target_modules()
+    )
+
+
+def _release_each_round(
+    ota: OtaContext, expand: GlobalAdapterExpander, notify: RoundListener
+) -> RoundCallback:
+    """Step 3's ``on_round_end``: every trained round's adapter, made whole, released."""
+    from simulation.ota_rollout import round_metrics, run_ota_round
+
+    def after_round(result: RoundResult) -> None:
+        ota_round = None
+        if result.round >= 1:
+            metrics = round_metrics(result)
+            eps = metrics.get("record-epsilon", metrics.get("user-epsilon"))
+            if eps is not None:
+                metrics["epsilon"] = eps
+            adapter = expand(result.global_adapter)
+            ota_round = run_ota_round(ota, int(result.round), adapter, metrics)
+        notify(result, ota_round)
+
+    return after_round
+
+
 def simulate_end_to_end(
     cfg: FederatedConfig,
-    fleet: Any | None,
+    fleet: FleetConfig | None,
     *,
-    server: Any | None = None,
+    server: Endpoint | None = None,
     keys_dir: Path | None = None,
     on_round: RoundListener | None = None,
 ) -> EndToEndResult:
@@ -141,9 +200,8 @@ def simulate_end_to_end(
 
     Args:
         cfg: The federated run.
-        fleet: A ``simulation.fleet.FleetConfig``; ``None`` runs the training half only.
-        server: A running OTA server (``simulation.fleet.server.Endpoint``); ``None``
-            starts an embedded one on 127.0.0.1.
+        fleet: The fleet; ``None`` runs the training half only.
+        server: A running OTA server; ``None`` starts an embedded one on 127.0.0.1.
         keys_dir: Release keys (created when missing; default ``OUT/ota/keys``).
         on_round: Called after each round with its ``RoundResult`` and what the OTA half
             did (``RoundOta``, or ``None`` for round 0 and without a fleet).
@@ -162,55 +220,32 @@ def simulate_end_to_end(
     if cfg.data_file is not None:
         load_data(cfg, quiet=True)  # bad --data is refused before anything is written
 
-    def notify(result: Any, ota_round: Any | None = None) -> None:
+    def notify(result: RoundResult, ota_round: RoundOta | None = None) -> None:
         if on_round is not None:
             on_round(result, ota_round)
 
     if fleet is None:
         return EndToEndResult(run_federated(cfg, on_round_end=notify), None)
 
-    from simulation.base_model import ensure_base_model
-    from simulation.e2e import finish, round_json, run_ota_round, start_ota
-    from simulation.fleet.report import write_fleet_report
-    from simulation.report import write_summary
-    from simulation.run_report import write_run_report
+    from simulation.fleet import write_fleet_report
+    from simulation.ota_rollout import finish_rollouts, start_ota
+    from simulation.report import write_run_report
+    from simulation.run_summary import write_summary
 
-    base = Path(cfg.base_model or ensure_base_model(cfg.cache_dir, preset="tiny", seed=cfg.seed))
-    cfg = replace(cfg, base_model=base)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    nf4 = nf4_checkpoint(base, cfg.out_dir / "ota")
-    expand = GlobalAdapterExpander(
-        nf4, cfg.client_hyperparameters(), ffa=cfg.resolved_aggregation == "ffa", seed=cfg.seed
-    )
-    from delta_packager.manifest import AdapterConfig
-
-    adapter_config = AdapterConfig(
-        rank=expand.rank, alpha=expand.alpha, target_modules=expand.target_modules()
-    )
+    cfg, nf4, expand = _ota_inputs(cfg)
     with start_ota(
         cfg.out_dir,
         base_dir=nf4,
-        adapter_config=adapter_config,
+        adapter_config=_adapter_config(expand),
         fleet=fleet,
         server=server,
         keys_dir=keys_dir,
     ) as ota:
-
-        def after_round(result: Any) -> None:
-            ota_round = None
-            if result.round >= 1:
-                metrics = {**result.train, **result.evaluate}
-                eps = metrics.get("record-epsilon", metrics.get("user-epsilon"))
-                if eps is not None:
-                    metrics["epsilon"] = eps
-                adapter = expand(result.global_adapter)
-                ota_round = run_ota_round(ota, int(result.round), adapter, metrics)
-            notify(result, ota_round)
-
-        trained = run_federated(cfg, on_round_end=after_round)
-        parts = finish(ota)
-        write_fleet_report(cfg.out_dir, ota)
-        data = {**trained.data, **parts}
-        data["ota_rounds"] = [round_json(r) for r in ota.rounds]
-    summary = FederatedSummary(data=data, path=write_summary(cfg.out_dir, data))
-    return EndToEndResult(summary, write_run_report(cfg.out_dir, data))
+        trained = run_federated(cfg, on_round_end=_release_each_round(ota, expand, notify))
+        outcome = finish_rollouts(ota)
+        write_fleet_report(cfg.out_dir, ota.fleet, outcome)
+        ota_rounds = tuple(r.summary() for r in ota.rounds)
+    summary = trained.data.with_fleet(outcome, ota_rounds)
+    path = write_summary(cfg.out_dir, summary)
+    report = write_run_report(cfg.out_dir, summary.to_dict())
+    return EndToEndResult(FederatedSummary(data=summary, path=path), report)

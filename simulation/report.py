@@ -1,183 +1,202 @@
-"""``DIR/summary.json``: the machine-readable result of ``fedota simulate``.
+"""``OUT/report.md`` and ``OUT/report.html``: the human report of ``fedota simulate``.
 
-The schema is documented in ``docs/summary-schema.md`` (``schema_version`` 1). Built
-from the server's per-round history (round 0 = baseline evaluation), so it is the same
-whether a run was resumed or not. Record-level and user-level ε are kept apart.
+Built only from ``summary.json`` (so it can be regenerated from a finished run) plus the
+fleet plots ``simulation.fleet.report`` already wrote next to it. Training plots:
+accuracy and loss per round, ε per round. Fleet part: the final table, releases and
+their rollouts, adoption over time, bundle sizes, peak memory against budget per tier.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
+import html
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "build_summary", "write_summary"]
+from simulation.fleet import PLOTS as FLEET_PLOTS
+from simulation.fleet import TABLE_KEYS as FLEET_TABLE_KEYS
+from simulation.fleet import ReleaseRole, TextTable, planted_faults, rollout_table
+from simulation.fleet import format_value as _fmt
 
-SCHEMA_VERSION = 1
+__all__ = ["TRAINING_PLOTS", "SummaryJson", "final_table", "write_run_report"]
 
-
-def _num(value: Any) -> float | None:
-    if value is None:
-        return None
-    v = float(value)
-    return v if math.isfinite(v) else None
-
-
-def _eval(evaluation: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return {
-        "eval_loss": _num(evaluation.get(f"{prefix}-loss")),
-        "eval_accuracy": _num(evaluation.get(f"{prefix}-accuracy")),
-        "eval_perplexity": _num(evaluation.get(f"{prefix}-perplexity")),
-        "eval_tokens": int(evaluation.get(f"{prefix}-tokens", 0)),
-    }
+logger = logging.getLogger(__name__)
+TRAINING_PLOTS = ("accuracy_loss.png", "epsilon.png")
+# summary.json as read back (``Summary.to_dict()``): the report needs nothing else.
+SummaryJson = Mapping[str, Any]
 
 
-def _point(entry: dict[str, Any]) -> dict[str, Any]:
-    ev = entry.get("evaluate", {})
-    return {
-        "round": int(entry["round"]),
-        **_eval(ev, "clients"),
-        "heldout_clients": _eval(ev, "heldout"),
-    }
+def final_table(summary: SummaryJson) -> list[tuple[str, str]]:
+    """The short end-of-run table: accuracy, ε, then the fleet's headline numbers."""
+    base, final, privacy = summary["baseline"], summary["final"], summary["privacy"]
+    rows = [
+        (
+            "eval accuracy (round 0 → final)",
+            f"{_fmt(base['eval_accuracy'])} → {_fmt(final['eval_accuracy'])}",
+        ),
+        ("eval loss (round 0 → final)", f"{_fmt(base['eval_loss'])} → {_fmt(final['eval_loss'])}"),
+        (f"ε ({privacy['mode']})", _fmt(privacy["epsilon"])),
+    ]
+    fleet = summary.get("fleet")
+    if fleet:
+        rows += [(k, _fmt(fleet.get(k))) for k in FLEET_TABLE_KEYS]
+        rows += [(f"phones on {name}", _runtime_row(r)) for name, r in fleet["runtimes"].items()]
+        rollouts = summary.get("rollouts", [])
+        paused = [f"v{r['version']}" for r in rollouts if r.get("auto_paused")]
+        rows.append(("releases (auto-paused)", f"{len(rollouts)} ({', '.join(paused) or 'none'})"))
+        rows.append(("planted faults", _planted(summary)))
+    return rows
 
 
-def _round(entry: dict[str, Any], dp_mode: str) -> dict[str, Any]:
-    tr = entry.get("train", {})
-    trained = int(tr.get("clients-trained", 0))
-    upload = int(tr.get("upload-bytes", 0))
-    return {
-        **_point(entry),
-        "train_loss": _num(tr.get("train-loss")),
-        "clients_sampled": int(tr.get("clients-sampled", 0)),
-        "clients_trained": trained,
-        "clients_failed": int(tr.get("clients-failed", 0)),
-        "clients_rejected": int(tr.get("clients-rejected", 0)),
-        "clients_dropped": int(tr.get("clients-dropped", 0)),
-        "clients_budget_exhausted": int(tr.get("clients-budget-exhausted", 0)),
-        "applied": bool(tr.get("round-applied", 0)),
-        "upload_bytes": upload,
-        "upload_bytes_per_client": upload // trained if trained else 0,
-        "epsilon": {
-            "record_level": _num(tr.get("record-epsilon")) if dp_mode == "record" else None,
-            "user_level": _num(tr.get("user-epsilon")) if dp_mode == "user" else None,
-        },
-        "elapsed_s": round(float(entry.get("elapsed_s", 0.0)), 3),
-    }
+def _planted(summary: SummaryJson) -> str:
+    """Every fault the run injected on purpose, labelled as such (``"none"`` if off)."""
+    rollouts = summary.get("rollouts", [])
+    bad = [int(r["version"]) for r in rollouts if r["kind"] == ReleaseRole.BAD]
+    return planted_faults(bad, summary.get("fleet", {}).get("faults", {}))
 
 
-def _privacy(
-    rounds: list[dict[str, Any]], history: list[dict[str, Any]], run_config: dict[str, Any]
-) -> dict[str, Any]:
-    mode = str(run_config.get("dp-mode", "none"))
-    last_train = history[-1].get("train", {}) if history else {}
-    delta = float(run_config.get("delta", 1e-5))
-    record = user = None
-    if mode == "record":
-        record = {
-            "epsilon": rounds[-1]["epsilon"]["record_level"] if rounds else None,
-            "delta": delta,
-            "noise_multiplier": _num(
-                max(
-                    (h.get("train", {}).get("client-noise-multiplier", 0.0) for h in history),
-                    default=0.0,
-                )
-            ),
-            "clip": float(run_config.get("max-grad-norm", 1.0)),
-            "accountant": str(run_config.get("accountant", "prv")),
-            "unit": "one training example (packed text block) of one device",
-            "note": "largest cumulative ε over devices, from each device's privacy ledger; "
-            "noise_multiplier is the largest σ any device used (a device scheduled in fewer "
-            "rounds spends its ε over fewer rounds, with a smaller σ)",
-        }
-    if mode == "user":
-        user = {
-            "epsilon": _num(last_train.get("user-epsilon")),
-            "delta": delta,
-            "noise_multiplier": _num(last_train.get("user-noise-multiplier")),
-            "clip": float(run_config.get("user-clip", 0.0)),
-            "sample_rate": None,
-            "accountant": "pld (dp-accounting), Poisson-subsampled Gaussian per round",
-            "unit": "all data of one client",
-        }
-    active = record or user or {}
-    return {
-        "mode": mode,
-        "epsilon": active.get("epsilon"),
-        "delta": delta if active else None,
-        "noise_multiplier": active.get("noise_multiplier"),
-        "clip": active.get("clip"),
-        "record_level": record,
-        "user_level": user,
-    }
+def _runtime_row(r: Mapping[str, Any]) -> str:
+    """One runtime's outcomes: devices, updates/rollbacks/rejections, apply, memory."""
+    peak = r["peak_memory_bytes_max"]
+    return (
+        f"{r['devices']} devices: {r['updates']} updates, {r['rollbacks']} rollbacks, "
+        f"{r['rejections']} rejections; apply p50 {_fmt(r['apply_ms_p50'])} ms; peak "
+        f"{'–' if peak is None else f'{peak / 2**20:.1f} MiB'}; held-out loss "
+        f"{_fmt(r['heldout_loss_mean'])}"
+    )
 
 
-def build_summary(
-    *,
-    history: list[dict[str, Any]],
-    run_config: dict[str, Any],
-    num_clients: int,
-    num_heldout_clients: int,
-    elapsed_s: float,
-) -> dict[str, Any]:
-    """Turn the server's history into the ``summary.json`` document.
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _points(summary: SummaryJson) -> list[Mapping[str, Any]]:
+    return [summary["baseline"], *summary["rounds"]]
+
+
+def _accuracy_loss(path: Path, summary: SummaryJson) -> None:
+    plt = _plt()
+    points = _points(summary)
+    xs = [p["round"] for p in points]
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(8, 3.2))
+    acc.plot(xs, [p["eval_accuracy"] for p in points], marker="o", label="clients' held-out")
+    acc.plot(
+        xs,
+        [p["heldout_clients"]["eval_accuracy"] for p in points],
+        marker="s",
+        label="held-out clients",
+    )
+    loss.plot(xs, [p["eval_loss"] for p in points], marker="o")
+    loss.plot(xs, [p["heldout_clients"]["eval_loss"] for p in points], marker="s")
+    acc.set(xlabel="round", ylabel="next-token accuracy", title="Accuracy per round")
+    loss.set(xlabel="round", ylabel="loss", title="Loss per round")
+    acc.legend(fontsize=7)
+    for ax in (acc, loss):
+        ax.set_xticks(xs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _epsilon(path: Path, summary: SummaryJson) -> bool:
+    rounds = summary["rounds"]
+    eps = [r["epsilon"]["record_level"] or r["epsilon"]["user_level"] for r in rounds]
+    if not any(e is not None for e in eps):
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs = [r["round"] for r in rounds]
+    ax.plot(xs, [e if e is not None else float("nan") for e in eps], marker="o")
+    target = summary["config"].get("target_epsilon")
+    if target:
+        ax.axhline(target, color="tab:red", linestyle="--", label=f"target ε = {target:g}")
+        ax.legend(fontsize=7)
+    ax.set(xlabel="round", ylabel="ε so far", title=f"ε per round ({summary['privacy']['mode']})")
+    ax.set_xticks(xs)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _write_plots(out_dir: Path, summary: SummaryJson) -> list[str]:
+    """The training plots, then the fleet plots already next to them; their names."""
+    _accuracy_loss(out_dir / TRAINING_PLOTS[0], summary)
+    plots = [TRAINING_PLOTS[0]]
+    if _epsilon(out_dir / TRAINING_PLOTS[1], summary):
+        plots.append(TRAINING_PLOTS[1])
+    return plots + [p for p in FLEET_PLOTS if (out_dir / p).exists()]
+
+
+def _title(summary: SummaryJson) -> str:
+    cfg = summary["config"]
+    return (
+        f"fedota simulate — {cfg['clients']} clients, {cfg['rounds']} rounds, "
+        f"{summary['privacy']['mode']} DP, {cfg['aggregation']}"
+    )
+
+
+def _fault_note(summary: SummaryJson) -> str:
+    """The warning a run with planted faults opens with (``""`` without)."""
+    planted = _planted(summary) if summary.get("fleet") else "none"
+    if planted == "none":
+        return ""
+    return (
+        f"Faults were injected on purpose: {planted}. The failed updates, "
+        "rollbacks and the auto-paused release they cause are expected; they are not "
+        "the training's doing."
+    )
+
+
+def _markdown(
+    title: str, note: str, table: TextTable, rollouts: TextTable, plots: list[str]
+) -> str:
+    md = [f"# {title}", "", *([f"> {note}", ""] if note else [])]
+    md += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in table.rows]]
+    if rollouts.rows:
+        md += ["", *rollouts.markdown()]
+    md += ["", *[f"![{p}]({p})" for p in plots], ""]
+    return "\n".join(md)
+
+
+def _html(title: str, note: str, table: TextTable, rollouts: TextTable, plots: list[str]) -> str:
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<h1>{html.escape(title)}</h1>"
+        + (f"<p><strong>{html.escape(note)}</strong></p>" if note else "")
+        + table.html()
+        + (f"<h2>Releases</h2>{rollouts.html()}" if rollouts.rows else "")
+        + "".join(f'<p><img src="{p}" alt="{p}"></p>' for p in plots)
+        + "\n"
+    )
+
+
+def write_run_report(out_dir: Path, summary: SummaryJson) -> Path:
+    """Write the plots, ``report.md`` and ``report.html`` into ``out_dir``.
+
+    Args:
+        out_dir: Where the report goes (the fleet's plots are already there).
+        summary: ``summary.json`` as JSON values (``Summary.to_dict()``).
+
+    Returns:
+        The path of ``report.md``.
 
     Raises:
-        ValueError: the history lacks round 0 (the baseline).
+        OSError: ``out_dir`` is not writable.
     """
-    if not history or int(history[0]["round"]) != 0:
-        raise ValueError("history must start with round 0 (the baseline evaluation)")
-    mode = str(run_config.get("dp-mode", "none"))
-    rounds = [_round(h, mode) for h in history[1:]]
-    privacy = _privacy(rounds, history, run_config)
-    if privacy["user_level"] is not None:
-        n = max(num_clients, 1)
-        privacy["user_level"]["sample_rate"] = min(
-            1.0, int(run_config.get("clients-per-round", 1)) / n
-        )
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "config": {
-            "clients": num_clients,
-            "heldout_clients": num_heldout_clients,
-            "clients_per_round": int(run_config.get("clients-per-round", 0)),
-            "client_sampling": (
-                "poisson" if mode == "user" else run_config.get("client-sampling", "balanced")
-            ),
-            "rounds": int(run_config.get("num-server-rounds", len(rounds))),
-            "aggregation": run_config.get("aggregation"),
-            "dp_mode": mode,
-            "target_epsilon": _num(run_config.get("target-epsilon")) if mode != "none" else None,
-            "local_steps": int(run_config.get("local-steps", 0)),
-            "lora_rank": int(run_config.get("lora-rank", 0)),
-            "lora_head": bool(run_config.get("lora-head", False)),
-            "learning_rate": _num(run_config.get("learning-rate")),
-            "batch_size": run_config.get("batch-size"),
-            "seq_len": run_config.get("seq-len"),
-            "seed": int(run_config.get("seed", 0)),
-            "base_model": run_config.get("base-model"),
-        },
-        "baseline": _point(history[0]),
-        "final": _point(history[-1]),
-        "rounds": rounds,
-        "privacy": privacy,
-        "elapsed_s": round(elapsed_s, 3),
-    }
-
-
-def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write ``out_dir/summary.json`` atomically (temp file, fsync, rename).
-
-    Raises:
-        OSError: the directory cannot be written.
-    """
-    path = out_dir / "summary.json"
-    tmp = out_dir / ".summary.json.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = _write_plots(out_dir, summary)
+    table = TextTable((), tuple(final_table(summary)))  # key / value: no header row
+    rollouts = rollout_table(summary.get("rollouts", []))
+    title, note = _title(summary), _fault_note(summary)
+    path = out_dir / "report.md"
+    path.write_text(_markdown(title, note, table, rollouts, plots))
+    (out_dir / "report.html").write_text(_html(title, note, table, rollouts, plots))
+    logger.info("report written to %s", path)
     return path

@@ -1,19 +1,18 @@
-"""Federated data: the synthetic non-IID generator and the JSONL loader."""
+"""Federated data: the synthetic non-IID generator and the JSONL loader.
+
+Import the names below from here: they are what code outside this package uses.
+"""
 
 from simulation.data.jsonl import (
     DataFormatError,
     JsonlOptions,
-    JsonlTexts,
     describe_skipped,
     load_jsonl,
     read_jsonl_corpus,
     read_jsonl_texts,
 )
 from simulation.data.partition import (
-    Canary,
-    ClientData,
     FederatedData,
-    TokenStats,
     read_partition,
     tokenize_stats,
     write_partitions,
@@ -21,14 +20,10 @@ from simulation.data.partition import (
 from simulation.data.synthetic import SyntheticConfig, generate_public_texts, generate_synthetic
 
 __all__ = [
-    "Canary",
-    "ClientData",
     "DataFormatError",
     "FederatedData",
     "JsonlOptions",
-    "JsonlTexts",
     "SyntheticConfig",
-    "TokenStats",
     "describe_skipped",
     "generate_public_texts",
     "generate_synthetic",

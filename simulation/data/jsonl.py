@@ -15,6 +15,7 @@ import json
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "DataFormatError",
     "JsonlOptions",
     "JsonlTexts",
+    "SmallClients",
     "describe_skipped",
     "load_jsonl",
     "read_jsonl_corpus",
@@ -40,19 +42,26 @@ class DataFormatError(SimulationInputError):
     """The JSONL file has malformed lines; the message names them by line number."""
 
 
+class SmallClients(StrEnum):
+    """What happens to a client with fewer than ``JsonlOptions.min_texts`` texts."""
+
+    DROP = "drop"  # left out of the run
+    MERGE = "merge"  # pooled, in file order, into ``merged-N`` clients
+
+
 @dataclass(frozen=True)
 class JsonlOptions:
     """How to turn per-client texts into a federated partition."""
 
     min_texts: int = 4
-    small_clients: str = "drop"  # "drop" | "merge"
+    small_clients: SmallClients = SmallClients.DROP
     heldout_fraction: float = 0.2
     heldout_clients_fraction: float = 0.1
     seed: int = 0
     strict: bool = False  # refuse records with an empty text instead of skipping them
 
     def validate(self) -> None:
-        if self.small_clients not in ("drop", "merge"):
+        if self.small_clients not in tuple(SmallClients):
             raise SimulationInputError(
                 f"small_clients must be 'drop' or 'merge', got {self.small_clients!r}"
             )
@@ -201,7 +210,7 @@ def load_jsonl(path: Path | str, options: JsonlOptions | None = None) -> Federat
         by_client[cid].append(text)
     kept = {c: t for c, t in by_client.items() if len(t) >= opts.min_texts}
     small = [c for c in by_client if c not in kept]
-    if opts.small_clients == "merge" and small:
+    if opts.small_clients == SmallClients.MERGE and small:
         pool: list[str] = []
         merged = 0
         for c in small:
@@ -227,7 +236,7 @@ def load_jsonl(path: Path | str, options: JsonlOptions | None = None) -> Federat
         heldout_clients=tuple(heldout),
         source=str(path),
         meta={
-            "dropped_clients": len(small) if opts.small_clients == "drop" else 0,
+            "dropped_clients": len(small) if opts.small_clients == SmallClients.DROP else 0,
             "skipped_empty_texts": dict(sorted((str(c), n) for c, n in read.skipped.items())),
         },
     )

@@ -10,11 +10,12 @@ lays it out on disk, one JSON file per Flower partition id, because the phone-si
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from protocol import atomic_write_text
 
 __all__ = [
     "PARTITION_INDEX",
@@ -70,15 +71,6 @@ class FederatedData:
         raise KeyError(client_id)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_partitions(data: FederatedData, out_dir: Path | str) -> Path:
     """Write one ``partition-<i>.json`` per client plus ``index.json``.
 
@@ -100,7 +92,7 @@ def write_partitions(data: FederatedData, out_dir: Path | str) -> Path:
             "train": list(c.train),
             "heldout": list(c.heldout),
         }
-        _atomic_write(out / f"partition-{pid}.json", json.dumps(record))
+        atomic_write_text(out / f"partition-{pid}.json", json.dumps(record))
         index.append(
             {
                 "partition_id": pid,
@@ -110,7 +102,7 @@ def write_partitions(data: FederatedData, out_dir: Path | str) -> Path:
                 "num_heldout": len(c.heldout),
             }
         )
-    _atomic_write(
+    atomic_write_text(
         out / PARTITION_INDEX, json.dumps({"source": data.source, "partitions": index}, indent=1)
     )
     return out

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from delta_packager.fingerprint import fingerprint_checkpoint, fingerprint_gguf
+from delta_packager import fingerprint_checkpoint, fingerprint_gguf
 from simulation.fleet.faults import other_base
 
 __all__ = ["BaseCopy", "FleetBases", "prepare_bases"]
@@ -63,7 +63,7 @@ def _other_quant(quant: str) -> str:
 
 def _gguf(base_dir: Path, out_dir: Path, quant: str, stage: Callable[[str], None]) -> BaseCopy:
     """The GGUF export of ``base_dir`` at ``quant``, made once per base and reused."""
-    from client.runtime.gguf_export import export_gguf
+    from client.runtime import export_gguf
 
     key = fingerprint_checkpoint(base_dir).removeprefix("sha256:")[:16]
     path = out_dir / f"base-{key}-{quant}.gguf"

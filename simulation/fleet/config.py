@@ -1,13 +1,14 @@
 """Fleet configuration: device tiers, fault shares and rollout policy, validated once.
 
-Everything ``simulation.fleet`` and ``simulation.e2e`` need is parsed here into frozen
-dataclasses; nothing deeper reads the environment or re-checks ranges. Units are in
-the names (``budget_bytes``, ``bandwidth_bps``, ``poll_interval_s``).
+Everything ``simulation.fleet`` and ``simulation.ota_rollout`` need is parsed here into
+frozen dataclasses; nothing deeper reads the environment or re-checks ranges. Units are
+in the names (``budget_bytes``, ``bandwidth_bps``, ``poll_interval_s``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 from simulation.errors import SimulationInputError
 
@@ -16,6 +17,7 @@ __all__ = [
     "DEVICE_RUNTIMES",
     "FaultShares",
     "FleetConfig",
+    "FleetMode",
     "RolloutPolicy",
     "Tier",
     "auto_stages",
@@ -23,8 +25,15 @@ __all__ = [
 ]
 
 _MIB = 2**20
-RUNTIMES = ("llamacpp", "nf4")
+RUNTIMES = ("llamacpp", "nf4")  # client.runtime's RuntimeKind
 DEVICE_RUNTIMES = ("mixed", *RUNTIMES)
+
+
+class FleetMode(StrEnum):
+    """``fedota simulate --fleet-mode``: how much each phone runs (``FleetConfig.lightweight``)."""
+
+    FULL = "full"  # every phone health-checks and evaluates on its own runtime
+    LIGHT = "light"  # the update protocol per phone; measurements shared per (tier, adapter)
 
 
 @dataclass(frozen=True)

@@ -16,28 +16,34 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import httpx
 
-from client.update import api
-from client.update.agent import UpdateOutcome, check_and_update
-from client.update.errors import (
+from client.update import (
+    GOLDEN_FILE,
+    DeviceConfig,
+    DeviceState,
     DeviceStateError,
+    GoldenLossChecker,
+    Retrier,
+    RetryPolicy,
     UpdateBusyError,
+    UpdateOutcome,
     UpdateRejectedError,
     UpdateRetryError,
+    UpdateStatus,
     UpdateTransientError,
+    api,
+    check_and_update,
 )
-from client.update.health import GOLDEN_FILE, GoldenLossChecker
-from client.update.state import DeviceConfig, DeviceState
-from client.update.transport import Retrier, RetryPolicy
 from simulation.fleet.bases import BaseCopy
 from simulation.fleet.config import Tier
-from simulation.fleet.faults import KillAt, Killed
+from simulation.fleet.faults import DeviceFault, KillAt, Killed
 from simulation.fleet.runtimes import RuntimePool, adapter_digest
 
-__all__ = ["ByteCounter", "DeviceProfile", "PollResult", "SimDevice", "consistency"]
+__all__ = ["ByteCounter", "DeviceProfile", "PollResult", "PollStatus", "SimDevice", "consistency"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +55,13 @@ class DeviceProfile:
     Attributes:
         index: Position in the fleet (0-based).
         tier: Memory budget, bandwidth and availability.
-        fault: ``none``, ``killed``, ``mirror``, ``other_base`` or ``far_behind``.
+        fault: The fault planted on it (``DeviceFault.NONE``: a healthy phone).
         kill_step: The agent step a ``killed`` device dies at on its first update.
     """
 
     index: int
     tier: Tier
-    fault: str = "none"
+    fault: DeviceFault = DeviceFault.NONE
     kill_step: str | None = None
 
     @property
@@ -64,14 +70,27 @@ class DeviceProfile:
         return f"dev-{self.index:05d}"
 
 
+class PollStatus(StrEnum):
+    """How one poll of one device ended.
+
+    The first three are the update agent's own outcomes (``UpdateOutcome.status``);
+    the rest are the errors it raised, as the fleet counts them.
+    """
+
+    UPDATED = UpdateStatus.UPDATED.value
+    NO_UPDATE = UpdateStatus.NO_UPDATE.value
+    ROLLED_BACK = UpdateStatus.ROLLED_BACK.value
+    REJECTED = "rejected"  # the release was refused (UpdateRejectedError)
+    RETRY = "retry"  # a local or transport problem with an offered release (ADR 0007)
+    TRANSIENT = "transient"  # the server was unavailable, or another update was running
+
+
 @dataclass(frozen=True)
 class PollResult:
     """What one poll of one device did.
 
     Attributes:
-        status: ``updated``, ``no_update``, ``rolled_back``, ``rejected``, ``retry``
-            (a local or transport problem with an offered release, ADR 0007),
-            ``transient`` or ``busy``.
+        status: How the poll ended.
         version: Active version afterwards (``None``: no adapter).
         offered: Whether the device was offered (and started) an update.
         reason: Rejection reason code or rollback reason.
@@ -82,7 +101,7 @@ class PollResult:
         health_peak_bytes: Peak memory the health check measured, if it ran.
     """
 
-    status: str
+    status: PollStatus
     version: int | None
     offered: bool
     reason: str = ""
@@ -202,7 +221,11 @@ class SimDevice:
         )
         before = counter.bytes
         kill = None
-        if self.profile.fault == "killed" and self.updates == 0 and self.profile.kill_step:
+        if (
+            self.profile.fault == DeviceFault.KILLED
+            and self.updates == 0
+            and self.profile.kill_step
+        ):
             kill = KillAt(self.profile.kill_step)
         timer = _Timer(kill)
         killed_at, killed_ok = None, True
@@ -220,16 +243,20 @@ class SimDevice:
                     self.state, checker=checker, http=http, retrier=retrier, hook=timer
                 )
         except UpdateRejectedError as e:
-            return self._result("rejected", True, e.reason, counter.bytes - before, killed_at)
+            return self._result(
+                PollStatus.REJECTED, True, e.reason, counter.bytes - before, killed_at
+            )
         except UpdateRetryError as e:
-            return self._result("retry", True, e.reason, counter.bytes - before, killed_at)
+            return self._result(PollStatus.RETRY, True, e.reason, counter.bytes - before, killed_at)
         except (UpdateTransientError, UpdateBusyError) as e:
             logger.info("%s: transient: %s", self.profile.name, e)
-            return self._result("transient", False, str(e)[:120], counter.bytes - before, killed_at)
+            return self._result(
+                PollStatus.TRANSIENT, False, str(e)[:120], counter.bytes - before, killed_at
+            )
         return self._from_outcome(outcome, timer, counter.bytes - before, killed_at, killed_ok)
 
     def _result(
-        self, status: str, offered: bool, reason: str, nbytes: int, killed_at: str | None
+        self, status: PollStatus, offered: bool, reason: str, nbytes: int, killed_at: str | None
     ) -> PollResult:
         active = self.state.active()
         return PollResult(
@@ -249,16 +276,17 @@ class SimDevice:
         killed_at: str | None,
         killed_ok: bool,
     ) -> PollResult:
-        if outcome.status == "updated":
+        status = PollStatus(outcome.status)
+        if status == PollStatus.UPDATED:
             self.updates += 1
         active = self.state.active()
         return PollResult(
-            status=outcome.status,
+            status=status,
             version=active.version if active else None,
-            offered=outcome.status != "no_update" or killed_at is not None,
-            reason=outcome.reason if outcome.status == "rolled_back" else "",
+            offered=status != PollStatus.NO_UPDATE or killed_at is not None,
+            reason=outcome.reason if status == PollStatus.ROLLED_BACK else "",
             bytes_downloaded=nbytes,
-            apply_ms=timer.apply_ms() if outcome.status == "updated" else None,
+            apply_ms=timer.apply_ms() if status == PollStatus.UPDATED else None,
             killed_at=killed_at,
             killed_state_ok=killed_ok,
             health_peak_bytes=outcome.health.peak_bytes if outcome.health else None,

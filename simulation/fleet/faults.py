@@ -18,15 +18,19 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from protocol import atomic_dir
+
 __all__ = [
     "KILL_STEPS",
     "PLANTED",
     "CorruptingMirror",
+    "DeviceFault",
     "KillAt",
     "Killed",
     "corrupt_adapter",
@@ -36,15 +40,26 @@ __all__ = [
     "planted_release",
 ]
 
+
+class DeviceFault(StrEnum):
+    """The fault planted on a simulated phone (``summary.json`` ``fleet.faults`` keys)."""
+
+    NONE = "none"
+    KILLED = "killed"  # updater killed at a step of its first update, then restarted
+    MIRROR = "mirror"  # the first release's downloads come through a corrupting mirror
+    OTHER_BASE = "other_base"  # holds a base with another fingerprint: never offered
+    FAR_BEHIND = "far_behind"  # offline until the catch-up sweep (gets a full bundle)
+
+
 # Every planted fault is labelled with this wherever a person reads about it (log lines,
 # the end-of-run table, report.md, fleet.md), so that the rollbacks, rejections and
 # warnings a fault causes never read as the user's own training having broken.
 PLANTED = "fault injection; --no-faults to turn off"
 _DEVICE_FAULTS = {
-    "killed": "killed mid-apply",
-    "mirror": "behind a corrupting mirror",
-    "other_base": "on another base",
-    "far_behind": "far behind",
+    DeviceFault.KILLED: "killed mid-apply",
+    DeviceFault.MIRROR: "behind a corrupting mirror",
+    DeviceFault.OTHER_BASE: "on another base",
+    DeviceFault.FAR_BEHIND: "far behind",
 }
 
 
@@ -149,14 +164,12 @@ def other_base(base_dir: Path, out_dir: Path) -> Path:
     """
     if (out_dir / "config.json").is_file():
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base_dir, tmp)
-    path = tmp / "tokenizer_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    config["fedota_fleet_variant"] = "other-base"
-    path.write_text(json.dumps(config, indent=2))
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir, replace=True) as tmp:
+        shutil.copytree(base_dir, tmp, dirs_exist_ok=True)
+        path = tmp / "tokenizer_config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        config["fedota_fleet_variant"] = "other-base"
+        path.write_text(json.dumps(config, indent=2))
     return out_dir
 
 

@@ -27,19 +27,26 @@ from typing import Any
 import httpx
 import numpy as np
 
-from delta_packager.files import relaxed_durability
-from delta_packager.manifest import AdapterConfig
+from protocol import relaxed_durability
 from simulation.fleet.bases import FleetBases
 from simulation.fleet.config import FleetConfig, Tier
-from simulation.fleet.device import ByteCounter, DeviceProfile, PollResult, SimDevice, consistency
-from simulation.fleet.faults import KILL_STEPS, CorruptingMirror
+from simulation.fleet.device import (
+    ByteCounter,
+    DeviceProfile,
+    PollResult,
+    PollStatus,
+    SimDevice,
+    consistency,
+)
+from simulation.fleet.faults import KILL_STEPS, CorruptingMirror, DeviceFault
+from simulation.fleet.ota_client import Endpoint, Operator
 from simulation.fleet.runtimes import RuntimePool
-from simulation.fleet.server import Endpoint, Operator
 
 __all__ = ["Fleet", "RuntimeStats", "SweepResult", "draw_profiles"]
 
 logger = logging.getLogger(__name__)
-FAULTS = ("killed", "mirror", "other_base", "far_behind")
+# The planted faults in the order of their FaultShares (each device has at most one).
+FAULTS = (DeviceFault.KILLED, DeviceFault.MIRROR, DeviceFault.OTHER_BASE, DeviceFault.FAR_BEHIND)
 
 
 def draw_profiles(cfg: FleetConfig) -> list[DeviceProfile]:
@@ -59,7 +66,7 @@ def draw_profiles(cfg: FleetConfig) -> list[DeviceProfile]:
             strict=True,
         )
     )
-    faults: dict[int, str] = {}
+    faults: dict[int, DeviceFault] = {}
     for name, share in wanted.items():
         count = 0 if share <= 0 else max(1, round(share * cfg.devices))
         for _ in range(count):
@@ -68,8 +75,8 @@ def draw_profiles(cfg: FleetConfig) -> list[DeviceProfile]:
             faults[int(order.pop())] = name
     profiles = []
     for i in range(cfg.devices):
-        fault = faults.get(i, "none")
-        step = KILL_STEPS[i % len(KILL_STEPS)] if fault == "killed" else None
+        fault = faults.get(i, DeviceFault.NONE)
+        step = KILL_STEPS[i % len(KILL_STEPS)] if fault == DeviceFault.KILLED else None
         profiles.append(DeviceProfile(i, cfg.tiers[int(tiers[i])], fault, step))
     return profiles
 
@@ -181,7 +188,7 @@ class Fleet:
             SimDevice(
                 p,
                 work_dir / "devices" / p.name,
-                bases.held_by(p.tier.runtime, other=p.fault == "other_base"),
+                bases.held_by(p.tier.runtime, other=p.fault == DeviceFault.OTHER_BASE),
             )
             for p in self.profiles
         ]
@@ -223,7 +230,7 @@ class Fleet:
     def _online(self, dev: SimDevice, *, final: bool) -> bool:
         if final:
             return True
-        if dev.profile.fault == "far_behind":
+        if dev.profile.fault == DeviceFault.FAR_BEHIND:
             return self.rounds_seen == 1  # online for the first release only
         return bool(self._rng.random() < dev.profile.tier.availability)
 
@@ -253,9 +260,9 @@ class Fleet:
                     continue
                 result = self._poll(i, dev)
                 offers += int(result.offered)
-                out.updated += int(result.status == "updated")
-                out.rolled_back += int(result.status == "rolled_back")
-                out.rejected += int(result.status == "rejected")
+                out.updated += int(result.status == PollStatus.UPDATED)
+                out.rolled_back += int(result.status == PollStatus.ROLLED_BACK)
+                out.rejected += int(result.status == PollStatus.REJECTED)
             out.polls += 1
             out.offers += offers
             self.clock_s += self.cfg.poll_interval_s
@@ -273,7 +280,7 @@ class Fleet:
         return out
 
     def _poll(self, i: int, dev: SimDevice) -> PollResult:
-        mirror = dev.profile.fault == "mirror" and self._mirror.active
+        mirror = dev.profile.fault == DeviceFault.MIRROR and self._mirror.active
         http = self._mirror_http if mirror else self._http
         counter = self._mirror_counter if mirror else self._counter
         digests = self.digests
@@ -286,7 +293,7 @@ class Fleet:
         per_runtime = s.by_runtime[dev.profile.tier.runtime]
         s.bytes_downloaded += result.bytes_downloaded
         s.downloads += int(result.bytes_downloaded > 0)
-        if dev.profile.fault == "other_base" and result.offered:
+        if dev.profile.fault == DeviceFault.OTHER_BASE and result.offered:
             s.other_base_offered += 1
         if result.killed_at is not None:
             s.killed[i] = result.killed_at
@@ -295,21 +302,21 @@ class Fleet:
             name = dev.profile.tier.name
             s.peak_by_tier[name] = max(s.peak_by_tier.get(name, 0), result.health_peak_bytes)
             per_runtime.record_peak(result.health_peak_bytes)
-        if result.status == "rolled_back":
+        if result.status == PollStatus.ROLLED_BACK:
             s.rolled_back_devices.add(i)
             per_runtime.rollbacks += 1
-        elif result.status == "rejected":
+        elif result.status == PollStatus.REJECTED:
             s.failed_devices.add(i)
             s.rejections[result.reason] += 1
             per_runtime.rejections += 1
-        elif result.status == "retry":  # not the release's fault: it stays offered
+        elif result.status == PollStatus.RETRY:  # not the release's fault: it stays offered
             s.retries[result.reason] += 1
-        elif result.status == "updated" and result.version is not None:
+        elif result.status == PollStatus.UPDATED and result.version is not None:
             s.updated_devices.add(i)
             per_runtime.updates += 1
             full = result.bytes_downloaded == self.full_bytes.get(result.version)
             s.update_kinds["full" if full else "delta"] += 1
-            if dev.profile.fault == "far_behind":
+            if dev.profile.fault == DeviceFault.FAR_BEHIND:
                 s.far_behind_last_full[i] = full
             if result.apply_ms is not None:
                 s.apply_ms.append(result.apply_ms)
@@ -327,12 +334,7 @@ class Fleet:
         if active is None:
             return
         adapter = dev.state.read_slot(active.slot)
-        raw = dev.state.read_adapter_config(active.slot) or {}
-        config = AdapterConfig(
-            rank=int(raw["rank"]),
-            alpha=float(raw["alpha"]),
-            target_modules=tuple(raw.get("target_modules") or ()),
-        )
+        config = dev.state.read_shape(active.slot)
         tier: Tier = dev.profile.tier
         got = self.pool.evaluate(
             dev.base.path,

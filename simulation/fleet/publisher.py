@@ -18,23 +18,38 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from delta_packager.manifest import AdapterConfig, Provenance
-from delta_packager.package import PackagePolicy, PackagerState, build_bundle, package_version
-from delta_packager.store import save_state
+from delta_packager import (
+    AdapterConfig,
+    PackagePolicy,
+    PackageResult,
+    PackagerState,
+    Provenance,
+    build_bundle,
+    package_version,
+    save_state,
+)
 from delta_packager.trust import release as sign_release
 from simulation.fleet.config import RolloutPolicy
+from simulation.fleet.ota_client import Operator
 from simulation.fleet.runtimes import RuntimePool, adapter_digest
-from simulation.fleet.server import Operator
 
-__all__ = ["CATCH_UP_DELTAS", "Publisher", "Release"]
+__all__ = ["CATCH_UP_DELTAS", "Publisher", "Release", "ReleaseRole"]
 
 logger = logging.getLogger(__name__)
 CATCH_UP_DELTAS = 3  # deltas published from this many earlier versions (older: full)
+
+
+class ReleaseRole(StrEnum):
+    """What a release is (``summary.json`` ``rollouts[].kind``)."""
+
+    GOOD = "good"  # the round's global adapter
+    BAD = "bad"  # the planted bad release (fault injection): fails its health check
+    ROLLBACK = "rollback"  # the last good adapter again, as a new, higher version
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,7 @@ class Release:
     Attributes:
         version: Adapter version (= release counter).
         round: Training round it came from.
-        kind: ``good``, ``bad`` (fault injection) or ``rollback``.
+        kind: What the release is.
         digest: SHA-256 of the device-exact adapter (``adapter_digest``).
         golden_loss: Golden-prompt loss recorded in the provenance.
         bundles: ``from_version`` (``None``: full) -> bundle size in bytes.
@@ -53,7 +68,7 @@ class Release:
 
     version: int
     round: int
-    kind: str
+    kind: ReleaseRole
     digest: str
     golden_loss: float
     bundles: Mapping[int | None, int]
@@ -123,7 +138,7 @@ class Publisher:
     @property
     def last_good(self) -> Release | None:
         """The newest release that is not the injected bad one."""
-        good = [r for r in self.releases if r.kind != "bad"]
+        good = [r for r in self.releases if r.kind != ReleaseRole.BAD]
         return good[-1] if good else None
 
     def golden_loss(self, tensors: Mapping[str, np.ndarray]) -> float:
@@ -143,16 +158,16 @@ class Publisher:
         *,
         round: int,
         provenance: Provenance | None = None,
-        kind: str = "good",
+        kind: ReleaseRole = ReleaseRole.GOOD,
     ) -> Release:
         """Package ``tensors`` as the next version, publish it and start its rollout.
 
         Args:
-            tensors: The adapter to ship (for ``kind="bad"``, the corrupted payload).
+            tensors: The adapter to ship (for a ``BAD`` release, the corrupted payload).
             round: Training round it belongs to.
             provenance: Training provenance (round, clients, ε...); the golden loss is
                 added to its ``eval_metrics["loss"]``.
-            kind: ``good``, ``bad`` or ``rollback``.
+            kind: What the release is.
 
         Returns:
             The release.
@@ -161,33 +176,11 @@ class Publisher:
             PackagerInputError: the adapter is empty, non-finite or mis-shaped.
             RemoteRejectedError: the server refused the bundles, release or rollout.
         """
-        base_prov = provenance or Provenance(round=round)
         policy = self.policy
-        if kind == "rollback":  # exact payload of the last good adapter, as a new anchor
+        if kind == ReleaseRole.ROLLBACK:  # exact payload of the last good adapter, as a new anchor
             policy = replace(policy, chain_limit=0, full_encoding="fp32")
-        draft = package_version(
-            tensors,
-            previous=self.state,
-            base_fingerprint=self.fingerprint,
-            adapter_config=self.adapter_config,
-            provenance=base_prov,
-            policy=policy,
-            compatible_bases=self.compatible_bases,
-        )
-        if kind == "bad":
-            assert self.last_good is not None, "a bad release needs a good one before it"
-            loss = self.last_good.golden_loss  # the pipeline's claim, not a measurement
-        else:
-            loss = self.golden_loss(draft.state.current.tensors)
-        metrics = {**dict(base_prov.eval_metrics), "loss": loss}
-        result = package_version(
-            tensors,
-            previous=self.state,
-            base_fingerprint=self.fingerprint,
-            adapter_config=self.adapter_config,
-            provenance=replace(base_prov, round=round, eval_metrics=metrics),
-            policy=policy,
-            compatible_bases=self.compatible_bases,
+        result, loss = self._package(
+            tensors, round, provenance or Provenance(round=round), policy, kind
         )
         state = result.state
         paths, sizes = self._write_bundles(state, result.bundle_bytes, policy)
@@ -195,7 +188,59 @@ class Publisher:
         self.operator.publish(paths, targets)
         save_state(state, self.work_dir / "packager-state")
         self.state = state
-        version = state.latest_version
+        rel = Release(
+            version=state.latest_version,
+            round=round,
+            kind=kind,
+            digest=adapter_digest(dict(state.current.tensors)),
+            golden_loss=loss,
+            bundles=sizes,
+            rollout_id=self._start_rollout(state.latest_version),
+        )
+        self._record(rel, state)
+        return rel
+
+    def _package(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        round: int,
+        provenance: Provenance,
+        policy: PackagePolicy,
+        kind: ReleaseRole,
+    ) -> tuple[PackageResult, float]:
+        """Package ``tensors`` with the golden loss in the provenance, and that loss.
+
+        The loss is measured on the device-exact adapter, which only packaging yields:
+        a draft is packaged first, measured, and the version packaged again with it.
+        """
+        draft = package_version(
+            tensors,
+            previous=self.state,
+            base_fingerprint=self.fingerprint,
+            adapter_config=self.adapter_config,
+            provenance=provenance,
+            policy=policy,
+            compatible_bases=self.compatible_bases,
+        )
+        if kind == ReleaseRole.BAD:
+            assert self.last_good is not None, "a bad release needs a good one before it"
+            loss = self.last_good.golden_loss  # the pipeline's claim, not a measurement
+        else:
+            loss = self.golden_loss(draft.state.current.tensors)
+        metrics = {**dict(provenance.eval_metrics), "loss": loss}
+        result = package_version(
+            tensors,
+            previous=self.state,
+            base_fingerprint=self.fingerprint,
+            adapter_config=self.adapter_config,
+            provenance=replace(provenance, round=round, eval_metrics=metrics),
+            policy=policy,
+            compatible_bases=self.compatible_bases,
+        )
+        return result, loss
+
+    def _start_rollout(self, version: int) -> int:
+        """Start the staged rollout of ``version``; its id."""
         rollout = self.operator.create_rollout(
             version,
             self.fingerprint,
@@ -203,23 +248,24 @@ class Publisher:
             max_failure_rate=self.rollout.max_failure_rate,
             min_reports=self.min_reports,
         )
-        digest = adapter_digest(dict(state.current.tensors))
-        rel = Release(version, round, kind, digest, loss, sizes, int(rollout["id"]))
+        return int(rollout["id"])
+
+    def _record(self, rel: Release, state: PackagerState) -> None:
+        """Remember a published release (and its tensors, unless it is the bad one)."""
         self.releases.append(rel)
-        self.digests[version] = digest
-        self.full_sizes[version] = sizes[None]
-        if kind != "bad":
+        self.digests[rel.version] = rel.digest
+        self.full_sizes[rel.version] = rel.bundles[None]
+        if rel.kind != ReleaseRole.BAD:
             self.good_tensors = dict(state.current.tensors)
         logger.info(
             "round %d: released v%d (%s, golden loss %.4f, %d bytes), rollout %d",
-            round,
-            version,
-            kind,
-            loss,
+            rel.round,
+            rel.version,
+            rel.kind,
+            rel.golden_loss,
             rel.primary_bytes,
             rel.rollout_id,
         )
-        return rel
 
     def _write_bundles(
         self, state: PackagerState, primary: bytes, policy: PackagePolicy
@@ -245,18 +291,3 @@ class Publisher:
             path.write_bytes(data)
             paths.append(path)
         return paths, {k: len(v) for k, v in blobs.items()}
-
-    def summary(self) -> list[dict[str, Any]]:
-        """Releases as JSON values (without rollout outcomes)."""
-        return [
-            {
-                "version": r.version,
-                "round": r.round,
-                "kind": r.kind,
-                "golden_loss": r.golden_loss,
-                "bundle_bytes": r.primary_bytes,
-                "full_bundle_bytes": r.bundles[None],
-                "rollout_id": r.rollout_id,
-            }
-            for r in self.releases
-        ]

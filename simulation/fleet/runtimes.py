@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from client.runtime.interface import open_runtime, runtime_kind_of
-from client.update.health import Measurement
-from delta_packager.apply import AdapterState
-from delta_packager.manifest import AdapterConfig, Manifest
+from client.runtime import open_runtime, runtime_kind_of
+from client.update import Measurement
+from delta_packager import AdapterState, Manifest
+from protocol import LoraShape
 
 __all__ = ["EvalResult", "RuntimePool", "adapter_digest"]
 
@@ -120,7 +120,7 @@ class RuntimePool:
         base_dir: Path,
         budget_bytes: int | None,
         adapter: dict[str, np.ndarray] | None,
-        config: AdapterConfig | None,
+        config: LoraShape | None,
         texts: Sequence[str],
         *,
         version: int | None = None,
@@ -131,16 +131,14 @@ class RuntimePool:
             BudgetTooSmallError: the budget cannot hold the base and the adapter.
             ClientInputError: the adapter does not fit the base's layers.
         """
-        from client.runtime import AdapterSpec
-        from client.runtime.memory import process_rss_bytes
+        from client.runtime import process_rss_bytes
 
         shared = self._get(base_dir, budget_bytes)
         runtime = shared.runtime
         if adapter is None or config is None:
             runtime.set_adapter(None)
         else:
-            spec = AdapterSpec(config.rank, config.alpha, config.target_modules or None)
-            runtime.set_adapter(dict(adapter), spec, version=version)
+            runtime.set_adapter(dict(adapter), config.as_shape(), version=version)
         start_rss = process_rss_bytes()
         stats = runtime.evaluate(list(texts))  # resets VmHWM before it starts
         meter = runtime.meter
@@ -155,7 +153,7 @@ class RuntimePool:
         base_dir: Path,
         budget_bytes: int | None,
         adapter: dict[str, np.ndarray],
-        config: AdapterConfig,
+        config: LoraShape,
         texts: Sequence[str],
     ) -> EvalResult:
         """Golden-prompt evaluation, memoised per adapter digest in lightweight pools.

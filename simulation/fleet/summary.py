@@ -1,4 +1,5 @@
-"""The ``fleet`` and ``rollouts`` parts of ``summary.json`` (schema: docs/simulate.md).
+"""The ``fleet``, ``rollouts`` and ``ota_rounds`` parts of ``summary.json`` (schema:
+docs/simulate.md), as frozen records; their ``to_dict()`` is the JSON.
 
 ``mixed_state`` and ``budget_violations`` must be 0; ``healthy_not_on_latest`` must be
 0 after the catch-up sweep; ``other_base_offered`` must be 0 (C12).
@@ -7,123 +8,266 @@
 from __future__ import annotations
 
 import statistics
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from simulation.fleet.faults import DeviceFault
 from simulation.fleet.fleet import Fleet
-from simulation.fleet.publisher import Publisher
-from simulation.fleet.server import Operator
+from simulation.fleet.ota_client import Operator
+from simulation.fleet.publisher import Publisher, Release, ReleaseRole
+from simulation.json_form import JsonRecord, json_form
 
-__all__ = ["fleet_summary", "rollouts_summary"]
+__all__ = [
+    "FleetOutcome",
+    "FleetSummary",
+    "OtaRoundSummary",
+    "RolloutSummary",
+    "RuntimeSummary",
+    "TierSummary",
+    "fleet_outcome",
+    "fleet_summary",
+    "rollouts_summary",
+]
 
 
-def fleet_summary(fleet: Fleet, publisher: Publisher, *, full_model_bytes: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TierSummary(JsonRecord):
+    """``fleet.tiers.<name>``: a tier's phones, budget, network and measured peak."""
+
+    devices: int
+    budget_bytes: int
+    bandwidth_bps: float
+    availability: float
+    runtime: str
+    peak_memory_bytes_max: int | None
+
+
+@dataclass(frozen=True)
+class RuntimeSummary(JsonRecord):
+    """``fleet.runtimes.<name>``: the outcomes of the phones on one runtime."""
+
+    devices: int
+    base_fingerprint: str
+    updates: int
+    rollbacks: int
+    rejections: int
+    apply_ms_p50: float | None
+    peak_memory_bytes_max: int | None
+    budget_violations: int
+    heldout_loss_mean: float | None
+
+
+@dataclass(frozen=True)
+class FleetSummary(JsonRecord):
+    """``fleet``: outcomes over the whole run, read from the devices' state directories."""
+
+    devices: int
+    updated: int
+    failed: int
+    rolled_back: int
+    mixed_state: int
+    budget_violations: int
+    apply_ms_p50: float | None
+    peak_memory_bytes_max: int | None
+    bytes_downloaded: int
+    bytes_if_full_model: int
+    downloads: int
+    latest_good_version: int | None
+    healthy_devices: int
+    healthy_on_latest: int
+    healthy_not_on_latest: int
+    other_base_offered: int
+    updates_by_bundle: Mapping[str, int]
+    far_behind_caught_up_with_full: int
+    killed_mid_apply: int
+    killed_inconsistent_before_restart: int
+    rejections: Mapping[str, int]
+    retries: Mapping[str, int]
+    final_versions: Mapping[str, int]  # "none" for a phone without an adapter
+    faults: Mapping[DeviceFault, int]
+    tiers: Mapping[str, TierSummary]
+    runtimes: Mapping[str, RuntimeSummary]
+    lightweight: bool
+    inferences: int
+    simulated_time_s: float
+    mixed_examples: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RolloutSummary(JsonRecord):
+    """``rollouts[]``: one release, the stages its rollout reached, and what rolled it back."""
+
+    version: int
+    round: int
+    kind: ReleaseRole
+    rollout_id: int
+    stages: tuple[int, ...]
+    stages_reached: int
+    percent_reached: int
+    state: str
+    paused: bool
+    auto_paused: bool
+    pause_reason: str | None
+    installed: int
+    failed: int
+    rolled_back_by: int | None
+    golden_loss: float
+    bundle_bytes: int
+    full_bundle_bytes: int
+
+
+@dataclass(frozen=True)
+class OtaRoundSummary(JsonRecord):
+    """``ota_rounds[]``: what the OTA half did after one training round."""
+
+    round: int
+    releases: tuple[int, ...]
+    bundle_bytes: int
+    adoption: float
+    paused: bool
+    planted: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FleetOutcome:
+    """The fleet's parts of ``summary.json`` once the OTA half has finished."""
+
+    fleet: FleetSummary
+    rollouts: tuple[RolloutSummary, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"fleet": {...}, "rollouts": [...]}``."""
+        return {"fleet": self.fleet.to_dict(), "rollouts": json_form(self.rollouts)}
+
+
+def _final_versions(fleet: Fleet, mixed: list[tuple[int, str]]) -> list[int | None]:
+    """Each device's active version at the end (``None``: none, or a mixed state)."""
+    mixed_devices = {i for i, _ in mixed}
+    finals: list[int | None] = []
+    for dev in fleet.devices:
+        active = dev.state.active() if dev.profile.index not in mixed_devices else None
+        finals.append(active.version if active else None)
+    return finals
+
+
+def _tiers(fleet: Fleet) -> dict[str, TierSummary]:
+    peaks = fleet.stats.peak_by_tier
+    return {
+        t.name: TierSummary(
+            devices=sum(p.tier.name == t.name for p in fleet.profiles),
+            budget_bytes=t.budget_bytes,
+            bandwidth_bps=t.bandwidth_bps,
+            availability=t.availability,
+            runtime=t.runtime,
+            peak_memory_bytes_max=peaks.get(t.name),
+        )
+        for t in fleet.cfg.tiers
+    }
+
+
+def _runtimes(fleet: Fleet) -> dict[str, RuntimeSummary]:
+    return {
+        name: RuntimeSummary(
+            devices=sum(p.tier.runtime == name for p in fleet.profiles),
+            base_fingerprint=fleet.bases.held_by(name).fingerprint,
+            updates=r.updates,
+            rollbacks=r.rollbacks,
+            rejections=r.rejections,
+            apply_ms_p50=statistics.median(r.apply_ms) if r.apply_ms else None,
+            peak_memory_bytes_max=r.peak_bytes or None,
+            budget_violations=r.budget_violations,
+            heldout_loss_mean=statistics.fmean(r.heldout_losses) if r.heldout_losses else None,
+        )
+        for name, r in sorted(fleet.stats.by_runtime.items())
+    }
+
+
+def fleet_summary(fleet: Fleet, publisher: Publisher, *, full_model_bytes: int) -> FleetSummary:
     """Outcomes over the whole run, read from the devices' state directories."""
     s = fleet.stats
     mixed = fleet.mixed_states()
     latest = publisher.last_good.version if publisher.last_good else None
-    finals: list[int | None] = []
-    for dev in fleet.devices:
-        active = dev.state.active() if not any(i == dev.profile.index for i, _ in mixed) else None
-        finals.append(active.version if active else None)
-    healthy = [p.index for p in fleet.profiles if p.fault != "other_base"]
+    finals = _final_versions(fleet, mixed)
+    healthy = [p.index for p in fleet.profiles if p.fault != DeviceFault.OTHER_BASE]
     not_latest = [i for i in healthy if finals[i] != latest]
-    faults: dict[str, int] = {}
-    for p in fleet.profiles:
-        faults[p.fault] = faults.get(p.fault, 0) + 1
-    per_version: dict[str, int] = {}
-    for v in finals:
-        key = "none" if v is None else str(v)
-        per_version[key] = per_version.get(key, 0) + 1
-    tiers = {
-        t.name: {
-            "devices": sum(p.tier.name == t.name for p in fleet.profiles),
-            "budget_bytes": t.budget_bytes,
-            "bandwidth_bps": t.bandwidth_bps,
-            "availability": t.availability,
-            "runtime": t.runtime,
-            "peak_memory_bytes_max": s.peak_by_tier.get(t.name),
-        }
-        for t in fleet.cfg.tiers
-    }
-    runtimes = {
-        name: {
-            "devices": sum(p.tier.runtime == name for p in fleet.profiles),
-            "base_fingerprint": fleet.bases.held_by(name).fingerprint,
-            "updates": r.updates,
-            "rollbacks": r.rollbacks,
-            "rejections": r.rejections,
-            "apply_ms_p50": statistics.median(r.apply_ms) if r.apply_ms else None,
-            "peak_memory_bytes_max": r.peak_bytes or None,
-            "budget_violations": r.budget_violations,
-            "heldout_loss_mean": statistics.fmean(r.heldout_losses) if r.heldout_losses else None,
-        }
-        for name, r in sorted(s.by_runtime.items())
-    }
     bundle_size = publisher.releases[-1].bundles[None] if publisher.releases else 0
-    return {
-        "devices": len(fleet.devices),
-        "updated": len(s.updated_devices),
-        "failed": len(s.failed_devices),
-        "rolled_back": len(s.rolled_back_devices),
-        "mixed_state": len(mixed),
-        "budget_violations": s.budget_violations,
-        "apply_ms_p50": fleet.apply_ms_p50(),
-        "peak_memory_bytes_max": max(s.peak_by_tier.values(), default=None),
-        "bytes_downloaded": s.bytes_downloaded,
-        "bytes_if_full_model": s.downloads * (full_model_bytes + bundle_size),
-        "downloads": s.downloads,
-        "latest_good_version": latest,
-        "healthy_devices": len(healthy),
-        "healthy_on_latest": len(healthy) - len(not_latest),
-        "healthy_not_on_latest": len(not_latest),
-        "other_base_offered": s.other_base_offered,
-        "updates_by_bundle": dict(s.update_kinds),
-        "far_behind_caught_up_with_full": sum(s.far_behind_last_full.values()),
-        "killed_mid_apply": len(s.killed),
-        "killed_inconsistent_before_restart": s.killed_inconsistent,
-        "rejections": dict(s.rejections),
-        "retries": dict(s.retries),
-        "final_versions": per_version,
-        "faults": faults,
-        "tiers": tiers,
-        "runtimes": runtimes,
-        "lightweight": fleet.cfg.lightweight,
-        "inferences": fleet.pool.inferences,
-        "simulated_time_s": fleet.clock_s,
-        "mixed_examples": [f"device {i}: {why}" for i, why in mixed[:5]],
-    }
+    return FleetSummary(
+        devices=len(fleet.devices),
+        updated=len(s.updated_devices),
+        failed=len(s.failed_devices),
+        rolled_back=len(s.rolled_back_devices),
+        mixed_state=len(mixed),
+        budget_violations=s.budget_violations,
+        apply_ms_p50=fleet.apply_ms_p50(),
+        peak_memory_bytes_max=max(s.peak_by_tier.values(), default=None),
+        bytes_downloaded=s.bytes_downloaded,
+        bytes_if_full_model=s.downloads * (full_model_bytes + bundle_size),
+        downloads=s.downloads,
+        latest_good_version=latest,
+        healthy_devices=len(healthy),
+        healthy_on_latest=len(healthy) - len(not_latest),
+        healthy_not_on_latest=len(not_latest),
+        other_base_offered=s.other_base_offered,
+        updates_by_bundle=dict(s.update_kinds),
+        far_behind_caught_up_with_full=sum(s.far_behind_last_full.values()),
+        killed_mid_apply=len(s.killed),
+        killed_inconsistent_before_restart=s.killed_inconsistent,
+        rejections=dict(s.rejections),
+        retries=dict(s.retries),
+        final_versions=dict(Counter("none" if v is None else str(v) for v in finals)),
+        faults=dict(Counter(p.fault for p in fleet.profiles)),
+        tiers=_tiers(fleet),
+        runtimes=_runtimes(fleet),
+        lightweight=fleet.cfg.lightweight,
+        inferences=fleet.pool.inferences,
+        simulated_time_s=fleet.clock_s,
+        mixed_examples=tuple(f"device {i}: {why}" for i, why in mixed[:5]),
+    )
 
 
-def rollouts_summary(publisher: Publisher, operator: Operator) -> list[dict[str, Any]]:
+def _rollout(rel: Release, operator: Operator, rolled_back_by: int | None) -> RolloutSummary:
+    view = operator.rollout(rel.rollout_id)
+    actions = [e["action"] for e in operator.events(rel.rollout_id)]
+    reached = int(view["stage_index"]) + 1
+    return RolloutSummary(
+        version=rel.version,
+        round=rel.round,
+        kind=rel.kind,
+        rollout_id=rel.rollout_id,
+        stages=tuple(view["stages"]),
+        stages_reached=reached,
+        percent_reached=view["stages"][reached - 1],
+        state=view["state"],
+        paused=any(a in ("auto_pause", "pause") for a in actions),
+        auto_paused=any(a == "auto_pause" for a in actions),
+        pause_reason=view.get("pause_reason"),
+        installed=sum(int(s["installed"]) for s in view["stage_stats"]),
+        failed=sum(int(s["failed"]) for s in view["stage_stats"]),
+        rolled_back_by=rolled_back_by,
+        golden_loss=rel.golden_loss,
+        bundle_bytes=rel.primary_bytes,
+        full_bundle_bytes=rel.bundles[None],
+    )
+
+
+def rollouts_summary(publisher: Publisher, operator: Operator) -> tuple[RolloutSummary, ...]:
     """Per release: stages reached, paused or not, and what rolled it back."""
-    out = []
     rollback_of: dict[int, int] = {}
     for prev, rel in zip(publisher.releases, publisher.releases[1:], strict=False):
-        if rel.kind == "rollback" and prev.kind == "bad":
+        if rel.kind == ReleaseRole.ROLLBACK and prev.kind == ReleaseRole.BAD:
             rollback_of[prev.version] = rel.version
-    for rel in publisher.releases:
-        view = operator.rollout(rel.rollout_id)
-        events = operator.events(rel.rollout_id)
-        reached = int(view["stage_index"]) + 1
-        out.append(
-            {
-                "version": rel.version,
-                "round": rel.round,
-                "kind": rel.kind,
-                "rollout_id": rel.rollout_id,
-                "stages": list(view["stages"]),
-                "stages_reached": reached,
-                "percent_reached": view["stages"][reached - 1],
-                "state": view["state"],
-                "paused": any(e["action"] in ("auto_pause", "pause") for e in events),
-                "auto_paused": any(e["action"] == "auto_pause" for e in events),
-                "pause_reason": view.get("pause_reason"),
-                "installed": sum(int(s["installed"]) for s in view["stage_stats"]),
-                "failed": sum(int(s["failed"]) for s in view["stage_stats"]),
-                "rolled_back_by": rollback_of.get(rel.version),
-                "golden_loss": rel.golden_loss,
-                "bundle_bytes": rel.primary_bytes,
-                "full_bundle_bytes": rel.bundles[None],
-            }
-        )
-    return out
+    return tuple(
+        _rollout(rel, operator, rollback_of.get(rel.version)) for rel in publisher.releases
+    )
+
+
+def fleet_outcome(
+    fleet: Fleet, publisher: Publisher, operator: Operator, *, full_model_bytes: int
+) -> FleetOutcome:
+    """The ``fleet`` and ``rollouts`` parts of the summary."""
+    return FleetOutcome(
+        fleet=fleet_summary(fleet, publisher, full_model_bytes=full_model_bytes),
+        rollouts=rollouts_summary(publisher, operator),
+    )

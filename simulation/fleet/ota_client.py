@@ -1,4 +1,5 @@
-"""④ publish, from the simulation's side: the OTA server it talks to and the operator.
+"""④ publish, from the simulation's side: a client of the OTA server, and the server
+it talks to when none is given.
 
 ``EmbeddedServer`` runs the real ``fedota serve`` (SQLite + local blob store) as a
 child process bound to 127.0.0.1 only, with fresh random role secrets; ``Endpoint``
@@ -18,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.ota.errors import RemoteRejectedError, ServerUnreachableError
-from server.ota.remote import OtaRemote, wait_until_ready
+from server.ota import OtaRemote, RemoteRejectedError, ServerUnreachableError, wait_until_ready
 from simulation.errors import SimulationError
 
 __all__ = ["EmbeddedServer", "Endpoint", "Operator", "ServerStartError"]

@@ -1,4 +1,4 @@
-"""The end-to-end scenario, OTA half: after each round, package → publish → roll out →
+"""The OTA half of ``fedota simulate``: after each round, package → publish → roll out →
 the fleet downloads, verifies, applies, health-checks, evaluates and reports.
 
 Reads top to bottom:
@@ -10,12 +10,13 @@ Reads top to bottom:
   release is corrupted; the server auto-pauses it on the failure reports and the
   orchestrator, as an operator, cancels it and rolls back with a new, higher release
   whose payload is bit-identical to the last good adapter;
-* ``finish`` — a catch-up sweep (every device online, far-behind ones too), the E20
-  consistency check of every device, and the ``fleet`` and ``rollouts`` parts of
-  ``summary.json`` (schema in docs/simulate.md).
+* ``finish_rollouts`` — a catch-up sweep (every device online, far-behind ones too), the
+  E20 consistency check of every device, and the ``fleet`` and ``rollouts`` parts of
+  ``summary.json`` (schema in docs/simulate.md); ``finish`` is the same as JSON.
 
 ``run_fleet_demo`` drives the same code with synthetic rounds (random LoRA adapters
 drifting a little each round), so the OTA half runs without the training half.
+``simulation.pipeline`` ties it to the training half.
 """
 
 from __future__ import annotations
@@ -26,28 +27,46 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from delta_packager.manifest import AdapterConfig, Provenance
-from delta_packager.package import PackagePolicy
+from delta_packager import AdapterConfig, PackagePolicy, Provenance
 from delta_packager.trust import init_keys
-from simulation.fleet.bases import prepare_bases
-from simulation.fleet.config import FleetConfig
-from simulation.fleet.faults import corrupt_adapter, planted_devices, planted_release
-from simulation.fleet.fleet import Fleet, SweepResult
-from simulation.fleet.publisher import Publisher, Release
-from simulation.fleet.runtimes import RuntimePool
-from simulation.fleet.server import EmbeddedServer, Endpoint, Operator
-from simulation.fleet.summary import fleet_summary, rollouts_summary
+from simulation.fleet import (
+    DeviceFault,
+    EmbeddedServer,
+    Endpoint,
+    Fleet,
+    FleetConfig,
+    FleetOutcome,
+    Operator,
+    OtaRoundSummary,
+    Publisher,
+    Release,
+    ReleaseRole,
+    RuntimePool,
+    SweepResult,
+    corrupt_adapter,
+    fleet_outcome,
+    planted_devices,
+    planted_release,
+    prepare_bases,
+    write_fleet_report,
+)
+
+if TYPE_CHECKING:
+    from server.federation import RoundCallback, RoundResult
 
 __all__ = [
     "OtaContext",
     "RoundOta",
+    "demo_adapter",
     "finish",
+    "finish_rollouts",
     "on_round_end",
     "round_json",
+    "round_metrics",
     "run_fleet_demo",
     "run_ota_round",
     "start_ota",
@@ -78,6 +97,17 @@ class RoundOta:
     paused: bool = False
     planted: tuple[int, ...] = ()
 
+    def summary(self) -> OtaRoundSummary:
+        """This round in ``summary.json`` (``ota_rounds``): everything but the sweeps."""
+        return OtaRoundSummary(
+            round=self.round,
+            releases=self.releases,
+            bundle_bytes=self.bundle_bytes,
+            adoption=self.adoption,
+            paused=self.paused,
+            planted=self.planted,
+        )
+
 
 @dataclass
 class OtaContext:
@@ -93,7 +123,7 @@ class OtaContext:
     server: EmbeddedServer | None
     full_model_bytes: int
     rounds: list[RoundOta] = field(default_factory=list)
-    finished: dict[str, Any] | None = None
+    finished: FleetOutcome | None = None
 
     def close(self) -> None:
         """Stop the embedded server and release runtimes and connections."""
@@ -129,6 +159,72 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _release_keys(work: Path, keys_dir: Path | None) -> Path:
+    """The release keys directory (``work/keys`` by default), created when missing."""
+    keys = keys_dir or work / "keys"
+    if not (keys / "root.json").is_file():
+        init_keys(keys)
+    return keys
+
+
+@dataclass(frozen=True)
+class _FleetInputs:
+    """What ``start_ota`` provisions the publisher and the phones with."""
+
+    base_dir: Path
+    adapter_config: AdapterConfig
+    keys: Path
+    golden_texts: Sequence[str] | None
+    heldout: Callable[[int], Sequence[str]] | None
+    policy: PackagePolicy | None
+
+
+def _enroll_fleet(
+    work: Path,
+    fleet: FleetConfig,
+    server: Endpoint,
+    operator: Operator,
+    pool: RuntimePool,
+    inputs: _FleetInputs,
+) -> tuple[Publisher, Fleet]:
+    """Prepare the bases, the publisher and the phones, and enroll every phone."""
+    bases = prepare_bases(
+        inputs.base_dir, work, runtimes=fleet.runtimes, gguf_quant=fleet.gguf_quant
+    )
+    golden = list(inputs.golden_texts or _default_golden(fleet.golden_prompts, fleet.seed))
+    publisher = Publisher(
+        work_dir=work,
+        keys_dir=inputs.keys,
+        operator=operator,
+        base_dir=inputs.base_dir,
+        base_fingerprint=bases.fleet["nf4"].fingerprint,
+        compatible_bases=bases.compatible,
+        adapter_config=inputs.adapter_config,
+        golden_texts=golden,
+        pool=pool,
+        rollout=fleet.rollout,
+        min_reports=fleet.rollout.reports_needed(fleet.devices),
+        policy=inputs.policy,
+    )
+    sim = Fleet(
+        fleet,
+        work_dir=work,
+        endpoint=server,
+        bases=bases,
+        trusted_root=(inputs.keys / "1.root.json").read_bytes(),
+        golden=golden,
+        heldout=inputs.heldout or _default_heldout(fleet.heldout_texts, fleet.seed),
+        pool=pool,
+    )
+    sim.digests = publisher.digests  # shared: every release is known to the checks
+    sim.full_bytes = publisher.full_sizes
+    sim.enroll_all()
+    planted = planted_devices(Counter(p.fault for p in sim.profiles))
+    if planted:
+        logger.warning("%s; the warnings these phones cause are expected", planted)
+    return publisher, sim
+
+
 def start_ota(
     out_dir: Path,
     *,
@@ -157,7 +253,8 @@ def start_ota(
         policy: Packaging policy.
 
     Returns:
-        The context to pass to ``run_ota_round`` and ``finish`` (close it at the end).
+        The context to pass to ``run_ota_round`` and ``finish_rollouts`` (close it at
+        the end).
 
     Raises:
         ServerStartError: the embedded server did not start.
@@ -165,48 +262,16 @@ def start_ota(
         UpdateRejectedError: the server refused the enrollment secret.
     """
     work = out_dir / "ota"
-    keys = keys_dir or work / "keys"
-    if not (keys / "root.json").is_file():
-        init_keys(keys)
+    keys = _release_keys(work, keys_dir)
     embedded = None
     if server is None:
         embedded = EmbeddedServer(work / "server", keys)
         server = embedded.start()
     pool = RuntimePool(lightweight=fleet.lightweight)
     operator = Operator(server)
+    inputs = _FleetInputs(base_dir, adapter_config, keys, golden_texts, heldout, policy)
     try:
-        bases = prepare_bases(base_dir, work, runtimes=fleet.runtimes, gguf_quant=fleet.gguf_quant)
-        golden = list(golden_texts or _default_golden(fleet.golden_prompts, fleet.seed))
-        publisher = Publisher(
-            work_dir=work,
-            keys_dir=keys,
-            operator=operator,
-            base_dir=base_dir,
-            base_fingerprint=bases.fleet["nf4"].fingerprint,
-            compatible_bases=bases.compatible,
-            adapter_config=adapter_config,
-            golden_texts=golden,
-            pool=pool,
-            rollout=fleet.rollout,
-            min_reports=fleet.rollout.reports_needed(fleet.devices),
-            policy=policy,
-        )
-        sim = Fleet(
-            fleet,
-            work_dir=work,
-            endpoint=server,
-            bases=bases,
-            trusted_root=(keys / "1.root.json").read_bytes(),
-            golden=golden,
-            heldout=heldout or _default_heldout(fleet.heldout_texts, fleet.seed),
-            pool=pool,
-        )
-        sim.digests = publisher.digests  # shared: every release is known to the checks
-        sim.full_bytes = publisher.full_sizes
-        sim.enroll_all()
-        planted = planted_devices(Counter(p.fault for p in sim.profiles))
-        if planted:
-            logger.warning("%s; the warnings these phones cause are expected", planted)
+        publisher, sim = _enroll_fleet(work, fleet, server, operator, pool, inputs)
     except BaseException:
         operator.close()
         if embedded is not None:
@@ -216,7 +281,7 @@ def start_ota(
     return OtaContext(out_dir, fleet, server, operator, publisher, sim, pool, embedded, full)
 
 
-def _provenance(round: int, metrics: Mapping[str, Any] | None) -> Provenance:
+def _provenance(round: int, metrics: Mapping[str, float] | None) -> Provenance:
     numbers = {
         str(k)[:64]: float(v)
         for k, v in (metrics or {}).items()
@@ -229,11 +294,45 @@ def _provenance(round: int, metrics: Mapping[str, Any] | None) -> Provenance:
     )
 
 
+def _release_and_sweep(
+    ctx: OtaContext,
+    tensors: Mapping[str, np.ndarray],
+    round: int,
+    provenance: Provenance,
+    kind: ReleaseRole = ReleaseRole.GOOD,
+) -> tuple[Release, SweepResult]:
+    """Publish one release and let the fleet poll until its rollout settles."""
+    rel = ctx.publisher.release(tensors, round=round, provenance=provenance, kind=kind)
+    return rel, ctx.fleet.sweep(ctx.operator, rel.rollout_id, round=round)
+
+
+def _bad_release_and_rollback(
+    ctx: OtaContext, global_adapter: Mapping[str, np.ndarray], round: int, provenance: Provenance
+) -> list[tuple[Release, SweepResult]]:
+    """The planted bad release, stopped by the fleet's reports, then the rollback."""
+    pub, operator = ctx.publisher, ctx.operator
+    corrupted = corrupt_adapter(dict(global_adapter), seed=ctx.cfg.seed + round)
+    bad = pub.release(corrupted, round=round, provenance=provenance, kind=ReleaseRole.BAD)
+    logger.warning(
+        "%s: phones are expected to fail its health check and roll back, then the last "
+        "good adapter is released again",
+        planted_release(bad.version),
+    )
+    bad_sweep = ctx.fleet.sweep(operator, bad.rollout_id, round=round)
+    if operator.rollout(bad.rollout_id)["state"] == "active":  # too few reports to trip it
+        logger.warning("bad release v%d was not auto-paused; pausing it", bad.version)
+        operator.action(bad.rollout_id, "pause")
+    operator.action(bad.rollout_id, "cancel")
+    assert pub.good_tensors is not None
+    rollback = _release_and_sweep(ctx, pub.good_tensors, round, provenance, ReleaseRole.ROLLBACK)
+    return [(bad, bad_sweep), rollback]
+
+
 def run_ota_round(
     ctx: OtaContext,
     round: int,
     global_adapter: Mapping[str, np.ndarray],
-    metrics: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
 ) -> RoundOta:
     """Release the round's global adapter to the fleet (every ``publish_every`` rounds).
 
@@ -252,48 +351,21 @@ def run_ota_round(
     """
     if round < 1 or round % ctx.cfg.publish_every:
         return RoundOta(round)
-    pub, fleet = ctx.publisher, ctx.fleet
     provenance = _provenance(round, metrics)
-    sweeps: list[SweepResult] = []
-    releases: list[Release] = []
-    if ctx.cfg.faults.bad_release_round == round and pub.last_good is not None:
-        seed = ctx.cfg.seed + round
-        bad = pub.release(
-            corrupt_adapter(dict(global_adapter), seed=seed),
-            round=round,
-            provenance=provenance,
-            kind="bad",
-        )
-        logger.warning(
-            "%s: phones are expected to fail its health check and roll back, then the last "
-            "good adapter is released again",
-            planted_release(bad.version),
-        )
-        releases.append(bad)
-        sweeps.append(fleet.sweep(ctx.operator, bad.rollout_id, round=round))
-        view = ctx.operator.rollout(bad.rollout_id)
-        if view["state"] == "active":  # not enough reports to trip the threshold
-            logger.warning("bad release v%d was not auto-paused; pausing it", bad.version)
-            ctx.operator.action(bad.rollout_id, "pause")
-        ctx.operator.action(bad.rollout_id, "cancel")
-        assert pub.good_tensors is not None
-        rollback = pub.release(
-            pub.good_tensors, round=round, provenance=provenance, kind="rollback"
-        )
-        releases.append(rollback)
-        sweeps.append(fleet.sweep(ctx.operator, rollback.rollout_id, round=round))
+    if ctx.cfg.faults.bad_release_round == round and ctx.publisher.last_good is not None:
+        published = _bad_release_and_rollback(ctx, global_adapter, round, provenance)
     else:
-        rel = pub.release(dict(global_adapter), round=round, provenance=provenance)
-        releases.append(rel)
-        sweeps.append(fleet.sweep(ctx.operator, rel.rollout_id, round=round))
+        published = [_release_and_sweep(ctx, dict(global_adapter), round, provenance)]
+    releases = [rel for rel, _ in published]
+    sweeps = tuple(sweep for _, sweep in published)
     result = RoundOta(
         round=round,
         releases=tuple(r.version for r in releases),
         bundle_bytes=releases[-1].primary_bytes,
         adoption=_adoption(ctx),
-        sweeps=tuple(sweeps),
+        sweeps=sweeps,
         paused=any(s.paused for s in sweeps),
-        planted=tuple(r.version for r in releases if r.kind == "bad"),
+        planted=tuple(r.version for r in releases if r.kind == ReleaseRole.BAD),
     )
     ctx.rounds.append(result)
     return result
@@ -301,27 +373,31 @@ def run_ota_round(
 
 def _adoption(ctx: OtaContext) -> float:
     good = ctx.publisher.last_good
-    healthy = [i for i, p in enumerate(ctx.fleet.profiles) if p.fault != "other_base"]
+    profiles = ctx.fleet.profiles
+    healthy = [i for i, p in enumerate(profiles) if p.fault != DeviceFault.OTHER_BASE]
     if good is None or not healthy:
         return 0.0
     return sum(ctx.fleet.versions[i] == good.version for i in healthy) / len(healthy)
 
 
-def on_round_end(ctx: OtaContext) -> Callable[[Any], None]:
-    """An ``on_round_end`` callback for ``run_federated`` (takes a ``RoundResult``)."""
+def round_metrics(result: RoundResult) -> dict[str, float]:
+    """A round's train and evaluation metrics in one mapping (what the provenance holds)."""
+    return {**result.train, **result.evaluate}
 
-    def callback(result: Any) -> None:
-        metrics = {**result.train, **result.evaluate}
-        run_ota_round(ctx, int(result.round), result.global_adapter, metrics)
+
+def on_round_end(ctx: OtaContext) -> RoundCallback:
+    """An ``on_round_end`` callback for ``run_federated``: each round's adapter, released."""
+
+    def callback(result: RoundResult) -> None:
+        run_ota_round(ctx, int(result.round), result.global_adapter, round_metrics(result))
 
     return callback
 
 
-def finish(ctx: OtaContext) -> dict[str, Any]:
+def finish_rollouts(ctx: OtaContext) -> FleetOutcome:
     """Catch-up sweep, consistency check, and the ``fleet`` and ``rollouts`` summary.
 
-    Returns:
-        ``{"fleet": {...}, "rollouts": [...]}`` as documented in docs/simulate.md.
+    Once per context: a second call returns the first call's outcome.
 
     Raises:
         RemoteRejectedError: the server refused an operator call.
@@ -331,11 +407,22 @@ def finish(ctx: OtaContext) -> dict[str, Any]:
     last = ctx.publisher.releases[-1] if ctx.publisher.releases else None
     if last is not None and ctx.cfg.catch_up:
         ctx.fleet.sweep(ctx.operator, last.rollout_id, round=last.round, final=True)
-    ctx.finished = {
-        "fleet": fleet_summary(ctx.fleet, ctx.publisher, full_model_bytes=ctx.full_model_bytes),
-        "rollouts": rollouts_summary(ctx.publisher, ctx.operator),
-    }
+    ctx.finished = fleet_outcome(
+        ctx.fleet, ctx.publisher, ctx.operator, full_model_bytes=ctx.full_model_bytes
+    )
     return ctx.finished
+
+
+def finish(ctx: OtaContext) -> dict[str, Any]:
+    """``finish_rollouts`` as JSON values.
+
+    Returns:
+        ``{"fleet": {...}, "rollouts": [...]}`` as documented in docs/simulate.md.
+
+    Raises:
+        RemoteRejectedError: the server refused an operator call.
+    """
+    return finish_rollouts(ctx).to_dict()
 
 
 def demo_adapter(
@@ -355,7 +442,7 @@ def demo_adapter(
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for i in range(layers):
-        for module in config.target_modules:
+        for module in config.target_modules or widths:
             stem = f"base_model.model.model.layers.{i}.self_attn.{module}"
             a = rng.normal(size=(config.rank, hidden)) / math.sqrt(hidden)
             b = rng.normal(size=(widths[module], config.rank)) * 0.002
@@ -373,17 +460,17 @@ def run_fleet_demo(
     rounds: int = 4,
     on_round: Callable[[RoundOta], None] | None = None,
 ) -> dict[str, Any]:
-    """The OTA half on synthetic rounds: start, ``rounds`` releases, finish.
+    """The OTA half on synthetic rounds: start, ``rounds`` releases, finish, report.
 
     Args:
-        out_dir: Work directory.
+        out_dir: Work directory (``fleet.md`` and the fleet's plots go there too).
         base_dir: The NF4 base checkpoint.
         fleet: Fleet configuration.
         rounds: Synthetic rounds (one release each, plus the rollback).
         on_round: Called with each round's result (progress display).
 
     Returns:
-        ``{"fleet": ..., "rollouts": ..., "rounds": [...]}``.
+        ``{"fleet": ..., "rollouts": ..., "rounds": [...]}`` as JSON values.
 
     Raises:
         ServerStartError: the embedded server did not start.
@@ -395,20 +482,11 @@ def run_fleet_demo(
             result = run_ota_round(ctx, r, adapter, {"round": float(r)})
             if on_round is not None:
                 on_round(result)
-        parts = finish(ctx)
-        from simulation.fleet.report import write_fleet_report
-
-        write_fleet_report(out_dir, ctx)
-    return {**parts, "rounds": [round_json(r) for r in ctx.rounds]}
+        outcome = finish_rollouts(ctx)
+        write_fleet_report(out_dir, ctx.fleet, outcome)
+    return {**outcome.to_dict(), "rounds": [round_json(r) for r in ctx.rounds]}
 
 
 def round_json(r: RoundOta) -> dict[str, Any]:
     """One round of the OTA half as JSON (``summary.json`` ``ota_rounds``)."""
-    return {
-        "round": r.round,
-        "releases": list(r.releases),
-        "bundle_bytes": r.bundle_bytes,
-        "adoption": r.adoption,
-        "paused": r.paused,
-        "planted": list(r.planted),
-    }
+    return r.summary().to_dict()
