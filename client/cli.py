@@ -65,6 +65,19 @@ def enroll(
         dir_okay=False,
         help="JSON list of golden prompts for the health check (without: updates fail closed).",
     ),
+    max_record_epsilon: float = typer.Option(
+        None,
+        "--max-record-epsilon",
+        help="Refuse, before download, releases whose signed record-level ε is above this.",
+    ),
+    max_user_epsilon: float = typer.Option(
+        None,
+        "--max-user-epsilon",
+        help="Refuse, before download, releases whose signed user-level ε is above this.",
+    ),
+    max_delta: float = typer.Option(
+        None, "--max-delta", help="Refuse releases whose δ (of a bounded ε) is above this."
+    ),
 ) -> None:
     """Enroll this device: pin the trusted root, fingerprint the base, get a token."""
     from client.device import Device
@@ -73,6 +86,12 @@ def enroll(
 
     if runtime is not None and runtime not in RUNTIME_KINDS:
         raise DeviceStateError(f"unknown --runtime {runtime!r}; choose one of {RUNTIME_KINDS}")
+    from protocol import PrivacyPolicy
+
+    try:
+        policy = PrivacyPolicy(max_record_epsilon, max_user_epsilon, max_delta)
+    except ValueError as e:
+        raise DeviceStateError(f"privacy policy: {e}") from e
     secret = enroll_secret or os.environ.get(enroll_secret_env)
     if not secret:
         raise DeviceStateError(f"no enrollment secret: set {enroll_secret_env} or --enroll-secret")
@@ -85,6 +104,7 @@ def enroll(
         budget_mb=budget_mb,
         golden=golden,
         runtime=runtime,
+        privacy_policy=policy,
     )
     config = device.config
     typer.echo(

@@ -41,6 +41,7 @@ from client.update import (
     UpdateOutcome,
     check_and_update,
 )
+from protocol import PrivacyPolicy
 
 __all__ = ["Device"]
 
@@ -89,6 +90,7 @@ class Device:
         budget_mb: int = 512,
         golden: Path | str | None = None,
         runtime: str | None = None,
+        privacy_policy: PrivacyPolicy | None = None,
     ) -> Device:
         """Enroll with the OTA server: pin the trusted root, fingerprint the base, get a
         token, and write the state directory.
@@ -104,6 +106,9 @@ class Device:
                 every update fails closed).
             runtime: ``llamacpp`` or ``nf4``; must match the base's form (default: the
                 one the base calls for).
+            privacy_policy: The device's own privacy budget: the update agent refuses,
+                before download, any release whose signed provenance spent more (or
+                does not record what the policy bounds), whatever the server offers.
 
         Raises:
             DeviceStateError: already enrolled, a missing or bad root or golden file, or
@@ -170,6 +175,11 @@ class Device:
                 base_fingerprint=fingerprint,
                 memory_budget_bytes=budget_mb * _MIB,
                 runtime=kind,
+                privacy_policy=(
+                    privacy_policy.to_json()
+                    if privacy_policy is not None and privacy_policy.is_set
+                    else None
+                ),
             )
         )
         return cls(state)
@@ -224,6 +234,7 @@ class Device:
             "update_step": self.state.journal().get("step"),
             "pending_telemetry": len(TelemetryQueue(self.state.telemetry_dir).pending()),
             "privacy_ledger": json.loads(ledger_path.read_text()) if ledger_path.exists() else None,
+            "privacy_policy": config.privacy_policy,
         }
 
     # ------------------------------------------------------------------ inference

@@ -12,6 +12,9 @@ Invariants checked here (the container checks live in ``delta_packager.format``)
   ``from_version`` is the version just before its first step;
 * LoRA tensor shapes agree with ``adapter_config.rank`` (``A`` is r × in, ``B`` out × r).
 * every step names every adapter tensor exactly once (``shapes`` is the layout);
+* ``provenance`` records the privacy spend per unit (``record_epsilon``,
+  ``record_delta``, ``user_epsilon``, ``user_delta``; ADR 0014) only when recorded, so
+  older bundles keep their exact bytes;
 * ``compatible_bases`` (further bases the adapter applies to) is omitted when empty, so
   bundles that name one base keep their exact bytes; when present it is a sorted list
   of unique fingerprints other than ``base_fingerprint``.
@@ -30,7 +33,7 @@ from typing import Any
 from delta_packager.encode import ENCODINGS
 from delta_packager.errors import BundleFormatError
 from delta_packager.fingerprint import MAX_COMPATIBLE_BASES, is_fingerprint
-from protocol import LoraShape, LoraShapeError, ReleaseKind
+from protocol import PRIVACY_KEYS, LoraShape, LoraShapeError, PrivacySpend, ReleaseKind
 
 __all__ = [
     "FORMAT_VERSION",
@@ -89,6 +92,24 @@ class Provenance:
     epsilon: float | None = None
     delta: float | None = None
     eval_metrics: Mapping[str, float] = field(default_factory=dict)
+    record_epsilon: float | None = None
+    record_delta: float | None = None
+    user_epsilon: float | None = None
+    user_delta: float | None = None
+
+    def privacy(self) -> PrivacySpend | None:
+        """The privacy spend by unit (ADR 0005), ``None`` when none is recorded.
+
+        ``epsilon``/``delta`` name no unit, so they do not count for a privacy policy;
+        ``record_*`` and ``user_*`` do (the signed ``custom.fedota.privacy`` block).
+        """
+        spend = PrivacySpend(
+            record_epsilon=self.record_epsilon,
+            record_delta=self.record_delta,
+            user_epsilon=self.user_epsilon,
+            user_delta=self.user_delta,
+        )
+        return spend if spend.to_json() else None
 
 
 @dataclass(frozen=True)
@@ -149,6 +170,8 @@ def provenance_to_dict(pv: Provenance) -> dict[str, Any]:
         "epsilon": pv.epsilon,
         "delta": pv.delta,
         "eval_metrics": {k: float(v) for k, v in pv.eval_metrics.items()},
+        # the per-unit spend only when recorded: older manifests keep their exact bytes
+        **(pv.privacy() or PrivacySpend()).to_json(),
     }
 
 
@@ -276,7 +299,8 @@ def provenance_from_dict(v: object) -> Provenance:
         BundleFormatError: missing or extra fields, wrong types, non-finite numbers.
     """
     keys = {"round", "num_clients", "aggregation", "clip_norm", "noise_multiplier"}
-    d = _obj(v, "provenance", keys | {"epsilon", "delta", "eval_metrics"})
+    optional = set(PRIVACY_KEYS) & (v.keys() if isinstance(v, dict) else set())
+    d = _obj(v, "provenance", keys | {"epsilon", "delta", "eval_metrics"} | optional)
     metrics = d["eval_metrics"]
     if not isinstance(metrics, dict) or len(metrics) > 256:
         raise _fail("provenance.eval_metrics", metrics, "an object of at most 256 numbers")
@@ -294,7 +318,16 @@ def provenance_from_dict(v: object) -> Provenance:
         epsilon=_num(d["epsilon"], "provenance.epsilon"),
         delta=_num(d["delta"], "provenance.delta"),
         eval_metrics=parsed,
+        **{k: _nonnegative(d[k], f"provenance.{k}") for k in sorted(optional)},
     )
+
+
+def _nonnegative(v: object, where: str) -> float:
+    value = _num(v, where, optional=False)
+    assert value is not None
+    if value < 0:
+        raise _fail(where, v, "a finite number >= 0")
+    return value
 
 
 def _shapes(v: object) -> dict[str, tuple[int, ...]]:

@@ -11,8 +11,9 @@ SDK after ``tuf.ngclient`` has verified the metadata chain:
   the signed ``custom.fedota`` fields (A4).
 
 ``target_custom`` defines the ``custom`` block the OTA server reads; it repeats the
-manifest's ``compatible_bases`` only when the manifest names some, so targets of
-one-base bundles keep their exact form.
+manifest's ``compatible_bases`` only when the manifest names some, and the
+provenance's privacy spend (``privacy``) only when recorded, so older targets keep
+their exact form.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def target_custom(bundle: Bundle) -> dict[str, Any]:
     }
     if m.compatible_bases:
         fedota["compatible_bases"] = list(m.compatible_bases)
+    privacy = m.provenance.privacy()
+    if privacy is not None:  # signed beside the payload: judged before any download
+        fedota["privacy"] = privacy.to_signed()
     return {"fedota": fedota}
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from delta_packager import AdapterConfig, PackagePolicy, Provenance
 from delta_packager.trust import init_keys
+from protocol import PrivacySpend
 from simulation.fleet import (
     DeviceFault,
     EmbeddedServer,
@@ -65,6 +66,7 @@ __all__ = [
     "finish",
     "finish_rollouts",
     "on_round_end",
+    "privacy_spend",
     "round_json",
     "round_metrics",
     "run_fleet_demo",
@@ -265,7 +267,7 @@ def start_ota(
     keys = _release_keys(work, keys_dir)
     embedded = None
     if server is None:
-        embedded = EmbeddedServer(work / "server", keys)
+        embedded = EmbeddedServer(work / "server", keys, seed=fleet.seed)
         server = embedded.start()
     pool = RuntimePool(lightweight=fleet.lightweight)
     operator = Operator(server)
@@ -281,16 +283,33 @@ def start_ota(
     return OtaContext(out_dir, fleet, server, operator, publisher, sim, pool, embedded, full)
 
 
-def _provenance(round: int, metrics: Mapping[str, float] | None) -> Provenance:
+def privacy_spend(dp_mode: str, delta: float, metrics: Mapping[str, float]) -> PrivacySpend | None:
+    """The round's privacy spend by unit (ADR 0005), as the release's signed provenance
+    records it for the release gates (ADR 0014); ``None`` without DP."""
+    if dp_mode == "record" and metrics.get("record-epsilon") is not None:
+        return PrivacySpend(record_epsilon=float(metrics["record-epsilon"]), record_delta=delta)
+    if dp_mode == "user" and metrics.get("user-epsilon") is not None:
+        return PrivacySpend(user_epsilon=float(metrics["user-epsilon"]), user_delta=delta)
+    return None
+
+
+def _provenance(
+    round: int, metrics: Mapping[str, float] | None, privacy: PrivacySpend | None = None
+) -> Provenance:
     numbers = {
         str(k)[:64]: float(v)
         for k, v in (metrics or {}).items()
         if isinstance(v, int | float) and math.isfinite(float(v))
     }
+    spend = privacy or PrivacySpend()
     return Provenance(
         round=round,
         epsilon=numbers.get("epsilon"),
         eval_metrics=dict(list(numbers.items())[:200]),
+        record_epsilon=spend.record_epsilon,
+        record_delta=spend.record_delta,
+        user_epsilon=spend.user_epsilon,
+        user_delta=spend.user_delta,
     )
 
 
@@ -333,6 +352,8 @@ def run_ota_round(
     round: int,
     global_adapter: Mapping[str, np.ndarray],
     metrics: Mapping[str, float] | None = None,
+    *,
+    privacy: PrivacySpend | None = None,
 ) -> RoundOta:
     """Release the round's global adapter to the fleet (every ``publish_every`` rounds).
 
@@ -341,6 +362,7 @@ def run_ota_round(
         round: Training round (>= 1; round 0, the baseline, is not published).
         global_adapter: PEFT state-dict names -> float arrays.
         metrics: The round's metrics (recorded in the provenance; ``epsilon`` too).
+        privacy: The privacy spend by unit, signed with the release (``privacy_spend``).
 
     Returns:
         What was published and how far it got.
@@ -351,7 +373,7 @@ def run_ota_round(
     """
     if round < 1 or round % ctx.cfg.publish_every:
         return RoundOta(round)
-    provenance = _provenance(round, metrics)
+    provenance = _provenance(round, metrics, privacy)
     if ctx.cfg.faults.bad_release_round == round and ctx.publisher.last_good is not None:
         published = _bad_release_and_rollback(ctx, global_adapter, round, provenance)
     else:

@@ -43,10 +43,18 @@ def final_table(summary: SummaryJson) -> list[tuple[str, str]]:
         rows += [(k, _fmt(fleet.get(k))) for k in FLEET_TABLE_KEYS]
         rows += [(f"phones on {name}", _runtime_row(r)) for name, r in fleet["runtimes"].items()]
         rollouts = summary.get("rollouts", [])
-        paused = [f"v{r['version']}" for r in rollouts if r.get("auto_paused")]
+        paused = [_auto_paused(r) for r in rollouts if r.get("auto_paused")]
         rows.append(("releases (auto-paused)", f"{len(rollouts)} ({', '.join(paused) or 'none'})"))
         rows.append(("planted faults", _planted(summary)))
     return rows
+
+
+def _auto_paused(rollout: Mapping[str, Any]) -> str:
+    """``v2`` and, when the summary says, the gate that paused it: ``v2 by health check``."""
+    gate = {"health_check": "health check", "quality": "quality gate"}.get(
+        str(rollout.get("stopped_by"))
+    )
+    return f"v{rollout['version']}" + (f" by {gate}" if gate else "")
 
 
 def _planted(summary: SummaryJson) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
@@ -52,7 +53,13 @@ from client.update.verify import (
     select_target,
     verify_payload,
 )
-from delta_packager import BundleRejectedError, PackagerError, apply_bundle, fingerprint_base
+from delta_packager import (
+    BundleRejectedError,
+    PackagerError,
+    apply_bundle,
+    fingerprint_base,
+    rank_target,
+)
 from protocol import EventType
 
 __all__ = ["CRASH_LOOP_LIMIT", "UpdateOutcome", "UpdateStatus", "check_and_update"]
@@ -118,7 +125,14 @@ class _Run:
 
         self.queue.flush(post)
 
-    def event(self, kind: str, version: int, event_id: str | None = None, **detail: Any) -> None:
+    def event(
+        self,
+        kind: str,
+        version: int,
+        event_id: str | None = None,
+        quality: dict[str, float] | None = None,
+        **detail: Any,
+    ) -> None:
         active = self.state.active()
         self.queue.enqueue(
             kind,
@@ -126,6 +140,7 @@ class _Run:
             installed_version=active.version if active else None,
             detail=detail,
             event_id=event_id,
+            quality=quality,
         )
 
 
@@ -197,6 +212,8 @@ def _current_base(config: DeviceConfig) -> DeviceConfig:
     NF4 checkpoint directory or a GGUF file."""
     try:
         fingerprint = fingerprint_base(config.base_dir)
+        if config.lora_rank is not None:  # ADR 0016: the bundles of this base and rank
+            fingerprint = rank_target(fingerprint, config.lora_rank)
     except PackagerError as e:
         raise DeviceStateError(
             f"cannot fingerprint the device's base model at {config.base_dir}: {e}"
@@ -284,6 +301,7 @@ def _select(run: _Run, offer: api.Offer) -> TargetFile:
             base_fingerprint=config.base_fingerprint,
             release_floor=floor,
             installed_version=active.version if active and not run.repairing else None,
+            privacy_policy=config.policy(),
         )
     except UpdateRejectedError as e:
         _report_rejection(run, offer.to_version, e)
@@ -392,11 +410,33 @@ def _health_then_commit(
     state.write_journal({**journal, "step": JournalStep.HEALTH, "attempts": attempts})
     run.hook("health_check")
     manifest = verified.bundle.manifest
+    # the adapter still active is the one the new release replaces: its loss, measured
+    # on the same golden prompts when it was committed, is the quality to beat
+    previous = None if run.repairing else state.active_quality()
     report = run.checker.check(state.read_slot(slot), manifest)
+    quality = _quality(report, previous)
     if not report.ok:
-        return _roll_back(run, verified.target, manifest.to_version, report.reason, report)
-    state.write_journal({**state.journal(), "step": JournalStep.COMMIT, "health": asdict(report)})
+        return _roll_back(run, verified.target, manifest.to_version, report.reason, report, quality)
+    state.write_journal(
+        {
+            **state.journal(),
+            "step": JournalStep.COMMIT,
+            "health": asdict(report),
+            "quality": quality,
+        }
+    )
     return _commit(run, verified.target, slot, report, timings)
+
+
+def _quality(report: HealthReport | None, previous: float | None) -> dict[str, float] | None:
+    """The golden-prompt losses an outcome reports for the quality gate: the new
+    adapter's (``golden_loss``) and the replaced one's (``previous_golden_loss``)."""
+    if report is None or report.measured_loss is None or not math.isfinite(report.measured_loss):
+        return None
+    out = {"golden_loss": float(report.measured_loss)}
+    if previous is not None and math.isfinite(previous):
+        out["previous_golden_loss"] = float(previous)
+    return out
 
 
 def _commit(
@@ -405,13 +445,17 @@ def _commit(
     state = run.state
     fedota = target.custom["fedota"]
     version, counter = int(fedota["to_version"]), int(fedota["release_counter"])
+    quality = state.journal().get("quality")
     state.set_active(ActivePointer(slot, version, counter), hook=run.hook)
     run.hook("commit")
     state.raise_floor(counter)
+    if isinstance(quality, dict) and "golden_loss" in quality:
+        state.write_quality(version, float(quality["golden_loss"]))
     run.event(
         EventType.INSTALLED,
         version,
         event_id=_installed_event_id(target),
+        quality=quality if isinstance(quality, dict) else None,
         **timings,
         loss=report.measured_loss if report else None,
     )
@@ -425,7 +469,12 @@ def _commit(
 
 
 def _roll_back(
-    run: _Run, target: TargetFile, version: int, reason: str, report: HealthReport | None
+    run: _Run,
+    target: TargetFile,
+    version: int,
+    reason: str,
+    report: HealthReport | None,
+    quality: dict[str, float] | None = None,
 ) -> UpdateOutcome:
     logger.warning("rolling back version %d: %s", version, reason)
     run.state.write_journal({**run.state.journal(), "step": JournalStep.ROLLBACK, "reason": reason})
@@ -433,6 +482,7 @@ def _roll_back(
     run.event(
         EventType.FAILED,
         version,
+        quality=quality,
         reason="health_check",
         why=reason[:200],
         **{k: measured.get(k) for k in ("measured_loss", "expected_loss", "peak_bytes")},
@@ -513,6 +563,9 @@ def _recover(run: _Run) -> UpdateOutcome | None:
         # Killed after the pointer swap: the new adapter is active; finish the commit.
         run.hook("commit")
         state.raise_floor(active.release_counter)
+        quality = journal.get("quality")
+        if isinstance(quality, dict) and isinstance(quality.get("golden_loss"), float):
+            state.write_quality(version, quality["golden_loss"])
         if step != JournalStep.COMMITTED:
             # Same id as the report _commit may have queued before the kill: sent once.
             run.event(

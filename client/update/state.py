@@ -2,7 +2,9 @@
 
 Layout of ``STATE/``::
 
-    device.json     enrollment: server URL, device id, token, base, runtime, budget (0600)
+    device.json     enrollment: server URL, device id, token, base, runtime, budget,
+                    privacy policy (0600)
+    quality.json    golden-prompt loss measured when the active adapter was committed
     active.json     the active pointer {"slot", "version", "release_counter"} (absent:
                     no adapter installed)
     counter.json    highest release counter ever committed (rollback protection)
@@ -44,6 +46,7 @@ from protocol import (
     TMP_SUFFIX,
     LoraShape,
     LoraShapeError,
+    PrivacyPolicy,
     atomic_write,
     atomic_write_json,
     fsync_dir,
@@ -88,10 +91,28 @@ class DeviceConfig:
     base_fingerprint: str
     memory_budget_bytes: int
     runtime: str = "nf4"  # "llamacpp" (a .gguf base) or "nf4" (a checkpoint directory)
+    # The device's own privacy budget (``PrivacyPolicy.to_json``), set at enrollment and
+    # enforced on the signed target before download (ADR 0014); None: no bound.
+    privacy_policy: dict[str, float] | None = None
+    # The LoRA rank this device runs when a federation's ranks differ (ADR 0016): it is
+    # offered the bundles of ``delta_packager.rank_target(base, rank)``; None: the
+    # bundles of its base itself (the release's own rank).
+    lora_rank: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return dict(self.__dict__)
+
+    def policy(self) -> PrivacyPolicy:
+        """The device's privacy policy.
+
+        Raises:
+            DeviceStateError: ``device.json`` holds a malformed policy.
+        """
+        try:
+            return PrivacyPolicy.from_json(self.privacy_policy)
+        except (TypeError, ValueError) as e:
+            raise DeviceStateError(f"device.json privacy_policy is malformed: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -208,6 +229,30 @@ class DeviceState:
         stored = self._json("counter.json") or {"release_counter": 0}
         if counter > int(stored["release_counter"]):
             atomic_write_json(self.root / "counter.json", {"release_counter": counter})
+
+    # ------------------------------------------------------------------ quality
+    def active_quality(self) -> float | None:
+        """Golden-prompt loss measured when the active adapter was committed, if known
+        (the previous adapter's quality an update reports beside the new one's)."""
+        active = self.active()
+        try:
+            raw = read_json(self.root / "quality.json")
+        except (OSError, ValueError):
+            return None  # derived, advisory: an unreadable file only loses the comparison
+        if active is None or not isinstance(raw, dict) or raw.get("version") != active.version:
+            return None
+        loss = raw.get("golden_loss")
+        return float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) else None
+
+    def write_quality(self, version: int, golden_loss: float) -> None:
+        """Remember the golden-prompt loss of the adapter ``version`` just committed.
+
+        Raises:
+            OSError: the write failed.
+        """
+        atomic_write_json(
+            self.root / "quality.json", {"version": version, "golden_loss": golden_loss}
+        )
 
     # ------------------------------------------------------------------ journal
     def journal(self) -> dict[str, Any]:

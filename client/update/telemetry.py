@@ -41,11 +41,15 @@ class TelemetryQueue:
         installed_version: int | None,
         detail: dict[str, Any],
         event_id: str | None = None,
+        quality: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """Persist a new event and return it.
 
         ``event_id`` (default: random) lets a step that may run twice across a crash
-        report once: the server stores one event per id.
+        report once: the server stores one event per id. ``quality`` (the golden-prompt
+        losses of the new and the previous adapter, ``golden_loss`` and
+        ``previous_golden_loss``) travels as top-level fields the rollout's quality gate
+        reads (ADR 0014).
 
         Raises:
             OSError: the event could not be written.
@@ -62,6 +66,7 @@ class TelemetryQueue:
             "version": version,
             "installed_version": installed_version,
             "detail": text[:_MAX_DETAIL],
+            **(quality or {}),
         }
         atomic_write_json(self.directory / f"event-{seq:012d}.json", event)
         logger.info("queued %s event for version %d: %s", kind, version, text[:200])

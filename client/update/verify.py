@@ -9,8 +9,9 @@ Order (each a separate function, called top to bottom by the agent):
 2. ``select_target`` — the offered path must be a signed target, and its signed
    ``custom.fedota`` block must name this device's base fingerprint (as its
    ``base_fingerprint`` or one of its ``compatible_bases``), a release counter above
-   the device's floor, and (for a delta) the installed version — all *before* a
-   payload byte is fetched (B8, C12, C13, C14, I42).
+   the device's floor, (for a delta) the installed version, and a privacy spend
+   within the device's own policy — all *before* a payload byte is fetched (B8,
+   C12, C13, C14, I42; ADR 0014).
 3. ``verify_payload`` — length and SHA-256 against the signed target, strict parse
    bounded by the signed uncompressed size, manifest equal to the signed fields
    (A1, A2, A4–A7, via ``delta_packager.verify.check_bundle_target``). Only this
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from delta_packager import (
     RollbackError,
 )
 from delta_packager.verify import check_bundle_target
+from protocol import PrivacyPolicy, PrivacySpend, privacy_violation
 
 __all__ = [
     "VerifiedBundle",
@@ -139,12 +142,14 @@ def select_target(
     release_floor: int,
     installed_version: int | None,
     max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES,
+    privacy_policy: PrivacyPolicy | None = None,
 ) -> TargetFile:
     """Find ``path`` in verified targets metadata and check it fits this device.
 
     Raises:
         UpdateRejectedError: unsigned target, wrong base, rollback, a delta from another
-            version, an unknown format, or a declared size above the limit.
+            version, an unknown format, a declared size above the limit, or a signed
+            privacy spend above the device's own policy (``privacy_budget``).
     """
     try:
         target = updater.get_targetinfo(path)
@@ -192,7 +197,32 @@ def select_target(
         raise refuse(
             "too_large", f"declares {size!r} uncompressed bytes (limit {max_uncompressed_bytes})"
         )
+    if privacy_policy is not None and privacy_policy.is_set:
+        _check_privacy(custom, privacy_policy, refuse)
     return target
+
+
+def _check_privacy(
+    custom: dict[str, Any],
+    policy: PrivacyPolicy,
+    refuse: Callable[[str, str], UpdateRejectedError],
+) -> None:
+    """The device's own budget against the *signed* spend: whatever the server's policy
+    is, or whether it has one, this device installs nothing past its budget (ADR 0014).
+
+    Raises:
+        UpdateRejectedError: over the budget, or the spend is not recorded (unbounded).
+    """
+    version = custom.get("to_version")
+    try:
+        spend = PrivacySpend.from_json(custom["privacy"]) if "privacy" in custom else None
+    except ValueError as e:
+        raise refuse(
+            "privacy_budget", f"release v{version} has a malformed privacy block ({e})"
+        ) from e
+    why = privacy_violation(policy, spend)
+    if why is not None:
+        raise refuse("privacy_budget", f"release v{version} {why} of this device")
 
 
 def _names_base(custom: dict[str, Any], base_fingerprint: str) -> bool:

@@ -15,15 +15,22 @@ from server.ota.app import create_app, freeze_startup_heap
 from server.ota.database import Database, current_revision, make_engine, upgrade
 from server.ota.devices import hash_token
 from server.ota.errors import DatabaseNotMigratedError, RemoteRejectedError, ServerUnreachableError
+from server.ota.inventory import DeviceFilter, DeviceState, page_query
 from server.ota.models import DeviceRow
-from server.ota.observability import configure_json_logging
+from server.ota.observability import (
+    configure_json_logging,
+    prepare_multiprocess_dir,
+    remove_multiprocess_dir,
+)
 from server.ota.remote import OtaRemote, wait_until_ready
 from server.ota.settings import OtaSettings
 
 __all__ = [
     "Database",
     "DatabaseNotMigratedError",
+    "DeviceFilter",
     "DeviceRow",
+    "DeviceState",
     "OtaRemote",
     "OtaSettings",
     "RemoteRejectedError",
@@ -34,6 +41,9 @@ __all__ = [
     "freeze_startup_heap",
     "hash_token",
     "make_engine",
+    "page_query",
+    "prepare_multiprocess_dir",
+    "remove_multiprocess_dir",
     "upgrade",
     "wait_until_ready",
 ]

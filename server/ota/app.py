@@ -18,12 +18,20 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select, text
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.ota import routes_devices, routes_operator, routes_publish, routes_tuf
+from server.ota import (
+    fleet_stats,
+    routes_devices,
+    routes_inventory,
+    routes_operator,
+    routes_publish,
+    routes_tuf,
+)
+from server.ota.console import mount_console
 from server.ota.errors import (
     AuthenticationError,
     OtaError,
@@ -32,7 +40,12 @@ from server.ota.errors import (
     TooManyRequestsError,
 )
 from server.ota.models import RolloutRow
-from server.ota.observability import OpsMiddleware, RolloutStateCollector
+from server.ota.observability import (
+    DeviceStateCollector,
+    OpsMiddleware,
+    RolloutStateCollector,
+    StageReportCollector,
+)
 from server.ota.schemas import ErrorOut, HealthOut
 from server.ota.services import Services, build_services
 from server.ota.settings import OtaSettings
@@ -60,8 +73,9 @@ def create_app(settings: OtaSettings | None = None, *, services: Services | None
         responses=_ERRORS,  # type: ignore[arg-type]
     )
     app.state.services = services
-    for module in (routes_devices, routes_operator, routes_publish, routes_tuf):
+    for module in (routes_devices, routes_operator, routes_inventory, routes_publish, routes_tuf):
         app.include_router(module.router)
+    mount_console(app)
     app.add_exception_handler(OtaError, _handle_domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _handle_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _handle_validation_error)  # type: ignore[arg-type]
@@ -76,6 +90,16 @@ def create_app(settings: OtaSettings | None = None, *, services: Services | None
         responses={200: {"content": {"text/plain": {}}, "description": "metrics"}},
     )
     services.metrics.add_collector(RolloutStateCollector(lambda: _rollout_states(services)))
+    services.metrics.add_collector(
+        DeviceStateCollector(
+            lambda: fleet_stats.device_state_counts(
+                services.db, stale_after_s=services.settings.stale_after_s
+            )
+        )
+    )
+    services.metrics.add_collector(
+        StageReportCollector(lambda: fleet_stats.live_stage_reports(services.db))
+    )
     settings = services.settings
 
     def body_limit(path: str) -> int:
@@ -119,14 +143,34 @@ def freeze_startup_heap() -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     services: Services = app.state.services
-    task = asyncio.create_task(_keep_fresh(services))
+    tasks = [asyncio.create_task(_keep_fresh(services)), asyncio.create_task(_flush_seen(services))]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await run_in_threadpool(_final_flush, services)
         services.db.dispose()
+        services.metrics.process_exiting()
+
+
+async def _flush_seen(services: Services) -> None:
+    """Write the last-seen times update checks collected (see server.ota.inventory)."""
+    while True:
+        await asyncio.sleep(services.settings.seen_flush_interval_s)
+        try:
+            await run_in_threadpool(services.seen.flush)
+        except Exception:  # the marks were kept; the next round retries
+            logger.exception("writing last-seen times failed")
+
+
+def _final_flush(services: Services) -> None:
+    try:
+        services.seen.flush()
+    except Exception:
+        logger.exception("writing last-seen times at shutdown failed")
 
 
 async def _keep_fresh(services: Services) -> None:
@@ -218,5 +262,5 @@ def _readyz(request: Request) -> HealthOut:
 
 def _metrics(request: Request) -> Response:
     """Prometheus metrics."""
-    registry = request.app.state.services.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = request.app.state.services.metrics
+    return Response(metrics.scrape(), media_type=CONTENT_TYPE_LATEST)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.ota import devices
+from server.ota import audit, devices
 from server.ota.errors import AuthenticationError, PermissionDeniedError
 from server.ota.schemas import DEVICE_ID_PATTERN
 from server.ota.services import Services, services_of
@@ -34,6 +34,7 @@ class Caller:
 
     role: str | None
     device_id: str | None
+    actor: str  # as the audit log names it (server.ota.audit)
 
 
 def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
@@ -45,6 +46,12 @@ def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or not credentials.credentials:
         raise AuthenticationError("missing 'Authorization: Bearer <key or device token>' header")
     return credentials.credentials
+
+
+def role_of_key(services: Services, key: str) -> str | None:
+    """The role a key is configured for (constant-time compares), or None; the operator
+    console's login checks keys with it, as the API does."""
+    return _role_of(services, key)
 
 
 def _role_of(services: Services, token: str) -> str | None:
@@ -69,7 +76,7 @@ def require_role(needed: str):  # type: ignore[no-untyped-def]
             raise AuthenticationError("unknown key; use the key configured for this role")
         if needed not in ROLE_GRANTS[role]:
             raise PermissionDeniedError(f"the {role} key cannot call {needed} routes")
-        return Caller(role=role, device_id=None)
+        return Caller(role=role, device_id=None, actor=audit.role_actor(role, token))
 
     return dependency
 
@@ -117,7 +124,7 @@ def require_device(
     token = bearer_token(credentials)
     with counting_token_failures(request, device_id):
         devices.authenticate(services_of(request).db, token, device_id)
-    return Caller(role=None, device_id=device_id)
+    return Caller(role=None, device_id=device_id, actor=f"device:{device_id}")
 
 
 def require_device_or_operator(
@@ -131,7 +138,7 @@ def require_device_or_operator(
     if role is not None:
         if "operator" not in ROLE_GRANTS[role]:
             raise PermissionDeniedError(f"the {role} key cannot read device state")
-        return Caller(role=role, device_id=None)
+        return Caller(role=role, device_id=None, actor=audit.role_actor(role, token))
     with counting_token_failures(request, device_id):
         devices.authenticate(services_of(request).db, token, device_id)
-    return Caller(role=None, device_id=device_id)
+    return Caller(role=None, device_id=device_id, actor=f"device:{device_id}")

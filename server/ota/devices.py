@@ -16,8 +16,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from server.ota import audit
 from server.ota.database import Database
 from server.ota.domain import DeviceCapabilities, DeviceReport
 from server.ota.errors import AuthenticationError, NotFoundError, PermissionDeniedError
@@ -51,22 +53,34 @@ def check_enrollment_secret(given: str, expected: str) -> None:
         )
 
 
-def enroll(db: Database, report: DeviceReport) -> Enrollment:
-    """Create a device with a fresh token."""
-    device_id = uuid.uuid4().hex
+def enroll(db: Database, report: DeviceReport, *, id_seed: int | None = None) -> Enrollment:
+    """Create a device with a fresh token.
+
+    The id is random, or with ``id_seed`` (``OtaSettings.simulation_seed``) derived from
+    the seed and the number of devices enrolled before, so that a simulation's devices
+    land in the same rollout stages on every run. The token is always random.
+    """
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = utcnow()
     with db.write() as session:
+        device_id = uuid.uuid4().hex if id_seed is None else _seeded_id(session, id_seed)
         session.add(
             DeviceRow(
                 id=device_id,
                 token_hash=hash_token(token),
-                created_at=utcnow(),
+                created_at=now,
                 revoked_at=None,
                 last_event_seq=0,
+                last_seen_at=now,
                 **_report_columns(report),
             )
         )
     return Enrollment(device_id=device_id, token=token)
+
+
+def _seeded_id(session: Session, seed: int) -> str:
+    enrolled = session.scalar(select(func.count()).select_from(DeviceRow)) or 0
+    return hashlib.sha256(f"fedota-device:{seed}:{enrolled}".encode()).hexdigest()[:32]
 
 
 def _report_columns(report: DeviceReport) -> dict[str, object]:
@@ -74,6 +88,7 @@ def _report_columns(report: DeviceReport) -> dict[str, object]:
         "base_fingerprint": report.base_fingerprint,
         "installed_version": report.installed_version,
         "capabilities": dataclasses.asdict(report.capabilities),
+        "runtime": report.capabilities.runtime,
         "memory_budget_bytes": report.memory_budget_bytes,
     }
 
@@ -109,8 +124,8 @@ def check_device_row(row: Any, device_id: str) -> None:
         raise PermissionDeniedError("a device may only act as itself")
 
 
-def revoke(db: Database, device_id: str) -> None:
-    """Revoke a device's token (idempotent).
+def revoke(db: Database, device_id: str, *, actor: str) -> None:
+    """Revoke a device's token (idempotent; audited when it revokes).
 
     Raises:
         NotFoundError: no such device.
@@ -121,6 +136,12 @@ def revoke(db: Database, device_id: str) -> None:
             raise NotFoundError(f"no device {device_id}")
         if row.revoked_at is None:
             row.revoked_at = utcnow()
+            audit.record(
+                session,
+                actor=actor,
+                action=audit.AuditAction.DEVICE_REVOKE,
+                target=f"device:{device_id}",
+            )
 
 
 def report_of(row: DeviceRow) -> DeviceReport:

@@ -5,8 +5,11 @@ The bundle custom metadata contract (``target.custom["fedota"]``) is parsed here
 "to_version": int, "release_counter": int, "base_fingerprint": "sha256:<hex>",
 "uncompressed_bytes": int}``, for target paths ``adapters/<to_version>/<name>``, plus
 ``"compatible_bases": ["sha256:<hex>", ...]`` (sorted, unique, without the primary) when
-the bundle also applies to other bases (GGUF exports; DESIGN decision 11). A bundle is
-offered to a device whose base is its ``base_fingerprint`` or any compatible base.
+the bundle also applies to other bases (GGUF exports; DESIGN decision 11), plus
+``"privacy": {"record_epsilon", "record_delta", "user_epsilon", "user_delta"}`` (each
+optional) when the provenance records the privacy spend (the release gate, ADR 0014).
+A bundle is offered to a device whose base is its ``base_fingerprint`` or any
+compatible base.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from protocol import ReleaseKind
+from protocol import PrivacyPolicy, PrivacySpend, ReleaseKind, privacy_violation
 from server.ota.errors import ReleaseRejectedError
 
 FORMAT_VERSION = 1
@@ -52,6 +55,7 @@ class BundleTarget:
     release_counter: int
     uncompressed_bytes: int
     compatible_bases: tuple[str, ...] = ()
+    privacy: PrivacySpend | None = None  # the signed ``privacy`` block (ADR 0014)
 
     @property
     def bases(self) -> tuple[str, ...]:
@@ -139,7 +143,28 @@ def parse_bundle_target(
         release_counter=_int(meta.get("release_counter"), f"{path}: release_counter"),
         uncompressed_bytes=_int(meta.get("uncompressed_bytes"), f"{path}: uncompressed_bytes"),
         compatible_bases=compatible,
+        privacy=_privacy(path, meta),
     )
+
+
+def _privacy(path: str, meta: dict[str, Any]) -> PrivacySpend | None:
+    if "privacy" not in meta:
+        return None
+    try:
+        return PrivacySpend.from_json(meta["privacy"])
+    except ValueError as e:
+        raise ReleaseRejectedError(f"target {path}: {e}") from e
+
+
+def release_gate_violation(policy: PrivacyPolicy, bundle: BundleTarget) -> str | None:
+    """Why the operator's privacy policy refuses ``bundle``, naming the numbers, or None.
+
+    E.g. ``release v7 spent record-level ε=9.1 > policy max_record_epsilon=8``.
+    """
+    if not policy.is_set:
+        return None
+    why = privacy_violation(policy, bundle.privacy)
+    return None if why is None else f"release v{bundle.to_version} {why}"
 
 
 def _compatible_bases(path: str, primary: str, meta: dict[str, Any]) -> tuple[str, ...]:
@@ -189,6 +214,8 @@ class TelemetryEvent:
     version: int
     installed_version: int | None
     detail: str = ""
+    golden_loss: float | None = None  # the new adapter's, measured by the health check
+    previous_golden_loss: float | None = None  # the replaced adapter's
 
 
 @dataclass(frozen=True)
@@ -201,15 +228,26 @@ class RolloutSpec:
     stages: tuple[int, ...]
     max_failure_rate: float
     min_reports: int
+    # quality gate (ADR 0014): a stage advances only if the mean golden-prompt loss its
+    # devices report for the new adapter is at most (1 + tolerance) x the mean loss they
+    # report for the adapter it replaces; None: no quality gate
+    quality_tolerance: float | None = None
+    # a stage smaller than min_reports needs ceil(fraction x its devices), at least 1
+    min_reports_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
 class StageStats:
-    """Outcomes reported by the devices a stage owns."""
+    """Outcomes reported by the devices a stage owns, and the quality they measured:
+    mean golden-prompt loss of the new and of the replaced adapter over the
+    ``quality_reports`` reports that carry both (``None`` when there are none)."""
 
     percent: int
     installed: int
     failed: int
+    quality_reports: int = 0
+    golden_loss: float | None = None
+    previous_golden_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +264,9 @@ class RolloutView:
     max_failure_rate: float
     min_reports: int
     stage_stats: tuple[StageStats, ...]
+    quality_tolerance: float | None = None
+    min_reports_fraction: float = 1.0
+    progress: str = ""  # why it stands where it does ("waiting: 3/5 reports")
 
 
 def bucket_of(salt: str, device_id: str) -> int:

@@ -95,6 +95,11 @@ class ReleaseRejectedError(RequestError):
     exit_code = 3
 
 
+class ReleaseGateError(ReleaseRejectedError):
+    """A release refused by the operator's release gate: its signed provenance spent more
+    privacy than the server's policy allows (ADR 0014)."""
+
+
 class OverloadedError(OtaError):
     """Too many requests in flight; the caller should retry after ``retry_after_s``."""
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -36,6 +37,14 @@ class Base(DeclarativeBase):
 
 class DeviceRow(Base):
     __tablename__ = "devices"
+    # Keyset pages of the inventory walk ``id`` within one filter (revision 0005).
+    __table_args__ = (
+        Index("ix_devices_base_id", "base_fingerprint", "id"),
+        Index("ix_devices_installed_id", "installed_version", "id"),
+        Index("ix_devices_runtime_id", "runtime", "id"),
+        Index("ix_devices_outcome_id", "last_outcome", "id"),
+        Index("ix_devices_last_seen", "last_seen_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -46,6 +55,17 @@ class DeviceRow(Base):
     capabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
     memory_budget_bytes: Mapped[int] = mapped_column(BigInteger)
     last_event_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # revision 0005: the fleet inventory (server/ota/inventory.py). ``runtime`` repeats
+    # capabilities["runtime"] so it can be filtered on; ``last_outcome*`` describe the
+    # event that last moved ``last_event_seq``; ``last_seen_at`` is written in batches.
+    runtime: Mapped[str] = mapped_column(String(64), default="")
+    last_seen_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=text("CURRENT_TIMESTAMP")
+    )
+    last_outcome: Mapped[str | None] = mapped_column(String(24))
+    last_outcome_version: Mapped[int | None] = mapped_column(Integer)
+    last_outcome_detail: Mapped[str] = mapped_column(String(500), default="")
+    last_outcome_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class BlobRow(Base):
@@ -84,6 +104,8 @@ class TargetRow(Base):
     base_fingerprint: Mapped[str] = mapped_column(String(80))
     release_counter: Mapped[int] = mapped_column(Integer)
     uncompressed_bytes: Mapped[int] = mapped_column(BigInteger)
+    # revision 0006 (release gates): the signed custom.fedota.privacy block, if any
+    privacy: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
 
 
 class TufMetadataRow(Base):
@@ -108,9 +130,11 @@ class RolloutRow(Base):
     stages: Mapped[list[int]] = mapped_column(JSON)
     max_failure_rate: Mapped[float] = mapped_column(Float)
     min_reports: Mapped[int] = mapped_column(Integer)
+    min_reports_fraction: Mapped[float] = mapped_column(Float, default=1.0)  # revision 0005
     stage_index: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), index=True)
     pause_reason: Mapped[str | None] = mapped_column(String(16))
+    quality_tolerance: Mapped[float | None] = mapped_column(Float, nullable=True)  # rev. 0006
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
@@ -126,6 +150,7 @@ class RolloutEventRow(Base):
     stage_index: Mapped[int] = mapped_column(Integer)
     detail: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(80), default="")  # revision 0005
 
 
 class RolloutReportRow(Base):
@@ -139,6 +164,9 @@ class RolloutReportRow(Base):
     stage_index: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(16))
     seq: Mapped[int] = mapped_column(BigInteger)
+    # revision 0006: golden-prompt losses the device measured (new, replaced adapter)
+    golden_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    previous_golden_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class DeviceVersionRow(Base):
@@ -155,6 +183,7 @@ class DeviceVersionRow(Base):
 
 class TelemetryEventRow(Base):
     __tablename__ = "telemetry_events"
+    __table_args__ = (Index("ix_telemetry_events_history", "device_id", "seq"),)  # rev. 0005
 
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -216,3 +245,24 @@ class TargetBaseRow(Base):
     base_fingerprint: Mapped[str] = mapped_column(String(80), primary_key=True)
     release_version: Mapped[int] = mapped_column(Integer)
     to_version: Mapped[int] = mapped_column(Integer)
+
+
+# ---- revision 0005: the audit log ---------------------------------------------------
+
+
+class AuditRow(Base):
+    """One operator, pipeline or automatic action, written in the action's transaction."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_action_id", "action", "id"),
+        Index("ix_audit_log_actor_id", "actor", "id"),
+        Index("ix_audit_log_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(80))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(80))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -16,7 +16,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Select, func, select
@@ -24,10 +24,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from protocol import PrivacyPolicy, PrivacySpend
+from server.ota import audit
 from server.ota.blobs import FileBlobStore, hash_file
 from server.ota.database import Database
-from server.ota.domain import BundleTarget, parse_bundle_target
-from server.ota.errors import NotFoundError, ReleaseRejectedError
+from server.ota.domain import BundleTarget, parse_bundle_target, release_gate_violation
+from server.ota.errors import NotFoundError, ReleaseGateError, ReleaseRejectedError
 from server.ota.models import (
     BlobRow,
     ReleaseRow,
@@ -59,14 +61,30 @@ def record_blob(db: Database, sha256: str, length: int) -> None:
 
 
 def publish_release(
-    db: Database, repo: TufRepository, blobs: FileBlobStore, targets_bytes: bytes
+    db: Database,
+    repo: TufRepository,
+    blobs: FileBlobStore,
+    targets_bytes: bytes,
+    *,
+    actor: str,
+    policy: PrivacyPolicy | None = None,
 ) -> PublishedRelease:
     """Verify and publish a release.
+
+    Args:
+        db: The database.
+        repo: The TUF repository (online keys).
+        blobs: Where the uploaded bundles are.
+        targets_bytes: The signed targets metadata, as signed.
+        actor: Who publishes (recorded in the audit log, in the same transaction).
+        policy: The operator's privacy release gate: every bundle this release adds
+            (a target path the current release does not hold) must be within it.
 
     Returns:
         The published release.
 
     Raises:
+        ReleaseGateError: a bundle it adds spent more privacy than ``policy`` allows.
         ReleaseRejectedError: signature, contract, missing bundle or hash mismatch.
         ConflictError: the targets version is not newer than the published one.
     """
@@ -77,6 +95,8 @@ def publish_release(
             parse_bundle_target(path, info.length, info.hashes, info.custom)
             for path, info in sorted(targets_md.signed.targets.items())
         )
+        if policy is not None and policy.is_set:
+            _check_gate(session, policy, bundles, targets_md.signed.version)
         for bundle in bundles:
             _check_bytes(session, blobs, bundle)
         version = targets_md.signed.version
@@ -103,8 +123,38 @@ def publish_release(
         session.flush()
         snapshot_version = repo.publish_targets(session, targets_md, targets_bytes)
         bump_generation(session)
+        audit.record(
+            session,
+            actor=actor,
+            action=audit.AuditAction.PUBLISH,
+            target=f"release:{version}",
+            snapshot_version=snapshot_version,
+            bundles=[b.path for b in bundles],
+        )
     logger.info("published release v%d with %d bundle(s)", version, len(bundles))
     return PublishedRelease(version=version, snapshot_version=snapshot_version, targets=bundles)
+
+
+def _check_gate(
+    session: Session, policy: PrivacyPolicy, bundles: tuple[BundleTarget, ...], version: int
+) -> None:
+    """Refuse the release if a bundle it adds breaks the privacy policy. Bundles the
+    current release already holds were judged when they were added (a policy tightened
+    since then stops them at rollout time instead)."""
+    latest = latest_release_version(session)
+    rows = session.execute(
+        select(TargetRow.path, TargetRow.blob_sha256).where(TargetRow.release_version == latest)
+    )
+    held = {(path, sha) for path, sha in rows}
+    for bundle in bundles:
+        if (bundle.path, bundle.sha256) in held:
+            continue
+        why = release_gate_violation(policy, bundle)
+        if why is not None:
+            raise ReleaseGateError(
+                f"{why} ({bundle.path}, targets v{version}); refusing to publish it: "
+                "release an adapter trained within the budget, or change the server's policy"
+            )
 
 
 def _check_bytes(session: Session, blobs: FileBlobStore, bundle: BundleTarget) -> None:
@@ -140,6 +190,7 @@ def _target_row(version: int, bundle: BundleTarget) -> TargetRow:
         base_fingerprint=bundle.base_fingerprint,
         release_counter=bundle.release_counter,
         uncompressed_bytes=bundle.uncompressed_bytes,
+        privacy=bundle.privacy.to_json() if bundle.privacy is not None else None,
     )
 
 
@@ -181,7 +232,15 @@ def current_targets(session: Session, base_fingerprint: str, to_version: int) ->
     compatible = group_compatible(
         session.execute(compatible_bases_query().where(TargetBaseRow.target_id.in_(ids)))
     )
-    return [bundle_of(row, compatible.get(row.id, ())) for row in rows]
+    return [
+        replace(bundle_of(row, compatible.get(row.id, ())), privacy=_privacy_of(row))
+        for row in rows
+    ]
+
+
+def _privacy_of(row: TargetRow) -> PrivacySpend | None:
+    """The stored signed privacy block (validated at publish time)."""
+    return PrivacySpend.from_json(row.privacy) if row.privacy is not None else None
 
 
 def compatible_bases_query() -> Select[int, str]:

@@ -61,7 +61,9 @@ def enroll(body: EnrollIn, request: Request) -> EnrollOut:
     except AuthenticationError:
         services.enrollment_failures.record_failure(keys)
         raise
-    enrollment = devices.enroll(services.db, body.to_domain())
+    enrollment = devices.enroll(
+        services.db, body.to_domain(), id_seed=services.settings.simulation_seed
+    )
     return EnrollOut(device_id=enrollment.device_id, token=enrollment.token)
 
 

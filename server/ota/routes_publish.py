@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from server.ota.auth import require_role
+from server.ota.auth import Caller, require_role
 from server.ota.releases import publish_release, record_blob
 from server.ota.schemas import SHA256_PATTERN, BlobOut, ReleaseOut, RootOut, TargetOut
 from server.ota.services import services_of
@@ -36,16 +37,23 @@ async def upload_blob(request: Request, sha256: str = Path(pattern=SHA256_PATTER
     return BlobOut(sha256=sha256, length=length)
 
 
-@router.post("/releases", status_code=status.HTTP_201_CREATED, dependencies=publisher)
+@router.post("/releases", status_code=status.HTTP_201_CREATED)
 async def create_release(
     request: Request,
+    caller: Annotated[Caller, Depends(require_role("publisher"))],
     metadata: dict[str, Any] = Body(description="Signed TUF targets metadata (as signed)."),
 ) -> ReleaseOut:
     """Publish a release: signed targets metadata naming already uploaded bundles."""
     services = services_of(request)
     raw = await request.body()  # the exact bytes that were signed and will be served
     release = await run_in_threadpool(
-        publish_release, services.db, services.repo, services.blobs, raw
+        functools.partial(
+            publish_release, actor=caller.actor, policy=services.settings.privacy_policy()
+        ),
+        services.db,
+        services.repo,
+        services.blobs,
+        raw,
     )
     return ReleaseOut(
         version=release.version,
@@ -54,14 +62,14 @@ async def create_release(
     )
 
 
-@router.post(
-    "/tuf/root", status_code=status.HTTP_201_CREATED, dependencies=[Depends(require_role("admin"))]
-)
+@router.post("/tuf/root", status_code=status.HTTP_201_CREATED)
 async def rotate_root(
     request: Request,
+    caller: Annotated[Caller, Depends(require_role("admin"))],
     metadata: dict[str, Any] = Body(description="Root N+1, signed by old and new thresholds."),
 ) -> RootOut:
     """Install the next root version (key rotation)."""
     raw = await request.body()
-    version = await run_in_threadpool(services_of(request).repo.rotate_root, raw)
+    rotate = functools.partial(services_of(request).repo.rotate_root, actor=caller.actor)
+    version = await run_in_threadpool(rotate, raw)
     return RootOut(version=version)

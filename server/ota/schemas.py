@@ -6,6 +6,10 @@ the edge and never reach the database as values it cannot store.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol import EventType, ReleaseKind
@@ -18,6 +22,7 @@ from server.ota.domain import (
     RolloutView,
     TelemetryEvent,
 )
+from server.ota.inventory import DeviceState, DeviceSummary
 
 MAX_VERSION = 2**31 - 1
 # A device's event counter: at most what every JSON parser holds exactly (2**53), which
@@ -123,6 +128,9 @@ class TelemetryIn(_In):
     version: int = Field(ge=1, le=MAX_VERSION)
     installed_version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
     detail: str = Field(default="", max_length=500, pattern=TEXT_PATTERN)
+    # the quality gate (ADR 0014): golden-prompt losses of the new and the replaced adapter
+    golden_loss: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
+    previous_golden_loss: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False)
 
     def to_domain(self) -> TelemetryEvent:
         return TelemetryEvent(
@@ -132,6 +140,8 @@ class TelemetryIn(_In):
             version=self.version,
             installed_version=self.installed_version,
             detail=self.detail,
+            golden_loss=self.golden_loss,
+            previous_golden_loss=self.previous_golden_loss,
         )
 
 
@@ -145,6 +155,22 @@ class RolloutIn(_In):
     stages: list[int] = Field(default=[1, 10, 50, 100], min_length=1, max_length=20)
     max_failure_rate: float = Field(default=0.2, ge=0.0, le=1.0)
     min_reports: int = Field(default=10, ge=1, le=1_000_000)
+    quality_tolerance: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="Quality gate: a stage advances only if its devices' mean golden-prompt "
+        "loss for the new adapter is at most (1 + this) x their loss for the replaced one; "
+        "otherwise the rollout pauses (reason quality). Omitted: no quality gate.",
+    )
+    min_reports_fraction: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="A stage that targets fewer devices than min_reports is judged after "
+        "ceil(this x its devices) reports (at least 1); a stage with none passes at once.",
+    )
 
     def to_domain(self) -> RolloutSpec:
         return RolloutSpec(
@@ -153,6 +179,8 @@ class RolloutIn(_In):
             stages=tuple(self.stages),
             max_failure_rate=self.max_failure_rate,
             min_reports=self.min_reports,
+            quality_tolerance=self.quality_tolerance,
+            min_reports_fraction=self.min_reports_fraction,
         )
 
 
@@ -160,6 +188,15 @@ class StageOut(BaseModel):
     percent: int
     installed: int
     failed: int
+
+
+class StageQualityOut(BaseModel):
+    """What a stage's devices measured (ADR 0014): mean golden-prompt loss of the new
+    and of the replaced adapter over the reports that carry both."""
+
+    quality_reports: int
+    golden_loss: float | None
+    previous_golden_loss: float | None
 
 
 class RolloutOut(BaseModel):
@@ -173,6 +210,12 @@ class RolloutOut(BaseModel):
     max_failure_rate: float
     min_reports: int
     stage_stats: list[StageOut]
+    quality_tolerance: float | None = None
+    stage_quality: list[StageQualityOut] = Field(default_factory=list)
+    min_reports_fraction: float = 1.0
+    progress: str = Field(
+        default="", description="Why it stands where it does, e.g. 'waiting: 3/5 reports'."
+    )
 
     @classmethod
     def of(cls, view: RolloutView) -> RolloutOut:
@@ -190,6 +233,17 @@ class RolloutOut(BaseModel):
                 StageOut(percent=s.percent, installed=s.installed, failed=s.failed)
                 for s in view.stage_stats
             ],
+            quality_tolerance=view.quality_tolerance,
+            stage_quality=[
+                StageQualityOut(
+                    quality_reports=s.quality_reports,
+                    golden_loss=s.golden_loss,
+                    previous_golden_loss=s.previous_golden_loss,
+                )
+                for s in view.stage_stats
+            ],
+            min_reports_fraction=view.min_reports_fraction,
+            progress=view.progress,
         )
 
 
@@ -197,6 +251,8 @@ class RolloutEventOut(BaseModel):
     action: str
     stage_index: int
     detail: str
+    actor: str = Field(description="Who: <role>:<key id>, or system:<rule>.")
+    at: dt.datetime
 
 
 class InstalledVersionOut(BaseModel):
@@ -232,3 +288,64 @@ class ErrorOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: str
+
+
+# ---- the fleet inventory and the audit log --------------------------------------------
+
+
+class DeviceOut(BaseModel):
+    id: str
+    base_fingerprint: str
+    installed_version: int | None
+    runtime: str
+    memory_budget_bytes: int
+    state: DeviceState = Field(
+        description="stale: not seen for stale_after_s; else failed / retrying by its last "
+        "outcome; else ok."
+    )
+    revoked: bool
+    created_at: dt.datetime
+    last_seen_at: dt.datetime
+    last_outcome: str | None
+    last_outcome_version: int | None
+    last_outcome_reason: str
+    last_outcome_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, device: DeviceSummary) -> DeviceOut:
+        return cls(**dataclasses.asdict(device))
+
+
+class DevicePageOut(BaseModel):
+    devices: list[DeviceOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null: last.")
+
+
+class HistoryEntryOut(BaseModel):
+    event_id: str
+    seq: int
+    type: str
+    version: int | None
+    installed_version: int | None
+    detail: str
+    received_at: dt.datetime
+
+
+class HistoryPageOut(BaseModel):
+    device_id: str
+    events: list[HistoryEntryOut]
+    next_cursor: str | None
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: dt.datetime
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+class AuditPageOut(BaseModel):
+    entries: list[AuditEntryOut]
+    next_cursor: str | None

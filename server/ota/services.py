@@ -10,6 +10,7 @@ from server.ota.blobs import FileBlobStore
 from server.ota.database import Database, make_engine, require_migrated
 from server.ota.downloads import DownloadSlots
 from server.ota.errors import OtaConfigError
+from server.ota.inventory import SeenTracker
 from server.ota.observability import Metrics
 from server.ota.settings import OtaSettings
 from server.ota.throttle import FailureThrottle
@@ -30,6 +31,7 @@ class Services:
     checker: UpdateChecker
     enrollment_failures: FailureThrottle
     token_failures: FailureThrottle
+    seen: SeenTracker
 
 
 def build_services(settings: OtaSettings) -> Services:
@@ -58,6 +60,7 @@ def build_services(settings: OtaSettings) -> Services:
     except OSError as exc:
         raise OtaConfigError(f"cannot read trusted root {settings.trusted_root}: {exc}") from exc
     repo.bootstrap(root_bytes)
+    seen = SeenTracker(db)
     return Services(
         settings=settings,
         db=db,
@@ -67,9 +70,10 @@ def build_services(settings: OtaSettings) -> Services:
             settings.max_concurrent_downloads, retry_after_s=settings.retry_after_s
         ),
         metrics=Metrics(),
-        checker=UpdateChecker(db, threads=settings.check_threads),
+        checker=UpdateChecker(db, threads=settings.check_threads, seen=seen),
         enrollment_failures=_failure_throttle(settings),
         token_failures=_failure_throttle(settings),
+        seen=seen,
     )
 
 

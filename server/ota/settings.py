@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol import PrivacyPolicy
+
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "FEDOTA_OTA_"
@@ -50,6 +52,12 @@ class OtaSettings(BaseSettings):
     max_concurrent_downloads: int = Field(default=64, ge=1)
     max_concurrent_requests: int = Field(default=512, ge=1)
     retry_after_s: int = Field(default=2, ge=1)
+    simulation_seed: int | None = Field(
+        default=None,
+        description="Derive device ids and rollout salts from this seed instead of the "
+        "system's randomness, so that a simulation is reproducible (`fedota simulate` sets "
+        "it). Never in production: ids and stage membership become predictable.",
+    )
     db_pool_size: int = Field(default=10, ge=1)
     max_auth_failures: int = Field(
         default=10,
@@ -66,6 +74,44 @@ class OtaSettings(BaseSettings):
         "connection of its own. A few suffice (a check waits on the database for well under "
         "a millisecond); more only contend for the interpreter lock.",
     )
+
+    stale_after_s: float = Field(
+        default=7 * 86_400,
+        gt=0,
+        description="Fleet inventory: a device not seen (no update check, no event) for "
+        "this long is listed as stale.",
+    )
+    seen_flush_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often each worker writes the last-seen times it collected from "
+        "update checks (one batched UPDATE; the check itself never writes them).",
+    )
+
+    max_record_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Release gate: refuse to publish or roll out a release whose signed "
+        "provenance spent a larger record-level (per text) ε, or records none.",
+    )
+    max_user_epsilon: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Release gate: the same for the user-level (per device) ε.",
+    )
+    max_delta: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Release gate: the largest δ of any ε the policy bounds.",
+    )
+
+    def privacy_policy(self) -> PrivacyPolicy:
+        """The operator's privacy release gate (ADR 0014)."""
+        return PrivacyPolicy(self.max_record_epsilon, self.max_user_epsilon, self.max_delta)
 
     @model_validator(mode="after")
     def _require_secrets(self) -> OtaSettings:
@@ -85,6 +131,13 @@ class OtaSettings(BaseSettings):
                 raise ValueError(
                     f"{ENV_PREFIX}{name.upper()} is shorter than {_MIN_SECRET_CHARS} characters"
                 )
+        if self.simulation_seed is not None:
+            logger.warning(
+                "simulation seed %d: device ids and rollout salts are derived from it "
+                "(reproducible simulations only; unset %sSIMULATION_SEED in production)",
+                self.simulation_seed,
+                ENV_PREFIX,
+            )
         return self
 
     def secret(self, name: str) -> str:

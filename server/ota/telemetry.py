@@ -9,7 +9,9 @@ Outcomes (ADR 0007): ``installed``; ``failed`` marks the version failed for that
 (it is not offered again until an operator clears it) and counts toward the rollout's
 failure rate; ``retry`` (a device-local or transport problem: disk full, a payload that
 did not match its signed hash) is stored for the record but changes neither: the
-release stays offered and the device tries again after its own backoff.
+release stays offered and the device tries again after its own backoff. An outcome may
+carry the golden-prompt losses the device measured for the new and the replaced adapter;
+they count for the rollout's quality gate (ADR 0014).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from protocol import EventType
+from server.ota import audit
 from server.ota.database import Database
 from server.ota.domain import TelemetryEvent
 from server.ota.errors import NotFoundError
@@ -64,9 +67,12 @@ def record_event(db: Database, device_id: str, event: TelemetryEvent) -> bool:
         )
         if result.first() is None:  # a duplicate delivery: no second effect
             return False
+        device.last_seen_at = now  # it authenticated just now (under the row lock)
         if event.seq > device.last_event_seq:
             device.last_event_seq = event.seq
             device.installed_version = event.installed_version
+            device.last_outcome, device.last_outcome_version = event.type, event.version
+            device.last_outcome_detail, device.last_outcome_at = event.detail, now
         if event.type == "retry":  # not the release's fault: no failure, no rollout count
             return True
         status = "installed" if event.type == EventType.INSTALLED else "failed"
@@ -91,12 +97,13 @@ def record_event(db: Database, device_id: str, event: TelemetryEvent) -> bool:
             version=event.version,
             outcome=status,
             seq=event.seq,
+            quality=(event.golden_loss, event.previous_golden_loss),
         )
     return True
 
 
-def clear_failure(db: Database, device_id: str, version: int) -> bool:
-    """Operator action: allow ``version`` to be offered to this device again.
+def clear_failure(db: Database, device_id: str, version: int, *, actor: str) -> bool:
+    """Operator action: allow ``version`` to be offered to this device again (audited).
 
     Returns:
         Whether a failure record was cleared.
@@ -109,4 +116,13 @@ def clear_failure(db: Database, device_id: str, version: int) -> bool:
                 DeviceVersionRow.status == "failed",
             )
         )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        cleared = bool(result.rowcount)  # type: ignore[attr-defined]
+        if cleared:
+            audit.record(
+                session,
+                actor=actor,
+                action=audit.AuditAction.DEVICE_CLEAR_FAILURE,
+                target=f"device:{device_id}",
+                version=version,
+            )
+        return cleared

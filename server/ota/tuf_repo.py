@@ -26,6 +26,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timest
 from tuf.api.serialization import DeserializationError
 
 from delta_packager import PackagerError, trust
+from server.ota import audit
 from server.ota.database import Database
 from server.ota.errors import ConflictError, NotFoundError, OtaConfigError, ReleaseRejectedError
 from server.ota.models import TufMetadataRow, as_utc
@@ -141,8 +142,9 @@ class TufRepository:
             root = self.latest_root(session)
         self._check_online_keys(root)
 
-    def rotate_root(self, new_root_bytes: bytes) -> int:
-        """Accept root N+1 signed by the thresholds of root N and of itself.
+    def rotate_root(self, new_root_bytes: bytes, *, actor: str) -> int:
+        """Accept root N+1 signed by the thresholds of root N and of itself (audited as
+        ``actor``, in the same transaction).
 
         Returns:
             The new root version.
@@ -163,6 +165,13 @@ class TufRepository:
             except OtaConfigError as exc:
                 raise ReleaseRejectedError(str(exc)) from exc
             self._insert(session, new_root)
+            audit.record(
+                session,
+                actor=actor,
+                action=audit.AuditAction.ROOT_ROTATE,
+                target=f"root:{new_root.signed.version}",
+                keyids=sorted(new_root.signed.keys),
+            )
         return new_root.signed.version
 
     @staticmethod

@@ -40,6 +40,7 @@ from sqlalchemy.engine import Connection
 from server.ota.database import Database
 from server.ota.devices import apply_report, check_device_row, hash_token, report_from_columns
 from server.ota.domain import BundleTarget, DeviceReport, RolloutState, select_target
+from server.ota.inventory import SeenTracker
 from server.ota.models import (
     DeviceRow,
     DeviceVersionRow,
@@ -174,10 +175,12 @@ def load_fleet_state(conn: Connection) -> FleetState:
 class UpdateChecker:
     """Answers update checks for one process, caching :class:`FleetState`."""
 
-    def __init__(self, db: Database, *, threads: int = 4) -> None:
+    def __init__(self, db: Database, *, threads: int = 4, seen: SeenTracker | None = None) -> None:
         """``threads``: at most this many checks touch the database at once (match the
-        hot pool size; more would wait for a connection)."""
+        hot pool size; more would wait for a connection). ``seen``: told the id of every
+        device that passes authentication (its last-seen time, written in batches)."""
         self._db = db
+        self._seen = seen
         self._check = db.compile_hot(_CHECK)
         self._state: FleetState | None = None
         self._reload = threading.Lock()
@@ -198,6 +201,8 @@ class UpdateChecker:
             PermissionDeniedError: the token belongs to another device.
         """
         device = self._device(token, device_id)
+        if self._seen is not None:
+            self._seen.mark(device_id)
         if device.report != report:
             with self._db.write() as session:  # device-reported state is authoritative
                 row = session.get(DeviceRow, device_id)

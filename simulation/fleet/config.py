@@ -152,11 +152,19 @@ class RolloutPolicy:
         max_failure_rate: A stage whose failure rate exceeds this pauses the rollout.
         min_reports: Reports a stage needs before the server judges it (``None``: a
             quarter of the devices the first stage covers, at least 2).
+        quality_tolerance: The rollout's quality gate: a stage whose phones measured a
+            mean golden-prompt loss above (1 + this) x that of the adapter it replaces
+            pauses (reason ``quality``); ``None``: no quality gate. The default is
+            coarse on purpose: the golden prompts are public text while the phones
+            fine-tune on chat messages, so a good release's golden loss rises by about
+            30 % over two rounds of the default run (a real drift, not a broken model);
+            0.5 lets that through and stops a release that breaks the model.
     """
 
     stages: tuple[int, ...] = (10, 50, 100)
     max_failure_rate: float = 0.5
     min_reports: int | None = None
+    quality_tolerance: float | None = 0.5
 
     def __post_init__(self) -> None:
         ok = all(0 < a < b for a, b in zip(self.stages, self.stages[1:], strict=False))
@@ -166,6 +174,10 @@ class RolloutPolicy:
             )
         if not 0.0 <= self.max_failure_rate < 1.0:
             raise SimulationInputError("max_failure_rate must be in [0, 1)")
+        if self.quality_tolerance is not None and not 0.0 <= self.quality_tolerance <= 10.0:
+            raise SimulationInputError(
+                f"quality_tolerance {self.quality_tolerance} must be in [0, 10] (or None)"
+            )
 
     def reports_needed(self, devices: int) -> int:
         """``min_reports`` for a fleet of ``devices``."""

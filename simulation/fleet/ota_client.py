@@ -63,10 +63,21 @@ class EmbeddedServer:
         work_dir: Holds ``ota.db``, ``storage/`` and the server log.
         keys_dir: The release pipeline's keys (root.json and the online PEMs).
         start_timeout_s: How long to wait for ``/readyz``.
+        seed: Makes the server derive device ids and rollout salts from it
+            (``OtaSettings.simulation_seed``), so the same devices land in the same
+            rollout stages on every run of a seed; ``None``: random, as in production.
     """
 
-    def __init__(self, work_dir: Path, keys_dir: Path, *, start_timeout_s: float = 90.0) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        keys_dir: Path,
+        *,
+        start_timeout_s: float = 90.0,
+        seed: int | None = None,
+    ) -> None:
         self.work_dir = work_dir
+        self.seed = seed
         self.keys_dir = keys_dir
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -85,6 +96,7 @@ class EmbeddedServer:
             **os.environ,
             **{f"FEDOTA_OTA_{r.upper()}_KEY": k for r, k in keys.items()},
             "FEDOTA_OTA_ENROLLMENT_SECRET": enroll,
+            **({} if self.seed is None else {"FEDOTA_OTA_SIMULATION_SEED": str(self.seed)}),
         }
         port = _free_port()
         log = (self.work_dir / "server.log").open("ab")
@@ -174,7 +186,8 @@ class Operator:
         return self._publisher.publish(targets_metadata.read_bytes())
 
     def create_rollout(self, version: int, base_fingerprint: str, **policy: Any) -> dict[str, Any]:
-        """Start a staged rollout (``policy``: stages, max_failure_rate, min_reports).
+        """Start a staged rollout (``policy``: stages, max_failure_rate, min_reports,
+        quality_tolerance).
 
         Raises:
             RemoteRejectedError: no full bundle of that version, or a newer rollout exists.

@@ -59,9 +59,12 @@ ROLLOUT_COLUMNS = (
     "state",
     "paused",
     "auto-paused",
+    "stopped by",
+    "golden loss reported (new / replaced)",
     "rolled back by",
     "bundle bytes",
 )
+_STOPPED_BY = {"health_check": "health check", "quality": "quality gate", "operator": "operator"}
 
 
 def release_kind(kind: str) -> str:
@@ -105,6 +108,10 @@ def _yes_no(value: object) -> str:
     return "yes" if value else "no"
 
 
+def _losses(new: Any, old: Any) -> str:
+    return "" if new is None else f"{format_value(new)} / {format_value(old)}"
+
+
 def rollout_table(rollouts: Sequence[Mapping[str, Any]]) -> TextTable:
     """Every release and its rollout, from ``summary.json``'s ``rollouts`` (JSON form)."""
     rows = tuple(
@@ -115,6 +122,8 @@ def rollout_table(rollouts: Sequence[Mapping[str, Any]]) -> TextTable:
             str(r["state"]),
             _yes_no(r.get("paused")),
             _yes_no(r.get("auto_paused")),
+            _STOPPED_BY.get(str(r.get("stopped_by")), ""),
+            _losses(r.get("reported_golden_loss"), r.get("reported_previous_golden_loss")),
             f"v{r['rolled_back_by']}" if r.get("rolled_back_by") else "",
             format_value(r.get("bundle_bytes")),
         )

@@ -116,6 +116,12 @@ class RolloutSummary(JsonRecord):
     golden_loss: float
     bundle_bytes: int
     full_bundle_bytes: int
+    # release gates (ADR 0014), added after the fields above
+    stopped_by: str | None = None  # "health_check", "quality" or "operator" when paused
+    quality_tolerance: float | None = None
+    reported_golden_loss: float | None = None  # mean the phones measured for this release
+    reported_previous_golden_loss: float | None = None  # ... for the adapter it replaced
+    quality_reports: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,10 +233,26 @@ def fleet_summary(fleet: Fleet, publisher: Publisher, *, full_model_bytes: int) 
     )
 
 
+_STOPPED_BY = {"threshold": "health_check", "quality": "quality", "operator": "operator"}
+
+
+def _reported_quality(stats: list[dict[str, Any]]) -> tuple[int, float | None, float | None]:
+    """(paired reports, mean new loss, mean replaced loss) over every stage."""
+    paired = [s for s in stats if s.get("quality_reports") and s.get("golden_loss") is not None]
+    n = sum(int(s["quality_reports"]) for s in paired)
+    if n == 0:
+        return 0, None, None
+    new = sum(int(s["quality_reports"]) * float(s["golden_loss"]) for s in paired) / n
+    old = sum(int(s["quality_reports"]) * float(s["previous_golden_loss"]) for s in paired) / n
+    return n, new, old
+
+
 def _rollout(rel: Release, operator: Operator, rolled_back_by: int | None) -> RolloutSummary:
     view = operator.rollout(rel.rollout_id)
     actions = [e["action"] for e in operator.events(rel.rollout_id)]
     reached = int(view["stage_index"]) + 1
+    paused = any(a in ("auto_pause", "pause") for a in actions)
+    quality_reports, new_loss, old_loss = _reported_quality(view.get("stage_quality", []))
     return RolloutSummary(
         version=rel.version,
         round=rel.round,
@@ -240,7 +262,7 @@ def _rollout(rel: Release, operator: Operator, rolled_back_by: int | None) -> Ro
         stages_reached=reached,
         percent_reached=view["stages"][reached - 1],
         state=view["state"],
-        paused=any(a in ("auto_pause", "pause") for a in actions),
+        paused=paused,
         auto_paused=any(a == "auto_pause" for a in actions),
         pause_reason=view.get("pause_reason"),
         installed=sum(int(s["installed"]) for s in view["stage_stats"]),
@@ -249,6 +271,11 @@ def _rollout(rel: Release, operator: Operator, rolled_back_by: int | None) -> Ro
         golden_loss=rel.golden_loss,
         bundle_bytes=rel.primary_bytes,
         full_bundle_bytes=rel.bundles[None],
+        stopped_by=_STOPPED_BY.get(str(view.get("pause_reason"))) if paused else None,
+        quality_tolerance=view.get("quality_tolerance"),
+        reported_golden_loss=new_loss,
+        reported_previous_golden_loss=old_loss,
+        quality_reports=quality_reports,
     )
 
 

@@ -41,7 +41,7 @@ WIDTH = 16_384  # rank-4 LoRA, 4 layers x q/v x A/B of 4 x 16384 float32: 4 MiB
 # fp32 (random values: ~4 MiB a bundle); v1 full, v2 a delta from it, v3 full again
 FP32 = PackagePolicy(delta_encoding="fp32", full_encoding="fp32", chain_limit=1)
 HELD_BYTES = 1_500_000  # what the server streams before it stalls
-COMMIT_FILE_OPS = 16  # file operations from the health check to the end of a clean update
+COMMIT_FILE_OPS = 18  # file operations from the health check to the end of a clean update
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import json
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -267,7 +267,13 @@ class Pipeline:
         self.released: dict[int, Released] = {}
         self.snapshot_version = 0
 
-    def next_version(self, *, loss: float = 1.0, policy: PackagePolicy | None = None) -> Released:
+    def next_version(
+        self,
+        *,
+        loss: float = 1.0,
+        policy: PackagePolicy | None = None,
+        provenance: Provenance | None = None,
+    ) -> Released:
         if self.state is not None:
             self.adapter = {
                 k: v + 0.1 * self.rng.normal(size=v.shape).astype(np.float32)
@@ -278,7 +284,7 @@ class Pipeline:
             previous=self.state,
             base_fingerprint=self.fp,
             adapter_config=CONFIG,
-            provenance=Provenance(eval_metrics={"loss": loss}),
+            provenance=replace(provenance or Provenance(), eval_metrics={"loss": loss}),
             policy=policy,
             compatible_bases=self.compatible_bases,
         )

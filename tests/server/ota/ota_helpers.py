@@ -81,6 +81,7 @@ class Bundle:
     from_version: int | None = None
     base: str = FP_A
     also: tuple[str, ...] = ()  # compatible bases (custom.fedota.compatible_bases)
+    privacy: dict[str, str] | None = None  # the signed spend (custom.fedota.privacy)
 
     @property
     def path(self) -> str:
@@ -105,6 +106,8 @@ class Bundle:
         }
         if self.also:
             custom["fedota"]["compatible_bases"] = list(self.also)
+        if self.privacy is not None:
+            custom["fedota"]["privacy"] = dict(self.privacy)
         return TargetFile(
             length=len(self.data),
             hashes={"sha256": self.sha256},

@@ -46,11 +46,11 @@ def test_every_failed_version_is_withheld(client, tuf_keys) -> None:
     # The outer join yields one row per failed version; each of them must count.
     assert publish(client, tuf_keys, 1, [V1, V2, V3]).status_code == 201
     device = enroll(client, installed=1)
-    create_rollout(client, 2, [100], min_reports=100)
+    create_rollout(client, 2, [100], max_failure_rate=1.0)  # never pauses
     assert check(client, device, 1)["to_version"] == 2
     _fail(client, device, 2, seq=1)
     assert check(client, device, 1) is None
-    create_rollout(client, 3, [100], min_reports=100)
+    create_rollout(client, 3, [100], max_failure_rate=1.0)
     assert check(client, device, 1)["to_version"] == 3  # v2 failed, v3 did not
     _fail(client, device, 3, seq=2)
     assert check(client, device, 1) is None

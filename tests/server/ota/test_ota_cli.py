@@ -162,11 +162,12 @@ def test_publish_and_rollout_commands_against_a_served_keys_dir(tmp_path, keys_d
             env=cli_env,
         )
         assert create.returncode == 0, create.stderr
-        assert create.stdout.startswith("rollout 1 v4 active stage 1/2")
+        # no device is enrolled: the empty first stage passes at once (issue 24 item 3)
+        assert create.stdout.startswith("rollout 1 v4 active stage 2/2")
         pause = _fedota("rollout", "pause", "1", "--server", server, env=cli_env)
         assert "paused (operator)" in pause.stdout
         resume = _fedota("rollout", "resume", "1", "--server", server, env=cli_env)
-        assert "active stage 1/2" in resume.stdout
+        assert "active stage 2/2" in resume.stdout
         cancel = _fedota("rollout", "cancel", "1", "--server", server, env=cli_env)
         assert "cancelled" in cancel.stdout
         status = _fedota("rollout", "status", "--server", server, env=cli_env)

@@ -147,7 +147,7 @@ def test_fallback_report_is_authoritative_and_failed_version_not_reoffered(
 ) -> None:
     # F25: device fell back from v6 to v5.
     assert publish(client, tuf_keys, 1, [V5, V6, V6_FROM_5]).status_code == 201
-    create_rollout(client, 6, [100], min_reports=50)
+    create_rollout(client, 6, [100], max_failure_rate=1.0)  # never pauses
     device = enroll(client, installed=5)
     assert check(client, device, 5)["to_version"] == 6
     response = event(client, device, event_id="e1", seq=1, type="failed", version=6, installed=5)
