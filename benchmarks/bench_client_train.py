@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.repeats, args.k1, args.k2 = (2, 1, 4) if args.quick else (5, 3, 13)
+    args.repeats, args.k1, args.k2 = (3, 1, 7) if args.quick else (5, 3, 13)
     args.batch_size, args.seq_len = 8, (32 if args.quick else 64)
     args.texts = 60 if args.quick else 120
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -23,6 +23,20 @@ defaults), base model and seed:
                       rank (printed)
 * ``centralized``     one model on the pooled training text, as many steps as the
                       federation ran in total (the non-private upper bound)
+* ``fed-no-dp+S``, ``fed-user-dp-N+S``  with ``--strategies S ...``: the same rows with
+                      strategy S (``fedavgm``, ``fedadam``, ``fedyogi``: server
+                      optimizers, under user-level DP fed the noised update;
+                      ``fedprox``: the phones' proximal term), beside the ``fedavg`` ones
+* ``pop-N-M-…``       with ``--populations N ...``: user-level DP at population scale
+                      (issue 25 item 3), for every population N and cohort M
+                      (``--cohorts``, the expected clients per round: q = M / N), all on
+                      ``ffa`` with the same rounds and client settings:
+                      ``no-dp`` (the non-private reference, M per round), ``user-dp``
+                      (today's DP-FedAvg: fedavg, fixed clip) and ``user-dp+S`` for each
+                      ``--strategies`` S (adaptive clip at the median, Andrew et al.
+                      2021, then S on the noised update). Reported: the share of the
+                      ``no-dp`` row's gain each DP row keeps. ``--populations-only``
+                      skips every other row.
 
 Reported for each: loss and next-token accuracy on the training clients' held-out text
 and on held-out clients (new users). Also: upload bytes per client per round for
@@ -48,6 +62,9 @@ Usage::
     python benchmarks/bench_federated.py                    # tiny base, seeds 0-4 (~1 h)
     python benchmarks/bench_federated.py --seeds 0          # one seed
     python benchmarks/bench_federated.py --base-model DIR --out runs/bench_federated.json
+    python benchmarks/bench_federated.py --quick --strategies fedavgm fedadam fedprox
+    python benchmarks/bench_federated.py --seeds 0 --populations 1000 --cohorts 50 \
+        --populations-only --strategies fedavgm
 """
 
 from __future__ import annotations
@@ -90,6 +107,38 @@ class Plan:
 
 
 USER_DP = {"local_steps": 3, "lora_rank": 8, "seq_len": 64, "user_clip": 1.0}
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
+
+
+@dataclass(frozen=True)
+class PopulationPlan:
+    """The population-scale user-level DP rows (``--populations``); printed with them.
+
+    Every row of one (population, cohort) pair shares data, base, rounds and client
+    settings; only the privacy and the server's rule differ.
+    """
+
+    populations: tuple[int, ...]
+    cohorts: tuple[int, ...]
+    rounds: int
+    strategies: tuple[str, ...]
+    client: dict[str, Any]  # FederatedConfig client settings (steps, rank, seq_len)
+    clip_quantile: float  # the adaptive rows' target share of unclipped updates
+    initial_clip: float
+    server: dict[str, dict[str, Any]]  # run-config keys of each strategy's rows
+    eval_max_clients: int
+    clip_lr: float = 0.2  # η_C of the adaptive clip
+    rows: tuple[str, ...] = ()  # run only these rows ("no-dp", "user-dp", a strategy)
+
+
+# Server optimizer settings of the strategy rows (the run config's defaults otherwise).
+STRATEGY_KEYS: dict[str, dict[str, Any]] = {
+    "fedavg": {},
+    "fedavgm": {"server-momentum": 0.9, "server-learning-rate": 1.0},
+    "fedadam": {"server-learning-rate": 0.01},
+    "fedyogi": {"server-learning-rate": 0.01},
+    "fedprox": {"proximal-mu": 0.01},
+}
 # 6 per round: user-level DP refuses populations where over 1% of Poisson-sampled
 # rounds would train fewer than 2 clients (24 clients at 4 per round: 7%).
 QUICK = Plan(4, 2, 2, 2, 4, {"local_steps": 4}, (8, 24), 6, 2, USER_DP, 8)
@@ -165,7 +214,15 @@ def federated_row(
     summary = run_federated(cfg).data.to_dict()
     final, rounds = summary["final"], summary["rounds"]
     trained = [r for r in rounds if r["clients_trained"]]
+    last_train = _history(cfg.out_dir)[-1].get("train", {})
     return {
+        "strategy": cfg.extra.get("strategy", "fedavg"),
+        # under user-level DP: the clip of the last round, and the σ its update sum got
+        # (above the accountant's σ when the adaptive clip's count takes its share)
+        "last_clip": last_train.get("user-clip"),
+        "update_noise_multiplier": last_train.get(
+            "user-update-noise-multiplier", last_train.get("user-noise-multiplier")
+        ),
         "eval_loss": final["eval_loss"],
         "eval_accuracy": final["eval_accuracy"],
         "heldout_clients_loss": final["heldout_clients"]["eval_loss"],
@@ -187,6 +244,71 @@ def federated_row(
     }
 
 
+def _history(out_dir: Path) -> list[dict[str, Any]]:
+    from server.federation import load_latest
+
+    ckpt = load_latest(out_dir / "checkpoints")
+    return list(ckpt.state["history"]) if ckpt is not None else [{}]
+
+
+def population_rows(
+    pplan: PopulationPlan, base: Path, out: Path, plan: Plan, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Per population N and cohort M: the non-private reference, today's user-level
+    DP-FedAvg, and one adaptive-clip row per strategy; same data, rounds and clients."""
+    rows: dict[str, dict[str, Any]] = {}
+    for n in pplan.populations:
+        for m in pplan.cohorts:
+            common: dict[str, Any] = dict(
+                aggregation="ffa", num_clients=n, clients_per_round=m, rounds=pplan.rounds,
+                **pplan.client,
+            )  # fmt: skip
+            ev = {"eval-max-clients": pplan.eval_max_clients}
+            name = f"pop-{n}-{m}"
+            if _wanted(pplan, "no-dp"):
+                rows[f"{name}-no-dp"] = federated_row(
+                    f"{name}-no-dp", base, out, plan, seed, dp_mode="none", **common,
+                    extra={**ev, "client-sampling": "uniform"},
+                )  # fmt: skip
+            dp = dict(dp_mode="user", target_epsilon=8.0, **common)
+            if _wanted(pplan, "user-dp"):
+                rows[f"{name}-user-dp"] = federated_row(
+                    f"{name}-user-dp", base, out, plan, seed, **dp, user_clip=1.0, extra=ev
+                )
+            for strategy in pplan.strategies:
+                if not _wanted(pplan, strategy):
+                    continue
+                keys = {"strategy": strategy, **pplan.server.get(strategy, {})}
+                adaptive = {
+                    "user-clip-quantile": pplan.clip_quantile,
+                    "user-clip-lr": pplan.clip_lr,
+                }
+                rows[f"{name}-user-dp+{strategy}"] = federated_row(
+                    f"{name}-user-dp+{strategy}", base, out, plan, seed, **dp,
+                    user_clip=pplan.initial_clip, extra={**ev, **keys, **adaptive},
+                )  # fmt: skip
+    return rows
+
+
+def _wanted(pplan: PopulationPlan, row: str) -> bool:
+    return not pplan.rows or row in pplan.rows
+
+
+def population_shares(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Each population DP row's gain over its round 0, as a share of its ``no-dp`` row's."""
+    out: dict[str, float | None] = {}
+    for name, r in rows.items():
+        if not name.startswith("pop-") or name.endswith("-no-dp"):
+            continue
+        ref = rows.get(name.split("-user-dp")[0] + "-no-dp")
+        if ref is None:
+            continue
+        ref_gain = ref["eval_accuracy"] - ref["baseline_accuracy"]
+        gain = r["eval_accuracy"] - r["baseline_accuracy"]
+        out[f"{name}_share_of_no_dp_gain"] = gain / ref_gain if ref_gain > 0 else None
+    return out
+
+
 def gains(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """The issue's targets; gains of federated rows are against their own round 0 (the
     same evaluation as the ``base`` row)."""
@@ -198,7 +320,9 @@ def gains(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         start = r.get("baseline_accuracy", rows["base"]["eval_accuracy"])
         return float(r["eval_accuracy"] - start)
 
-    out: dict[str, float | None] = {}
+    out: dict[str, float | None] = population_shares(rows)
+    if "base" not in rows:  # --populations-only
+        return out
     central, fed, rec = gain("centralized"), gain("fed-no-dp"), gain("fed-record-dp")
     if central and fed is not None:
         out["fed_no_dp_gap_closed"] = fed / central
@@ -210,9 +334,19 @@ def gains(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     uniform = gain("fed-record-dp-uniform")
     if fed and uniform is not None:
         out["record_dp_gain_kept_uniform_sampling"] = uniform / fed
-    users = sorted((int(k.rsplit("-", 1)[1]), gain(k)) for k in rows if k.startswith("fed-user"))
+    users = sorted(
+        (int(k.rsplit("-", 1)[1]), gain(k))
+        for k in rows
+        if k.startswith("fed-user") and "+" not in k
+    )
     for n, g in users:
         out[f"user_dp_{n}_gain"] = g
+    for k in rows:
+        if "+" in k:  # strategy rows: gain, and share of the plain fedavg row's gain
+            plain, g = k.split("+")[0], gain(k)
+            out[f"{k}_gain"] = g
+            if (ref := gain(plain)) is not None and ref > 0 and g is not None:
+                out[f"{k}_over_fedavg"] = g / ref
     # Upload per unit of LoRA rank (bytes are linear in the rank): fed-no-dp (fedavg,
     # A and B) against the first ffa row (B only) that adapts the same modules (the
     # record-DP row also adapts the output head).
@@ -255,6 +389,11 @@ def run_seed(args: argparse.Namespace, plan: Plan, tmp: Path, seed: int) -> dict
     started = time.monotonic()
     base = _base_model(args, tmp, seed)
     out = tmp / f"seed-{seed}"
+    if args.populations:
+        pplan = _population_plan(args)
+        pop = population_rows(pplan, base, out, plan, seed)
+        if args.populations_only:
+            return _finish(seed, base, pop, started)
     rows = trainer_rows(base, plan, seed)
     common = dict(num_clients=plan.clients, clients_per_round=plan.clients_per_round)
     no_dp = dict(dp_mode="none", aggregation="fedavg", local_steps=plan.local_steps)
@@ -276,20 +415,57 @@ def run_seed(args: argparse.Namespace, plan: Plan, tmp: Path, seed: int) -> dict
     )  # fmt: skip
     for n in plan.user_populations:
         rows[f"fed-user-dp-{n}"] = federated_row(
-            f"fed-user-dp-{n}",
-            base,
-            out,
-            plan,
-            seed,
-            dp_mode="user",
-            target_epsilon=8.0,
-            aggregation="ffa",
-            num_clients=n,
-            clients_per_round=plan.user_clients_per_round,  # fixed: q = m / N falls
-            rounds=plan.user_rounds,
-            **plan.user_dp,
+            f"fed-user-dp-{n}", base, out, plan, seed, **_user_dp(plan, n),
             extra={"eval-max-clients": plan.eval_max_clients},
+        )  # fmt: skip
+    for strategy in args.strategies:
+        if strategy == "fedavg":
+            continue  # today's rows
+        keys = {"strategy": strategy, **STRATEGY_KEYS[strategy]}
+        rows[f"fed-no-dp+{strategy}"] = federated_row(
+            f"fed-no-dp+{strategy}", base, out, plan, seed, **no_dp, **common, extra=keys
         )
+        for n in plan.user_populations:
+            rows[f"fed-user-dp-{n}+{strategy}"] = federated_row(
+                f"fed-user-dp-{n}+{strategy}", base, out, plan, seed, **_user_dp(plan, n),
+                extra={"eval-max-clients": plan.eval_max_clients, **keys},
+            )  # fmt: skip
+    if args.populations:
+        rows.update(pop)
+    return _finish(seed, base, rows, started)
+
+
+def _population_plan(args: argparse.Namespace) -> PopulationPlan:
+    return PopulationPlan(
+        populations=tuple(args.populations),
+        cohorts=tuple(args.cohorts),
+        rounds=args.population_rounds,
+        strategies=tuple(args.strategies),
+        client={"local_steps": args.population_local_steps, "lora_rank": 8, "seq_len": 64},
+        clip_quantile=0.5,
+        initial_clip=args.population_initial_clip,
+        server=STRATEGY_KEYS,
+        eval_max_clients=args.population_eval_clients,
+        clip_lr=args.population_clip_lr,
+        rows=tuple(args.population_rows),
+    )
+
+
+def _user_dp(plan: Plan, n: int) -> dict[str, Any]:
+    return dict(
+        dp_mode="user",
+        target_epsilon=8.0,
+        aggregation="ffa",
+        num_clients=n,
+        clients_per_round=plan.user_clients_per_round,  # fixed: q = m / N falls
+        rounds=plan.user_rounds,
+        **plan.user_dp,
+    )
+
+
+def _finish(
+    seed: int, base: Path, rows: dict[str, dict[str, Any]], started: float
+) -> dict[str, Any]:
     return {
         "seed": seed,
         "base_model": str(base),
@@ -328,6 +504,46 @@ def main(argv: list[str] | None = None) -> int:
         default=[0, 1, 2, 3, 4],
         help="one full run per seed (data, base model, init, sampling); medians are reported",
     )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=[],
+        choices=STRATEGIES,
+        help="add rows with these strategies beside today's fedavg ones (and in the "
+        "--populations rows, adaptive-clip rows with each)",
+    )
+    parser.add_argument(
+        "--populations",
+        type=int,
+        nargs="+",
+        default=[],
+        help="user-level DP at population scale: these populations (e.g. 1000 10000)",
+    )
+    parser.add_argument(
+        "--cohorts", type=int, nargs="+", default=[50], help="expected clients per round"
+    )
+    parser.add_argument("--population-rounds", type=int, default=10)
+    parser.add_argument("--population-local-steps", type=int, default=3)
+    parser.add_argument("--population-eval-clients", type=int, default=16)
+    parser.add_argument(
+        "--population-initial-clip",
+        type=float,
+        default=1.0,
+        help="the adaptive rows' first clip (the fixed rows clip at 1.0)",
+    )
+    parser.add_argument(
+        "--population-clip-lr", type=float, default=0.2, help="η_C of the adaptive clip"
+    )
+    parser.add_argument(
+        "--population-rows",
+        nargs="+",
+        default=[],
+        help="run only these population rows: no-dp, user-dp and/or strategy names "
+        "(to split a long run; shares need the no-dp row in the same file)",
+    )
+    parser.add_argument(
+        "--populations-only", action="store_true", help="run only the --populations rows"
+    )
     parser.add_argument("--out", default="runs/bench_federated.json")
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
@@ -346,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "seeds": args.seeds,
         "plan": plan.__dict__,
+        "population_plan": _population_plan(args).__dict__ if args.populations else None,
         "runs": runs,
         "median": medians(runs),
         "wall_s": round(time.monotonic() - started, 1),

@@ -18,6 +18,7 @@ rounds except the privacy ledger on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,10 +33,19 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.errors import ClientInputError
-from protocol import Aggregation, DpMode, LoraShape, RunConfig, RunConfigError
+from protocol import (
+    Aggregation,
+    DpMode,
+    LoraShape,
+    RunConfig,
+    RunConfigError,
+    StrategyName,
+    truncate_to_rank,
+)
 from protocol.records import (
     ARRAYS,
     CONFIG,
+    LORA_RANK,
     METRICS,
     STATUS,
     ReplyStatus,
@@ -63,12 +73,17 @@ class ClientSettings:
             ``data-dir/partition-<partition-id>.json`` in simulation).
         state_dir: where this phone keeps its privacy ledger (``None``: in memory).
         run: the run's configuration, with the privacy mode's defaults filled in.
+        memory_budget_bytes: this phone's training memory budget: node config
+            ``memory-budget-bytes``, else in simulation the tier of its partition
+            (``client-memory-tiers-mib``, partition ``i`` → tier ``i mod k``), else the
+            run's ``memory-budget-bytes``.
     """
 
     base_model: Path
     data_file: Path
     state_dir: Path | None
     run: RunConfig
+    memory_budget_bytes: int | None = None
 
     @classmethod
     def from_context(cls, context: Context, overrides: Mapping[str, Any]) -> ClientSettings:
@@ -98,6 +113,7 @@ class ClientSettings:
             data_file=Path(data),
             state_dir=Path(state) if state else None,
             run=run,
+            memory_budget_bytes=_memory_budget(run, node),
         )
 
     @property
@@ -111,6 +127,18 @@ class ClientSettings:
             ffa=self.run.resolved_aggregation == Aggregation.FFA,
             init_seed=self.run.seed,
         )
+
+
+def _memory_budget(run: RunConfig, node: Mapping[str, Any]) -> int | None:
+    try:
+        if node.get("memory-budget-bytes"):
+            return int(node["memory-budget-bytes"])
+        tiers = run.memory_tiers_bytes
+    except (RunConfigError, TypeError, ValueError) as e:
+        raise ClientInputError(f"invalid memory budget in the node or run config: {e}") from e
+    if tiers and "partition-id" in node:
+        return tiers[int(node["partition-id"]) % len(tiers)]
+    return run.memory_budget_bytes
 
 
 @dataclass(frozen=True)
@@ -144,15 +172,43 @@ def load_partition(path: Path) -> Partition:
         ) from e
 
 
-def _trainer(s: ClientSettings) -> Any:
-    """The process-wide ``LocalTrainer`` for this base and LoRA layout."""
-    from client.train import LocalTrainer, LoraSettings
+def _trainer(s: ClientSettings, rank: int | None = None) -> Any:
+    """The process-wide ``LocalTrainer`` for this base and LoRA layout, at ``rank``
+    (``None``: the run's global rank). A lower rank keeps the global LoRA scale and
+    the first ``rank`` slices of the global seeded init (ADR 0016)."""
+    from client.train import LocalTrainer, LoraSettings, scaled_alpha
 
-    key = (str(s.base_model.resolve()), s.lora)
+    lora, init_rank = s.lora, None
+    if rank is not None and rank != lora.rank:
+        alpha = scaled_alpha(lora.alpha, rank, lora.rank)
+        lora, init_rank = dataclasses.replace(lora, rank=rank, alpha=alpha), s.lora.rank
+    base = str(s.base_model.resolve())
+    key = (base, lora, init_rank)
     if key not in _TRAINERS:
-        _TRAINERS.clear()  # one base per process: a phone holds one model
-        _TRAINERS[key] = LocalTrainer(s.base_model, LoraSettings.of(s.lora), device="cpu")
+        if any(k[0] != base for k in _TRAINERS):
+            _TRAINERS.clear()  # one base per process: a phone holds one model
+        settings = LoraSettings.of(lora, init_rank=init_rank)
+        _TRAINERS[key] = LocalTrainer(s.base_model, settings, device="cpu")
     return _TRAINERS[key]
+
+
+def _phone_rank(s: ClientSettings) -> int | None:
+    """The LoRA rank this phone trains when the run allows several (``None``: the run's
+    one rank): the largest its training memory budget fits (``client.train.rank``)."""
+    from client.train import DPSettings, TrainSettings, rank_for_trainer
+
+    allowed = s.run.allowed_ranks
+    if not allowed:
+        return None
+    settings = TrainSettings(
+        batch_size=s.run.batch_size,
+        seq_len=s.run.seq_len,
+        memory_budget_bytes=s.memory_budget_bytes,
+    )
+    record = s.run.dp_mode == DpMode.RECORD
+    dp = DPSettings(enabled=record, target_epsilon=s.run.target_epsilon if record else None)
+    choice = rank_for_trainer(_trainer(s), allowed=allowed, settings=settings, dp=dp)
+    return int(choice.rank)
 
 
 def _round_seed(seed: int, server_round: int, client_id: str) -> int:
@@ -183,8 +239,12 @@ def handle_query(msg: Message, s: ClientSettings) -> RecordDict:
     frozen ``A`` is rebuilt on every phone from the shared ``init_seed``).
     """
     part = load_partition(s.data_file)
-    content = RecordDict({STATUS: _status(part)})
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    status = _status(part)
+    rank = _phone_rank(s) if config.get("want") == "identity" else None
+    if rank is not None:
+        status[LORA_RANK] = rank
+    content = RecordDict({STATUS: status})
     if config.get("want") == "initial-adapter":
         content[ARRAYS] = _to_arrays(_trainer(s).initial_adapter())
     return content
@@ -213,9 +273,10 @@ def handle_train(msg: Message, s: ClientSettings) -> RecordDict:
         learning_rate=run.learning_rate,
         batch_size=run.batch_size,
         seq_len=run.seq_len,
-        memory_budget_bytes=run.memory_budget_bytes,
+        memory_budget_bytes=s.memory_budget_bytes,
         seed=_round_seed(run.seed, server_round, part.client_id),
         planned_rounds=planned,
+        proximal_mu=run.proximal_mu if run.strategy == StrategyName.FEDPROX else 0.0,
     )
     dp = DPSettings(enabled=False)
     ledger = None
@@ -237,7 +298,7 @@ def handle_train(msg: Message, s: ClientSettings) -> RecordDict:
                 accountant=run.accountant,
                 epsilon_budget=run.epsilon_budget,
             )
-    trainer = _trainer(s)
+    trainer = _trainer(s, _phone_rank(s))  # the server sent the adapter at this rank
     result = trainer.train(
         _from_arrays(msg.content.array_records.get(ARRAYS)), list(part.train), settings, dp, ledger
     )
@@ -264,7 +325,12 @@ def handle_evaluate(msg: Message, s: ClientSettings) -> RecordDict:
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     # Evaluation blocks have the trainer's fixed length whatever seq-len training used,
     # so runs with different training settings are measured on the same scale.
-    result = _trainer(s).evaluate(_from_arrays(msg.content.array_records.get(ARRAYS)), texts)
+    # A phone evaluates what it would run: the global adapter truncated to its rank.
+    rank = _phone_rank(s)
+    adapter = _from_arrays(msg.content.array_records.get(ARRAYS))
+    if rank is not None and adapter is not None:
+        adapter = truncate_to_rank(adapter, rank)
+    result = _trainer(s, rank).evaluate(adapter, texts)
     metrics = eval_metrics(
         loss=result.loss,
         accuracy=result.accuracy,

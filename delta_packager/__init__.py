@@ -37,6 +37,7 @@ from delta_packager.fingerprint import (
     fingerprint_base,
     fingerprint_checkpoint,
     fingerprint_gguf,
+    rank_target,
 )
 from delta_packager.format import DEFAULT_MAX_UNCOMPRESSED_BYTES, Bundle, parse_bundle, read_bundle
 from delta_packager.manifest import AdapterConfig, Manifest, Provenance
@@ -79,6 +80,7 @@ __all__ = [
     "load_state",
     "package_version",
     "parse_bundle",
+    "rank_target",
     "read_bundle",
     "save_state",
 ]

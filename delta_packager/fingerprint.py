@@ -41,6 +41,7 @@ __all__ = [
     "fingerprint_gguf",
     "is_fingerprint",
     "normalize_bases",
+    "rank_target",
 ]
 
 FINGERPRINT_PREFIX = "sha256:"
@@ -63,6 +64,27 @@ _CHUNK = 1 << 20
 _FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 #: Most further bases one release may name (the manifest parser's bound too).
 MAX_COMPATIBLE_BASES = 64
+
+
+def rank_target(base_fingerprint: str, rank: int) -> str:
+    """The target a phone training LoRA rank ``rank`` on ``base_fingerprint`` is offered
+    bundles under (heterogeneous ranks, ADR 0016).
+
+    A fingerprint-shaped SHA-256 of the base fingerprint and the rank: a rank-``r``
+    bundle names it as its ``base_fingerprint`` (signed, in the manifest and the TUF
+    custom metadata), so the OTA server offers it, and the update agent applies it,
+    only on phones of that base *and* that rank, with no change to the server.
+
+    Raises:
+        PackagerInputError: not a fingerprint, or a rank below 1.
+    """
+    if not is_fingerprint(base_fingerprint) or isinstance(rank, bool) or rank < 1:
+        raise PackagerInputError(
+            f"a rank target needs a sha256: base fingerprint and a rank >= 1, got "
+            f"{base_fingerprint!r} and {rank!r}"
+        )
+    digest = hashlib.sha256(f"fedota-lora-rank\0{base_fingerprint}\0{rank}".encode()).hexdigest()
+    return FINGERPRINT_PREFIX + digest
 
 
 def is_fingerprint(value: object) -> bool:

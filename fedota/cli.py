@@ -66,7 +66,16 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "device": ("llama_cpp", "gguf"),
     "server": _SERVER,
     "train": _TRAIN,
-    "sim": (*_TRAIN, *_SERVER, "ray", "matplotlib"),
+    "sim": (
+        *_TRAIN,
+        *_SERVER,
+        "ray",
+        "matplotlib",
+        "tensorboard",
+        "tomli_w",
+        "flwr_datasets",
+        "datasets",
+    ),
 }
 
 

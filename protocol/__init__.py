@@ -5,6 +5,8 @@
 * :class:`LoraShape` — the shape of a LoRA adapter (``protocol.lora``).
 * :class:`ReleaseKind`, :class:`EventType` — the update vocabulary of the phone and
   the OTA server (``protocol.update``).
+* :class:`PrivacySpend`, :class:`PrivacyPolicy` — the privacy release gate the server
+  and the phone both enforce (``protocol.privacy``).
 * Crash-safe writes — ``atomic_write`` and friends (``protocol.files``).
 
 Import the names below from here: they are what code outside this package uses. The
@@ -28,7 +30,8 @@ from protocol.files import (
     relaxed_durability,
     replace_file,
 )
-from protocol.lora import LoraShape, LoraShapeError
+from protocol.lora import LoraShape, LoraShapeError, lora_rank_axis, truncate_to_rank
+from protocol.privacy import PRIVACY_KEYS, PrivacyPolicy, PrivacySpend, privacy_violation
 from protocol.run_config import (
     MODE_DEFAULTS,
     Aggregation,
@@ -36,11 +39,13 @@ from protocol.run_config import (
     DpMode,
     RunConfig,
     RunConfigError,
+    StrategyName,
 )
 from protocol.update import EventType, ReleaseKind
 
 __all__ = [
     "MODE_DEFAULTS",
+    "PRIVACY_KEYS",
     "TMP_SUFFIX",
     "Aggregation",
     "ClientSampling",
@@ -48,9 +53,12 @@ __all__ = [
     "EventType",
     "LoraShape",
     "LoraShapeError",
+    "PrivacyPolicy",
+    "PrivacySpend",
     "ReleaseKind",
     "RunConfig",
     "RunConfigError",
+    "StrategyName",
     "atomic_dir",
     "atomic_file",
     "atomic_write",
@@ -58,7 +66,10 @@ __all__ = [
     "atomic_write_text",
     "fsync_dir",
     "fsync_file",
+    "lora_rank_axis",
+    "privacy_violation",
     "read_json",
     "relaxed_durability",
     "replace_file",
+    "truncate_to_rank",
 ]

@@ -16,7 +16,37 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LoraShape", "LoraShapeError"]
+__all__ = ["LoraShape", "LoraShapeError", "lora_rank_axis", "truncate_to_rank"]
+
+
+def lora_rank_axis(name: str) -> int | None:
+    """Where the LoRA rank sits in tensor ``name``: ``lora_A`` is ``(rank, in)`` (0),
+    ``lora_B`` ``(out, rank)`` (1); ``None`` for any other tensor."""
+    if ".lora_A." in name:
+        return 0
+    if ".lora_B." in name:
+        return 1
+    return None
+
+
+def truncate_to_rank(adapter: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """The first ``rank`` rank slices of every LoRA tensor (numpy arrays or torch
+    tensors; other tensors as they are): what a phone of rank ``rank`` holds of a
+    higher-rank adapter (ADR 0016). ``B[:, :r] @ A[:r]`` is the sum of the first ``r``
+    rank-one terms of ``B @ A``.
+
+    Raises:
+        LoraShapeError: ``rank`` is below 1, or above a LoRA tensor's rank.
+    """
+    out: dict[str, Any] = {}
+    for name, value in adapter.items():
+        axis = lora_rank_axis(name)
+        if axis is not None and not 1 <= rank <= value.shape[axis]:
+            raise LoraShapeError(
+                f"cannot truncate {name} of rank {value.shape[axis]} to rank {rank}"
+            )
+        out[name] = value if axis is None else value[:rank] if axis == 0 else value[:, :rank]
+    return out
 
 
 class LoraShapeError(ValueError):

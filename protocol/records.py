@@ -30,6 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 __all__ = [
     "ARRAYS",
     "CONFIG",
+    "LORA_RANK",
     "METRICS",
     "STATUS",
     "EvalReply",
@@ -66,6 +67,11 @@ class ReplyStatus(StrEnum):
     NO_DATA = "no_data"  # nothing to train or evaluate on
     ERROR = "error"  # the client app failed (server side: Flower's error reply)
     MALFORMED = "malformed"  # the reply lacks what its status promises
+
+
+#: Key of the identity reply's status record: the LoRA rank the phone trains, when
+#: the run allows several (``RunConfig.lora_ranks``; ADR 0016).
+LORA_RANK = "lora-rank"
 
 
 def status_record(client_id: str, role: str, status: str, message: str = "") -> ConfigRecord:

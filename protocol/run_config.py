@@ -32,6 +32,7 @@ __all__ = [
     "ModeDefaults",
     "RunConfig",
     "RunConfigError",
+    "StrategyName",
 ]
 
 
@@ -59,6 +60,20 @@ class ClientSampling(StrEnum):
 
     BALANCED = "balanced"  # fewest rounds trained first; each phone learns its rounds
     UNIFORM = "uniform"  # independently each round
+
+
+class StrategyName(StrEnum):
+    """How the server applies the aggregated update, or (FedProx) how phones train.
+
+    The server optimizers treat the (possibly noised) aggregated delta as a negative
+    pseudo-gradient (Reddi et al. 2021, "Adaptive Federated Optimization", Alg. 2).
+    """
+
+    FEDAVG = "fedavg"  # global += aggregated delta
+    FEDAVGM = "fedavgm"  # server SGD with momentum (Hsu et al. 2019)
+    FEDADAM = "fedadam"  # server Adam (Reddi et al. 2021)
+    FEDYOGI = "fedyogi"  # server Yogi (Reddi et al. 2021)
+    FEDPROX = "fedprox"  # phones add (mu/2)·||w - w_global||² over LoRA (Li et al. 2020)
 
 
 class Accountant(StrEnum):
@@ -119,6 +134,13 @@ class RunConfig:
         seq_len: tokens per training block (``None``: mode default or the trainer's).
         epsilon_budget: a phone's lifetime record-level ε budget (``None``: none).
         memory_budget_bytes: a phone's training memory budget (``None``: none).
+        lora_ranks: the LoRA ranks phones may train, comma-separated (``"4,8,16"``):
+            each phone trains the largest one its training memory budget fits, and
+            the global adapter has the largest (it replaces ``lora_rank``; ADR 0016).
+            ``""``: every phone trains ``lora_rank``.
+        client_memory_tiers_mib: simulation: training memory budgets in MiB,
+            comma-separated; partition ``i`` gets tier ``i mod k`` (a phone's node
+            config ``memory-budget-bytes`` wins). ``""``: ``memory_budget_bytes``.
         seed: seeds sampling, local training and the central noise.
         num_nodes: nodes to wait for before round 0 (0: any).
         round_timeout_s: how long to wait for replies; late replies are dropouts.
@@ -129,6 +151,20 @@ class RunConfig:
         checkpoint_dir: server checkpoints (``""``: none).
         eval_max_clients: training clients evaluated per round (0: all).
         client_sampling: ``balanced`` or ``uniform``.
+        strategy: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi`` or ``fedprox``.
+        server_learning_rate: server step size η of ``fedavgm`` / ``fedadam`` /
+            ``fedyogi`` (``None``: 1.0 for ``fedavgm``, 0.01 for the adaptive ones).
+        server_momentum: ``fedavgm``'s momentum.
+        server_beta1: first-moment decay of ``fedadam`` / ``fedyogi``.
+        server_beta2: second-moment decay of ``fedadam`` / ``fedyogi``.
+        server_tau: adaptivity τ of ``fedadam`` / ``fedyogi`` (also √v's initial value).
+        proximal_mu: ``fedprox``'s μ (0: plain local training, which is ``fedavg``).
+        user_clip_quantile: user-level DP: the share γ of updates the clip should
+            leave unclipped, adapted each round (Andrew et al. 2021); ``user_clip`` is
+            then the initial clip. ``None``: a fixed clip.
+        user_clip_lr: the geometric step η_C of the adaptive clip.
+        user_clip_count_stddev: σ_b of the noise on the unclipped count (``None``: the
+            expected cohort / 20, the paper's choice).
     """
 
     num_server_rounds: int = 3
@@ -152,6 +188,8 @@ class RunConfig:
     seq_len: int | None = None
     epsilon_budget: float | None = None
     memory_budget_bytes: int | None = None
+    lora_ranks: str = ""
+    client_memory_tiers_mib: str = ""
     seed: int = 0
     num_nodes: int = 0
     round_timeout_s: float = 600.0
@@ -162,6 +200,16 @@ class RunConfig:
     checkpoint_dir: str = ""
     eval_max_clients: int = 0
     client_sampling: ClientSampling = ClientSampling.BALANCED
+    strategy: StrategyName = StrategyName.FEDAVG
+    server_learning_rate: float | None = None
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    proximal_mu: float = 0.01
+    user_clip_quantile: float | None = None
+    user_clip_lr: float = 0.2
+    user_clip_count_stddev: float | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -212,10 +260,39 @@ class RunConfig:
             aggregation=self.resolved_aggregation,
             local_steps=_or(self.local_steps, mode.local_steps),
             learning_rate=_or(self.learning_rate, mode.learning_rate),
-            lora_alpha=_or(self.lora_alpha, 2.0 * self.lora_rank),
+            lora_rank=self.global_rank,
+            lora_alpha=_or(self.lora_alpha, 2.0 * self.global_rank),
             lora_head=_or(self.lora_head, mode.lora_head),
             batch_size=_or(self.batch_size, mode.batch_size),
             seq_len=_or(self.seq_len, mode.seq_len),
+        )
+
+    @property
+    def allowed_ranks(self) -> tuple[int, ...]:
+        """The ranks of ``lora_ranks``, sorted (empty: every phone trains ``lora_rank``).
+
+        Raises:
+            RunConfigError: ``lora_ranks`` is not a list of integers >= 1.
+        """
+        return _int_list("lora-ranks", self.lora_ranks)
+
+    @property
+    def global_rank(self) -> int:
+        """The rank of the global adapter: the largest allowed rank, else ``lora_rank``."""
+        return max(self.allowed_ranks, default=self.lora_rank)
+
+    @property
+    def memory_tiers_bytes(self) -> tuple[int, ...]:
+        """``client_memory_tiers_mib`` in bytes, in the order given (empty: none).
+
+        Raises:
+            RunConfigError: not a list of integers >= 1.
+        """
+        return tuple(
+            t << 20
+            for t in _int_list(
+                "client-memory-tiers-mib", self.client_memory_tiers_mib, keep_order=True
+            )
         )
 
     @property
@@ -244,11 +321,56 @@ class RunConfig:
             out.append(f"user-clip={self.user_clip} (need > 0)")
         if self.lora_rank < 1:
             out.append(f"lora-rank={self.lora_rank} (need ≥ 1)")
+        for check in (lambda: self.allowed_ranks, lambda: self.memory_tiers_bytes):
+            try:
+                check()
+            except RunConfigError as e:
+                out.append(str(e))
+        return out + self._strategy_problems()
+
+    def _strategy_problems(self) -> list[str]:
+        out = []
+        lr = self.server_learning_rate
+        if lr is not None and not (lr > 0 and math.isfinite(lr)):
+            out.append(f"server-learning-rate={lr} (need a finite η > 0)")
+        for key, value in (
+            ("server-momentum", self.server_momentum),
+            ("server-beta1", self.server_beta1),
+            ("server-beta2", self.server_beta2),
+        ):
+            if not 0 <= value < 1:
+                out.append(f"{key}={value} (need 0 ≤ value < 1)")
+        if not self.server_tau > 0:
+            out.append(f"server-tau={self.server_tau} (need > 0)")
+        if not self.proximal_mu >= 0:
+            out.append(f"proximal-mu={self.proximal_mu} (need ≥ 0)")
+        quantile = self.user_clip_quantile
+        if quantile is not None:
+            if not 0 < quantile < 1:
+                out.append(f"user-clip-quantile={quantile} (need 0 < γ < 1)")
+            if self.dp_mode != DpMode.USER:
+                out.append(f"user-clip-quantile={quantile} (adaptive clipping needs dp-mode user)")
+        if not self.user_clip_lr > 0:
+            out.append(f"user-clip-lr={self.user_clip_lr} (need > 0)")
+        stddev = self.user_clip_count_stddev
+        if stddev is not None and not stddev > 0:
+            out.append(f"user-clip-count-stddev={stddev} (need > 0)")
         return out
 
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _int_list(key: str, text: str, *, keep_order: bool = False) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = [0]
+    if any(v < 1 for v in values):
+        raise RunConfigError(f"{key}={text!r} (need comma-separated integers ≥ 1, e.g. 4,8,16)")
+    return tuple(values) if keep_order else tuple(sorted(set(values)))
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -278,6 +400,7 @@ _BY_NAME: dict[str, Any] = {
     "Aggregation": Aggregation,
     "ClientSampling": ClientSampling,
     "Accountant": Accountant,
+    "StrategyName": StrategyName,
 }
 
 

@@ -12,7 +12,7 @@ the embedded OTA server (FastAPI, SQLAlchemy, TUF) at import; import it directly
 
 from simulation.base_model import PRESETS, BasePreset, ensure_base_model, init_base_model
 from simulation.errors import SimulationInputError
-from simulation.federated import FederatedConfig, run_federated
+from simulation.federated import FederatedConfig, load_data, run_federated
 
 __all__ = [
     "PRESETS",
@@ -21,5 +21,6 @@ __all__ = [
     "SimulationInputError",
     "ensure_base_model",
     "init_base_model",
+    "load_data",
     "run_federated",
 ]

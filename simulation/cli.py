@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from simulation.config_file import apply_config_file
+
 if TYPE_CHECKING:
     from server.federation import RoundResult
     from simulation.federated import FederatedConfig
@@ -189,9 +191,33 @@ def base_model_export(
 
 
 def simulate(
-    clients: int = typer.Option(6, "--clients", min=1, help="Training clients (synthetic data)."),
+    ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        is_eager=True,
+        callback=apply_config_file,
+        dir_okay=False,
+        help="A TOML file of options (keys: the option names without --); flags given "
+        "here override it. OUT/config.toml of a run reruns that run.",
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the resolved options as TOML and exit."
+    ),
+    clients: int = typer.Option(
+        6,
+        "--clients",
+        min=1,
+        help="Training clients: synthetic users, or the clients a --partition other than "
+        "natural makes.",
+    ),
     clients_per_round: int = typer.Option(
-        3, "--clients-per-round", min=1, help="Clients sampled per round."
+        3,
+        "--clients-per-round",
+        "--cohort",
+        min=1,
+        help="Clients sampled per round (under --dp-mode user the expected cohort: each "
+        "client is drawn with probability cohort / clients).",
     ),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="Differential privacy on or off."),
@@ -202,12 +228,25 @@ def simulate(
     aggregation: str | None = typer.Option(
         None, "--aggregation", help="fedavg | ffa (default: ffa with DP, fedavg without)."
     ),
-    data: Path | None = typer.Option(None, "--data", help='JSONL: {"client_id", "text"} lines.'),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help='JSONL ({"client_id", "text"} lines), a .json/.csv/.parquet/.arrow file or a '
+        "save_to_disk directory with a text column.",
+    ),
     strict: bool = typer.Option(
         False,
         "--strict",
         help="Refuse --data records whose text is empty or whitespace (default: skip them "
         "and say how many per client).",
+    ),
+    partition: str | None = typer.Option(
+        None,
+        "--partition",
+        help="How records become clients: SCHEME[:KEY=VALUE,...] with SCHEME natural, iid, "
+        "dirichlet, shard, pathological, linear, square or exponential, e.g. "
+        "dirichlet:alpha=0.3,by=label (default: natural, one client per client_id or "
+        "synthetic user). Every scheme but natural makes --clients clients.",
     ),
     base_model: Path | None = typer.Option(
         None, "--base-model", help="Base model directory (default: the cached tiny base)."
@@ -228,6 +267,41 @@ def simulate(
         "--lora-head/--no-lora-head",
         help="LoRA on the output head as well as every linear projection (default: on "
         "under record-level DP, where it gains the most).",
+    ),
+    lora_ranks: str | None = typer.Option(
+        None,
+        "--lora-ranks",
+        help="Ranks phones may train, e.g. 4,8,16: each phone trains the largest its "
+        "training memory fits; the global adapter has the largest (replaces --lora-rank).",
+    ),
+    memory_tiers: str | None = typer.Option(
+        None,
+        "--client-memory-tiers",
+        help="Training memory budgets of the phones in MiB, e.g. 40,48,64: phone i gets "
+        "tier i mod k (default: no budget, so every phone trains the largest rank).",
+    ),
+    strategy: str = typer.Option(
+        "fedavg",
+        "--strategy",
+        help="fedavg | fedavgm | fedadam | fedyogi (server optimizers, applied to the "
+        "noised update under user-level DP) | fedprox (phones add (mu/2)·||w - w_global||²).",
+    ),
+    server_lr: float | None = typer.Option(
+        None,
+        "--server-lr",
+        help="Server learning rate of fedavgm/fedadam/fedyogi (default 1.0 / 0.01 / 0.01).",
+    ),
+    server_momentum: float | None = typer.Option(
+        None, "--server-momentum", help="fedavgm's momentum (default 0.9)."
+    ),
+    proximal_mu: float | None = typer.Option(
+        None, "--proximal-mu", help="fedprox's mu (default 0.01)."
+    ),
+    clip_quantile: float | None = typer.Option(
+        None,
+        "--clip-quantile",
+        help="User-level DP: adapt the clip each round so this share of updates stays "
+        "unclipped (Andrew et al. 2021; e.g. 0.5); default: a fixed clip.",
     ),
     eval_clients: int = typer.Option(
         0,
@@ -289,8 +363,15 @@ def simulate(
 ) -> None:
     """Federated LoRA fine-tuning of the NF4 base on simulated phones, each round shipped
     to a fleet through the OTA server; writes OUT/summary.json and OUT/report.md."""
+    from simulation.config_file import option_help, options_toml, recorded_options
+    from simulation.data import parse_partition_spec
     from simulation.errors import SimulationInputError
     from simulation.federated import FederatedConfig, describe_resume
+
+    options = recorded_options(ctx)  # flags over --config over defaults; OUT/config.toml
+    if print_config:
+        typer.echo(options_toml(options, "simulate", option_help(ctx.command)), nl=False)
+        return
 
     if dp_mode not in ("record", "user"):
         raise SimulationInputError(f"--dp-mode {dp_mode!r} is not one of: record, user")
@@ -305,6 +386,7 @@ def simulate(
         aggregation=aggregation,
         data_file=data,
         strict_data=strict,
+        partition=parse_partition_spec(partition) if partition is not None else None,
         base_model=base_model,
         seed=seed,
         cache_dir=default_cache_dir(),
@@ -313,7 +395,11 @@ def simulate(
         lora_head=lora_head,
         ray_address=ray_address,
         resume=resume,
-        extra={"eval-max-clients": eval_clients} if eval_clients else {},
+        options=options,
+        extra=_strategy_keys(strategy, server_lr, server_momentum, proximal_mu, clip_quantile)
+        | ({"eval-max-clients": eval_clients} if eval_clients else {})
+        | ({"lora-ranks": lora_ranks} if lora_ranks else {})
+        | ({"client-memory-tiers-mib": memory_tiers} if memory_tiers else {}),
     )
     fleet = (
         _fleet_config(
@@ -346,6 +432,24 @@ def simulate(
         return
     _print_final_table(result.summary.data)
     typer.echo(f"summary in {result.summary.path}; report in {result.report}")
+
+
+def _strategy_keys(
+    strategy: str,
+    server_lr: float | None,
+    server_momentum: float | None,
+    proximal_mu: float | None,
+    clip_quantile: float | None,
+) -> dict[str, object]:
+    """The run-config keys of the strategy options that were given (none: defaults)."""
+    keys = {
+        "strategy": None if strategy == "fedavg" else strategy,
+        "server-learning-rate": server_lr,
+        "server-momentum": server_momentum,
+        "proximal-mu": proximal_mu,
+        "user-clip-quantile": clip_quantile,
+    }
+    return {k: v for k, v in keys.items() if v is not None}
 
 
 def _quiet_flower() -> None:
@@ -594,7 +698,8 @@ def register(app: typer.Typer) -> None:
     """Mount this package's commands on the root ``fedota`` app."""
     app.add_typer(base_model_app, name="base-model")
     app.add_typer(adapter_app, name="adapter")
-    from simulation import data_cli
+    from simulation import compare, data_cli
 
     data_cli.register(app)
+    compare.register(app)
     app.command("simulate")(simulate)

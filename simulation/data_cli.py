@@ -5,7 +5,8 @@ SuperNode reads its own file, named by the ``data-file`` node-config key. This c
 writes those files (``partition-<i>.json``, the format of
 :func:`simulation.data.write_partitions`) and, with ``--golden N``, a ``golden.json``
 list of held-out texts for ``fedota device enroll --golden``. The golden texts come
-from held-out text only, never from a training partition.
+from held-out text only, never from a training partition. ``--partition`` splits the
+records as ``fedota simulate --partition`` does (``simulation.data.partitioners``).
 
 Invariant: the same arguments write byte-identical files.
 """
@@ -27,7 +28,17 @@ def partition(
     out: Path = typer.Option(..., "--out", help="Directory for partition-<i>.json files."),
     clients: int = typer.Option(3, "--clients", min=1, help="Training partitions (phones)."),
     data: Path | None = typer.Option(
-        None, "--data", help='JSONL: {"client_id", "text"} lines (default: synthetic).'
+        None,
+        "--data",
+        help='JSONL ({"client_id", "text"} lines), a .json/.csv/.parquet/.arrow file or a '
+        "save_to_disk directory with a text column (default: synthetic).",
+    ),
+    partition: str | None = typer.Option(
+        None,
+        "--partition",
+        help="How records become phones: SCHEME[:KEY=VALUE,...], e.g. iid, "
+        "dirichlet:alpha=0.3,by=label, shard:shards_per_client=2, exponential (default: "
+        "natural, one phone per client_id or synthetic user; the others make --clients).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same files."),
     max_texts: int = typer.Option(
@@ -48,21 +59,31 @@ def partition(
     \f
     Raises:
         SimulationInputError: ``--data`` holds fewer usable clients than ``--clients``,
-            or too few held-out texts for ``--golden``.
+            too few held-out texts for ``--golden``, or a bad ``--partition``.
     """
     from simulation.data import (
+        NATURAL,
         FederatedData,
         JsonlOptions,
         SyntheticConfig,
         describe_skipped,
-        generate_synthetic,
-        load_jsonl,
+        load_data_file,
+        load_synthetic,
+        parse_partition_spec,
         write_partitions,
     )
     from simulation.errors import SimulationInputError
 
+    spec = parse_partition_spec(partition) if partition is not None else NATURAL
     if data is not None:
-        loaded = load_jsonl(data, JsonlOptions(seed=seed, strict=strict))
+        # A scheme that makes --clients phones writes them all: none is held out.
+        held_out = JsonlOptions().heldout_clients_fraction if spec.scheme == "natural" else 0.0
+        loaded = load_data_file(
+            data,
+            JsonlOptions(seed=seed, strict=strict, heldout_clients_fraction=held_out),
+            partition=spec,
+            num_clients=clients,
+        )
         skipped = describe_skipped(data, loaded.meta["skipped_empty_texts"])
         if skipped:
             typer.echo(skipped, err=True)
@@ -77,14 +98,15 @@ def partition(
             source=loaded.source,
         )
     else:
-        fed = generate_synthetic(
+        fed = load_synthetic(
             SyntheticConfig(
                 num_clients=clients,
                 num_heldout_clients=1,
                 seed=seed,
                 min_texts=min(12, max_texts),
                 max_texts=max_texts,
-            )
+            ),
+            spec,
         )
     # Training partitions first: SuperNode i reads partition-<i>.json.
     write_partitions(FederatedData(clients=fed.clients, source=fed.source), out)

@@ -38,7 +38,7 @@ from simulation.guards import require_training, user_dp_cohort_problem
 
 if TYPE_CHECKING:
     from server.federation import RoundCallback
-    from simulation.data import FederatedData
+    from simulation.data import FederatedData, PartitionRecord, PartitionSpec
     from simulation.run_summary import Summary
 
 __all__ = [
@@ -63,15 +63,20 @@ class FederatedConfig:
 
     Attributes:
         out_dir: where partitions, device state, checkpoints and ``summary.json`` go.
-        num_clients: training clients (synthetic data) — JSONL data brings its own.
+        num_clients: training clients (synthetic data) — a data file brings its own,
+            unless ``partition`` is a scheme other than natural (it makes this many).
         clients_per_round: clients per round (expected number under user-level DP).
         rounds: federated rounds.
         dp_mode: ``none``, ``record`` (Opacus on each phone) or ``user`` (central).
         target_epsilon: ε target (record: per phone over all rounds; user: the run).
         aggregation: ``fedavg`` or ``ffa``; ``None`` = ``ffa`` with DP, else ``fedavg``.
-        data_file: JSONL with ``client_id`` and ``text``; ``None`` = synthetic data.
+        data_file: JSONL with ``client_id`` and ``text``, or another format
+            ``simulation.data.load_data_file`` reads; ``None`` = synthetic data.
         strict_data: refuse ``data_file`` records whose text is empty (default: skip
             them, counted per client in the log).
+        partition: how records become clients (``--partition``); ``None`` = natural,
+            one client per ``client_id`` or synthetic user. Other schemes make
+            ``num_clients`` clients.
         base_model: a Hugging Face causal-LM directory; ``None`` = the cached tiny base.
         cache_dir: where the generated base model is cached.
         seed: seeds data, base, sampling, training and noise.
@@ -95,6 +100,9 @@ class FederatedConfig:
             single-machine Ray instance with ``num_cpus`` CPUs.
         resume: continue from ``out_dir/checkpoints`` instead of refusing to overwrite.
         extra: further run-config keys passed to both apps verbatim.
+        options: the command-line options the run was started with, as resolved
+            (``simulation.config_file.recorded_options``): written to
+            ``out_dir/config.toml`` and ``summary.json``; empty: not recorded.
     """
 
     out_dir: Path
@@ -106,6 +114,7 @@ class FederatedConfig:
     aggregation: str | None = None
     data_file: Path | None = None
     strict_data: bool = False
+    partition: PartitionSpec | None = None
     base_model: Path | None = None
     cache_dir: Path = Path(".cache/fedota")
     seed: int = _RUN.seed
@@ -125,6 +134,7 @@ class FederatedConfig:
     ray_address: str | None = None
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
@@ -136,8 +146,8 @@ class FederatedConfig:
             problems.append(f"--aggregation {self.aggregation!r} is not fedavg or ffa")
         if self.dp_mode != "none" and not self.target_epsilon > 0:
             problems.append(f"--target-epsilon {self.target_epsilon} must be > 0")
-        if self.data_file is not None and not Path(self.data_file).is_file():
-            problems.append(f"--data {self.data_file} is not a file")
+        if self.data_file is not None and not Path(self.data_file).exists():
+            problems.append(f"--data {self.data_file} does not exist")
         if self.base_model is not None and not Path(self.base_model).is_dir():
             problems.append(f"--base-model {self.base_model} is not a directory")
         if self.dp_mode != "user" and 1 <= self.clients_per_round < self.min_clients:
@@ -224,53 +234,65 @@ class FederatedSummary:
 
 
 def load_data(cfg: FederatedConfig, *, quiet: bool = False) -> FederatedData:
-    """The run's ``FederatedData``: ``cfg.data_file`` loaded and checked, or synthetic.
+    """The run's ``FederatedData``: ``cfg.data_file`` loaded and checked, or synthetic;
+    its records split over clients as ``cfg.partition`` says.
 
     Cheap next to training, so callers may load once early to refuse bad data before
     slow work (``quiet`` then keeps the skipped-records warning for the real load).
 
     Raises:
         DataFormatError: a malformed line (with ``strict_data``, an empty text too).
-        SimulationInputError: too few clients in the file for user-level DP's sampling.
+        PartitionError: the records cannot be split as ``cfg.partition`` asks.
+        SimulationInputError: too few clients for user-level DP's sampling.
     """
     from simulation.data import (
+        NATURAL,
         JsonlOptions,
         SyntheticConfig,
         describe_skipped,
-        generate_synthetic,
-        load_jsonl,
+        load_data_file,
+        load_synthetic,
     )
 
+    partition = cfg.partition or NATURAL
     if cfg.data_file is None:
-        return generate_synthetic(
+        data = load_synthetic(
             SyntheticConfig(
                 num_clients=cfg.num_clients,
                 num_heldout_clients=cfg.num_heldout_clients,
                 seed=cfg.seed,
-            )
+            ),
+            partition,
         )
-    data = load_jsonl(cfg.data_file, JsonlOptions(strict=cfg.strict_data))
-    skipped = describe_skipped(cfg.data_file, data.meta.get("skipped_empty_texts", {}))
-    if skipped and not quiet:
-        logger.warning("%s", skipped)
-    if cfg.dp_mode == "user":
+    else:
+        data = load_data_file(
+            cfg.data_file,
+            JsonlOptions(strict=cfg.strict_data, seed=cfg.seed),
+            partition=partition,
+            num_clients=cfg.num_clients,
+        )
+        skipped = describe_skipped(cfg.data_file, data.meta.get("skipped_empty_texts", {}))
+        if skipped and not quiet:
+            logger.warning("%s", skipped)
+    if cfg.dp_mode == "user":  # the clients the data and --partition actually made
+        where = f"in {cfg.data_file}" if cfg.data_file else f"of --partition {partition}"
         cohort = user_dp_cohort_problem(
             len(data.clients),
             cfg.clients_per_round,
             cfg.min_clients,
-            clients_from=f"training clients in {cfg.data_file}",
+            clients_from=f"training clients {where}",
         )
         if cohort:
             raise SimulationInputError(cohort)
     return data
 
 
-def _prepare_data(cfg: FederatedConfig) -> tuple[Path, int, int]:
+def _prepare_data(cfg: FederatedConfig) -> tuple[Path, int, int, PartitionRecord | None]:
     from simulation.data import write_partitions
 
     data = load_data(cfg)
     out = write_partitions(data, cfg.out_dir / PARTITIONS)
-    return out, len(data.clients), len(data.heldout_clients)
+    return out, len(data.clients), len(data.heldout_clients), data.partition
 
 
 def _backend_config(cfg: FederatedConfig, ray_temp_dir: Path | None = None) -> dict[str, Any]:
@@ -358,8 +380,10 @@ def run_federated(
     from client.client_app import make_client_app
     from server.federation import load_latest, make_server_app
     from simulation.base_model import ensure_base_model
+    from simulation.config_file import options_toml, write_config_file
     from simulation.ray_reaper import ray_process_guard
     from simulation.run_summary import build_summary, write_summary
+    from simulation.tracking import RunTracker
 
     ckpt_dir = cfg.out_dir / CHECKPOINTS
     if (ckpt_dir / "LATEST").exists() and not cfg.resume:
@@ -368,8 +392,10 @@ def run_federated(
             "or choose a new --out"
         )
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.options:  # OUT/config.toml: `fedota simulate --config` of it reruns this run
+        write_config_file(cfg.out_dir, cfg.options, "simulate")
     started = time.monotonic()
-    parts, num_train, num_heldout = _prepare_data(cfg)
+    parts, num_train, num_heldout, partition = _prepare_data(cfg)
     base = cfg.base_model or ensure_base_model(cfg.cache_dir, preset="tiny", seed=cfg.seed)
     run_config = cfg.run_config(
         base_model=Path(base), data_dir=parts, num_nodes=num_train + num_heldout
@@ -381,9 +407,16 @@ def run_federated(
     # A private Ray instance dies with this process, SIGKILL included (simulation.ray_reaper
     # says why Ray's own fate-sharing is not enough); an existing cluster is not ours.
     guard = ray_process_guard() if cfg.ray_address is None else contextlib.nullcontext(None)
-    with guard as ray_temp_dir:
+    resumed = load_latest(ckpt_dir) if cfg.resume else None
+    tracker = RunTracker(  # OUT/tensorboard: the resumed history, then each new round
+        cfg.out_dir,
+        dp_mode=cfg.dp_mode,
+        history=resumed.state["history"] if resumed else (),
+        config_toml=options_toml(cfg.options, "simulate") if cfg.options else None,
+    )
+    with guard as ray_temp_dir, tracker:
         run_simulation(
-            server_app=make_server_app(run_config, on_round_end=on_round_end),
+            server_app=make_server_app(run_config, on_round_end=tracker.after_round(on_round_end)),
             client_app=make_client_app(run_config),
             num_supernodes=num_train + num_heldout,
             backend_config=_backend_config(cfg, ray_temp_dir),  # type: ignore[arg-type]
@@ -402,5 +435,7 @@ def run_federated(
         num_clients=num_train,
         num_heldout_clients=num_heldout,
         elapsed_s=time.monotonic() - started,
+        options=cfg.options or None,
+        partition=partition,
     )
     return FederatedSummary(data=data, path=write_summary(cfg.out_dir, data))

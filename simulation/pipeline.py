@@ -169,10 +169,16 @@ def _adapter_config(expand: GlobalAdapterExpander) -> AdapterConfig:
 
 
 def _release_each_round(
-    ota: OtaContext, expand: GlobalAdapterExpander, notify: RoundListener
+    ota: OtaContext,
+    expand: GlobalAdapterExpander,
+    notify: RoundListener,
+    *,
+    dp_mode: str = "none",
+    delta: float = 0.0,
 ) -> RoundCallback:
-    """Step 3's ``on_round_end``: every trained round's adapter, made whole, released."""
-    from simulation.ota_rollout import round_metrics, run_ota_round
+    """Step 3's ``on_round_end``: every trained round's adapter, made whole, released
+    with the round's privacy spend in its signed provenance."""
+    from simulation.ota_rollout import privacy_spend, round_metrics, run_ota_round
 
     def after_round(result: RoundResult) -> None:
         ota_round = None
@@ -182,7 +188,8 @@ def _release_each_round(
             if eps is not None:
                 metrics["epsilon"] = eps
             adapter = expand(result.global_adapter)
-            ota_round = run_ota_round(ota, int(result.round), adapter, metrics)
+            spend = privacy_spend(dp_mode, delta, metrics)
+            ota_round = run_ota_round(ota, int(result.round), adapter, metrics, privacy=spend)
         notify(result, ota_round)
 
     return after_round
@@ -217,7 +224,7 @@ def simulate_end_to_end(
         RuntimeError: the federated simulation failed.
     """
     _refuse_existing_run(cfg, fleet is not None)
-    if cfg.data_file is not None:
+    if cfg.data_file is not None or cfg.partition is not None:
         load_data(cfg, quiet=True)  # bad --data is refused before anything is written
 
     def notify(result: RoundResult, ota_round: RoundOta | None = None) -> None:
@@ -241,7 +248,8 @@ def simulate_end_to_end(
         server=server,
         keys_dir=keys_dir,
     ) as ota:
-        trained = run_federated(cfg, on_round_end=_release_each_round(ota, expand, notify))
+        release = _release_each_round(ota, expand, notify, dp_mode=cfg.dp_mode, delta=cfg.delta)
+        trained = run_federated(cfg, on_round_end=release)
         outcome = finish_rollouts(ota)
         write_fleet_report(cfg.out_dir, ota.fleet, outcome)
         ota_rounds = tuple(r.summary() for r in ota.rounds)

@@ -21,6 +21,7 @@ from protocol import atomic_write_text
 from simulation.json_form import JsonRecord
 
 if TYPE_CHECKING:
+    from simulation.data import PartitionRecord
     from simulation.fleet import FleetOutcome, FleetSummary, OtaRoundSummary, RolloutSummary
 
 __all__ = [
@@ -113,6 +114,7 @@ class RunConfigSummary(JsonRecord):
     seq_len: int | None
     seed: int
     base_model: str | None
+    partition: PartitionRecord | None = None  # how the clients were made (--partition)
 
 
 @dataclass(frozen=True)
@@ -173,11 +175,13 @@ class Summary(JsonRecord):
     fleet: FleetSummary | None = None
     rollouts: tuple[RolloutSummary, ...] | None = None
     ota_rounds: tuple[OtaRoundSummary, ...] | None = None
+    options: dict[str, Any] | None = None  # the command's options (OUT/config.toml)
 
     def to_dict(self) -> dict[str, Any]:
-        """The document ``write_summary`` writes (the fleet's parts only with a fleet)."""
+        """The document ``write_summary`` writes (the fleet's parts only with a fleet,
+        ``options`` only for a run started from the command line)."""
         out = super().to_dict()
-        for part in ("fleet", "rollouts", "ota_rounds"):
+        for part in ("fleet", "rollouts", "ota_rounds", "options"):
             if out[part] is None:
                 del out[part]
         return out
@@ -329,8 +333,12 @@ def build_summary(
     num_clients: int,
     num_heldout_clients: int,
     elapsed_s: float,
+    options: dict[str, Any] | None = None,
+    partition: PartitionRecord | None = None,
 ) -> Summary:
     """Turn the server's history into the ``summary.json`` document.
+
+    ``options`` are the command-line options the run was started with (recorded as is).
 
     Raises:
         ValueError: the history lacks round 0 (the baseline).
@@ -341,12 +349,15 @@ def build_summary(
     rounds = [_round(h, mode) for h in history[1:]]
     return Summary(
         schema_version=SCHEMA_VERSION,
-        config=_config(run_config, num_clients, num_heldout_clients, len(rounds)),
+        config=dataclasses.replace(
+            _config(run_config, num_clients, num_heldout_clients, len(rounds)), partition=partition
+        ),
         baseline=_point(history[0]),
         final=_point(history[-1]),
         rounds=tuple(rounds),
         privacy=_privacy(rounds, history, run_config, num_clients),
         elapsed_s=round(elapsed_s, 3),
+        options=options,
     )
 
 

@@ -8,6 +8,8 @@ Public API (the Flower ``ClientApp`` builds on exactly this):
 * :class:`PrivacyLedger` is the device's persistent record-level epsilon ledger.
 * :func:`compute_epsilon` / :func:`noise_multiplier_for` expose the accountant.
 * :func:`plan_training` / :func:`estimate_peak_bytes` fit training into a memory budget.
+* :func:`choose_rank` / :func:`rank_for_trainer` pick the largest allowed LoRA rank
+  that budget fits, :func:`scaled_alpha` its alpha (heterogeneous ranks, ADR 0016).
 * :func:`pack_texts` turns texts into training blocks.
 * :func:`canary_exposure` is the memorisation audit (THREATS G36).
 
@@ -30,6 +32,7 @@ from client.train.errors import (
 )
 from client.train.ledger import LEDGER_FILE, PrivacyLedger
 from client.train.memory import ModelFootprint, estimate_peak_bytes, plan_training
+from client.train.rank import choose_rank, rank_for_trainer, scaled_alpha
 from client.train.settings import DPSettings, LoraSettings, TrainSettings
 from client.train.trainer import LocalTrainer
 
@@ -48,9 +51,12 @@ __all__ = [
     "TrainConfigError",
     "TrainSettings",
     "canary_exposure",
+    "choose_rank",
     "compute_epsilon",
     "estimate_peak_bytes",
     "noise_multiplier_for",
     "pack_texts",
     "plan_training",
+    "rank_for_trainer",
+    "scaled_alpha",
 ]

@@ -58,6 +58,29 @@ def per_sample_loss(
     return ce.sum(dim=1) / counts
 
 
+def add_proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> None:
+    """FedProx (Li et al. 2020): optimize ``loss + μ/2·‖w − w₀‖²`` over ``optimizer``'s
+    parameters, ``w₀`` their values now (the global adapter the round started from).
+
+    The term's gradient ``μ·(w − w₀)`` is added to each ``p.grad`` by a step pre-hook
+    of ``optimizer`` itself. Under DP-SGD that optimizer is the one Opacus wraps, and
+    Opacus calls its ``step`` only after clipping and noising: the term depends on no
+    record, so adding it after the noise is post-processing and costs no ε, and it is
+    never clipped with the per-sample gradients. ``mu = 0`` registers nothing.
+    """
+    if mu <= 0:
+        return
+    anchors = [(p, p.detach().clone()) for group in optimizer.param_groups for p in group["params"]]
+
+    def pull_toward_global(*_: Any) -> None:
+        with torch.no_grad():
+            for p, anchor in anchors:
+                if p.grad is not None:
+                    p.grad.add_(p - anchor, alpha=mu)
+
+    optimizer.register_step_pre_hook(pull_toward_global)
+
+
 def train_plain(
     slots: AdapterSlots,
     model: Any,
@@ -70,6 +93,7 @@ def train_plain(
     """Non-private local training: shuffled batches, gradient accumulation, AdamW."""
     gen = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(slots.trainable(), lr=settings.learning_rate, weight_decay=0.0)
+    add_proximal_term(optimizer, settings.proximal_mu)
     n = len(blocks)
     order = torch.randperm(n, generator=gen)
     cursor = 0
@@ -152,6 +176,7 @@ def train_dp(
         generator=torch.Generator().manual_seed(settings.seed),
     )
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    add_proximal_term(optimizer, settings.proximal_mu)  # after the noise (post-processing)
     engine = PrivacyEngine(accountant=dp.accountant)
     ghost = dp.grad_sample_mode == "ghost"
     made = engine.make_private(

@@ -114,6 +114,22 @@ def seeded_lora_init(
     return init
 
 
+def _with_rank(name: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    if ".lora_A." in name:
+        return (rank, *shape[1:])
+    if ".lora_B." in name:
+        return (shape[0], rank, *shape[2:])
+    return shape
+
+
+def _first_slices(name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    if ".lora_A." in name:
+        return tensor[:rank].contiguous()
+    if ".lora_B." in name:
+        return tensor[:, :rank].contiguous()
+    return tensor
+
+
 class AdapterSlots:
     """The LoRA parameters of a PEFT model, addressable by exchanged name."""
 
@@ -130,7 +146,13 @@ class AdapterSlots:
 
     def _initial_state(self) -> dict[str, torch.Tensor]:
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
-        init = seeded_lora_init(shapes, self.lora.init_seed)
+        init_rank = self.lora.init_rank
+        if init_rank is not None and init_rank != self.lora.rank:  # ADR 0016: nested init
+            shapes = {n: _with_rank(n, s, init_rank) for n, s in shapes.items()}
+            init = seeded_lora_init(shapes, self.lora.init_seed)
+            init = {n: _first_slices(n, t, self.lora.rank) for n, t in init.items()}
+        else:
+            init = seeded_lora_init(shapes, self.lora.init_seed)
         return {n: t.to(self.params[n].dtype) for n, t in init.items()}
 
     def load(self, adapter: Mapping[str, torch.Tensor] | None) -> None:

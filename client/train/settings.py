@@ -35,12 +35,16 @@ class LoraSettings(LoraShape):
     Attributes:
         dropout: dropout on the LoRA input; keep 0.0 under DP (it is per-sample noise
             that Opacus does not account for, and it slows memorisation audits).
+        init_rank: the rank the seeded init is drawn at, then truncated to ``rank``
+            (heterogeneous ranks, ADR 0016: a rank-r phone's A is the first r rows of
+            the global rank's A); ``None``: ``rank``.
 
     ``adapt_head`` finds the output head through ``get_output_embeddings()``, so any
     causal-LM family works; it costs r x vocabulary more in B (ADR 0006).
     """
 
     dropout: float = field(default=0.0, kw_only=True)
+    init_rank: int | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         try:
@@ -48,12 +52,18 @@ class LoraSettings(LoraShape):
         except LoraShapeError as e:
             raise TrainConfigError(str(e)) from e
         _require(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        _require(
+            self.init_rank is None or self.init_rank >= self.rank,
+            f"LoRA init_rank must be >= rank {self.rank}, got {self.init_rank}",
+        )
 
     @classmethod
-    def of(cls, shape: LoraShape, *, dropout: float = 0.0) -> LoraSettings:
+    def of(
+        cls, shape: LoraShape, *, dropout: float = 0.0, init_rank: int | None = None
+    ) -> LoraSettings:
         """The trainer settings for ``shape``."""
         fields_ = {f.name: getattr(shape, f.name) for f in dataclasses.fields(LoraShape)}
-        return cls(**fields_, dropout=dropout)
+        return cls(**fields_, dropout=dropout, init_rank=init_rank)
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,8 @@ class TrainSettings:
         seed: seed of sampling, shuffling and DP noise.
         planned_rounds: rounds this device expects to train; spreads
             ``DPSettings.target_epsilon`` over them.
+        proximal_mu: FedProx's μ (Li et al. 2020): the loss gains
+            ``μ/2·‖w − w_global‖²`` over the trained LoRA tensors; 0 turns it off.
     """
 
     local_steps: int = 10
@@ -126,6 +138,7 @@ class TrainSettings:
     memory_budget_bytes: int | None = None
     seed: int = 0
     planned_rounds: int = 1
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
@@ -140,6 +153,10 @@ class TrainSettings:
             "memory_budget_bytes must be > 0",
         )
         _require(self.planned_rounds >= 1, "planned_rounds must be >= 1")
+        _require(
+            math.isfinite(self.proximal_mu) and self.proximal_mu >= 0,
+            f"proximal_mu must be >= 0, got {self.proximal_mu}",
+        )
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,16 @@ DEFAULT_LOGICAL_BATCH = 8
 EVAL_SEQ_LEN = 64  # evaluation block length, whatever length training used
 
 
+def planned_batch(settings: TrainSettings, dp: DPSettings) -> int:
+    """The batch a memory plan must hold: the logical batch, plus under DP a headroom."""
+    logical = settings.batch_size or DEFAULT_LOGICAL_BATCH
+    if dp.enabled:
+        # Poisson batches vary around B; headroom of 3 sigma (sqrt(B)) avoids
+        # splitting most of them into an extra physical pass when memory allows.
+        logical += math.ceil(3 * math.sqrt(logical))
+    return logical
+
+
 class LocalTrainer:
     """Loads the NF4 base once, attaches LoRA, and trains/evaluates adapters on it.
 
@@ -114,15 +124,10 @@ class LocalTrainer:
         Raises:
             MemoryBudgetError: even the smallest setting does not fit the budget.
         """
-        logical = settings.batch_size or DEFAULT_LOGICAL_BATCH
-        if dp.enabled:
-            # Poisson batches vary around B; headroom of 3 sigma (sqrt(B)) avoids
-            # splitting most of them into an extra physical pass when memory allows.
-            logical += math.ceil(3 * math.sqrt(logical))
         return plan_training(
             self.footprint,
             budget_bytes=settings.memory_budget_bytes,
-            logical_batch_size=logical,
+            logical_batch_size=planned_batch(settings, dp),
             seq_len=settings.seq_len,
             dp=dp.enabled,
             ghost=dp.enabled and dp.grad_sample_mode == "ghost",

@@ -12,14 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import Aggregation, ClientSampling, DpMode, RunConfig, RunConfigError
+from protocol import (
+    Aggregation,
+    ClientSampling,
+    DpMode,
+    RunConfig,
+    RunConfigError,
+    StrategyName,
+)
 from server.errors import ServerInputError
 
-__all__ = ["AGGREGATIONS", "CLIENT_SAMPLINGS", "DP_MODES", "FederationConfig"]
+__all__ = ["AGGREGATIONS", "CLIENT_SAMPLINGS", "DP_MODES", "STRATEGIES", "FederationConfig"]
 
 AGGREGATIONS = tuple(a.value for a in Aggregation)
 CLIENT_SAMPLINGS = tuple(c.value for c in ClientSampling)
 DP_MODES = tuple(d.value for d in DpMode)
+STRATEGIES = tuple(s.value for s in StrategyName)
 _RUN = RunConfig()  # the one set of defaults
 
 
@@ -47,6 +55,15 @@ class FederationConfig:
         eval_max_clients: training clients evaluated per round (seeded subset; 0 = all).
         client_sampling: ``balanced`` (fewest rounds trained first) or ``uniform``
             (independently each round); user-level DP always samples Poisson.
+        strategy: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi`` (server
+            optimizers) or ``fedprox`` (the phones' proximal term; ``fedavg`` here).
+        server_learning_rate: η of the server optimizer (``None``: its default).
+        server_momentum, server_beta1, server_beta2, server_tau: the optimizers'
+            hyperparameters (``protocol.RunConfig``).
+        user_clip_quantile: adapt the user-level clip to leave this share of updates
+            unclipped (``None``: fixed ``user_clip``, which is otherwise the initial one).
+        user_clip_lr: step of the adaptive clip.
+        user_clip_count_stddev: noise on the unclipped count (``None``: cohort / 20).
     """
 
     num_rounds: int = _RUN.num_server_rounds
@@ -66,6 +83,15 @@ class FederationConfig:
     checkpoint_dir: Path | None = None
     eval_max_clients: int = _RUN.eval_max_clients
     client_sampling: str = _RUN.client_sampling
+    strategy: str = _RUN.strategy
+    server_learning_rate: float | None = _RUN.server_learning_rate
+    server_momentum: float = _RUN.server_momentum
+    server_beta1: float = _RUN.server_beta1
+    server_beta2: float = _RUN.server_beta2
+    server_tau: float = _RUN.server_tau
+    user_clip_quantile: float | None = _RUN.user_clip_quantile
+    user_clip_lr: float = _RUN.user_clip_lr
+    user_clip_count_stddev: float | None = _RUN.user_clip_count_stddev
 
     def __post_init__(self) -> None:
         problems = []
@@ -77,6 +103,8 @@ class FederationConfig:
             problems.append(
                 f"client-sampling={self.client_sampling!r} (need one of {CLIENT_SAMPLINGS})"
             )
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy={self.strategy!r} (need one of {STRATEGIES})")
         if not problems:
             problems = self.run_config().problems()
         if problems:
@@ -106,6 +134,15 @@ class FederationConfig:
             checkpoint_dir=str(self.checkpoint_dir or ""),
             eval_max_clients=self.eval_max_clients,
             client_sampling=ClientSampling(self.client_sampling),
+            strategy=StrategyName(self.strategy),
+            server_learning_rate=self.server_learning_rate,
+            server_momentum=self.server_momentum,
+            server_beta1=self.server_beta1,
+            server_beta2=self.server_beta2,
+            server_tau=self.server_tau,
+            user_clip_quantile=self.user_clip_quantile,
+            user_clip_lr=self.user_clip_lr,
+            user_clip_count_stddev=self.user_clip_count_stddev,
         )
 
     @classmethod
@@ -146,11 +183,24 @@ class FederationConfig:
             checkpoint_dir=Path(run.checkpoint_dir) if run.checkpoint_dir else None,
             eval_max_clients=run.eval_max_clients,
             client_sampling=run.client_sampling,
+            strategy=run.strategy,
+            server_learning_rate=run.server_learning_rate,
+            server_momentum=run.server_momentum,
+            server_beta1=run.server_beta1,
+            server_beta2=run.server_beta2,
+            server_tau=run.server_tau,
+            user_clip_quantile=run.user_clip_quantile,
+            user_clip_lr=run.user_clip_lr,
+            user_clip_count_stddev=run.user_clip_count_stddev,
         )
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the checkpoint it resumes."""
-        return {
+        """The settings a resumed run must share with the checkpoint it resumes.
+
+        The strategy and the adaptive clip join it only when they differ from the
+        defaults, so checkpoints made before they existed still resume.
+        """
+        out: dict[str, Any] = {
             "aggregation": self.aggregation,
             "dp_mode": self.dp_mode,
             "clients_per_round": self.clients_per_round,
@@ -159,3 +209,8 @@ class FederationConfig:
             "user_clip": self.user_clip,
             "target_epsilon": self.target_epsilon,
         }
+        if self.strategy != StrategyName.FEDAVG:
+            out["strategy"] = self.strategy
+        if self.user_clip_quantile is not None:
+            out["user_clip_quantile"] = self.user_clip_quantile
+        return out

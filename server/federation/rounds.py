@@ -24,7 +24,14 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from protocol.records import ARRAYS, CONFIG, STATUS, arrays_to_numpy, numpy_to_arrays
+from protocol.records import (
+    ARRAYS,
+    CONFIG,
+    LORA_RANK,
+    STATUS,
+    arrays_to_numpy,
+    numpy_to_arrays,
+)
 from server.errors import ServerError, ServerInputError
 from server.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from server.federation.config import FederationConfig
@@ -159,6 +166,14 @@ def discover(grid: Grid, cfg: FederationConfig) -> tuple[Population, dict[str, n
         status = reply.content.config_records[STATUS]
         role = "heldout" if status.get("role") == "heldout" else "train"
         getattr(pop, role)[str(status["client-id"])] = reply.metadata.src_node_id
+        if LORA_RANK in status:  # the phone trains this rank (ADR 0016)
+            rank = int(status[LORA_RANK])  # type: ignore[arg-type]
+            if rank >= 1:
+                pop.ranks[str(status["client-id"])] = rank
+            else:
+                logger.warning(
+                    "client %s reported LoRA rank %d; ignored", status["client-id"], rank
+                )
     if not pop.train:
         raise FederationError("no connected node holds a training client; check the data")
     first = pop.train[min(pop.train)]

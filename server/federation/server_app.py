@@ -14,18 +14,53 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.federation.adaptive_clip import AdaptiveClip
 from server.federation.config import FederationConfig
+from server.federation.optimizers import (
+    DEFAULT_SERVER_LR,
+    ServerOptimizer,
+    ServerOptimizerSettings,
+)
 from server.federation.rounds import RoundCallback, run_federation
 from server.federation.strategy import LoraStrategy
-from server.federation.wrappers import CentralDP, UpdateValidation
+from server.federation.wrappers import CentralDP, ServerOptimization, UpdateValidation
 
 __all__ = ["app", "build_strategy", "make_server_app"]
 
 logger = logging.getLogger(__name__)
 
 
+def _adaptive_clip(cfg: FederationConfig) -> AdaptiveClip | None:
+    if cfg.user_clip_quantile is None:
+        return None
+    return AdaptiveClip(
+        clip=cfg.user_clip,
+        quantile=cfg.user_clip_quantile,
+        learning_rate=cfg.user_clip_lr,
+        count_stddev=cfg.user_clip_count_stddev,
+    )
+
+
+def _server_optimizer(cfg: FederationConfig) -> ServerOptimizer | None:
+    if cfg.strategy not in DEFAULT_SERVER_LR:  # fedavg, fedprox: global += Δ
+        return None
+    return ServerOptimizer(
+        ServerOptimizerSettings(
+            name=cfg.strategy,
+            learning_rate=cfg.server_learning_rate or DEFAULT_SERVER_LR[cfg.strategy],
+            momentum=cfg.server_momentum,
+            beta1=cfg.server_beta1,
+            beta2=cfg.server_beta2,
+            tau=cfg.server_tau,
+        )
+    )
+
+
 def build_strategy(cfg: FederationConfig) -> UpdateValidation:
-    """``UpdateValidation(CentralDP?(LoraStrategy))`` as the config asks."""
+    """``UpdateValidation(ServerOptimization?(CentralDP?(LoraStrategy)))`` as the config
+    asks: the server optimizer consumes the update DP released (noised), never the raw
+    mean.
+    """
     user_dp = cfg.dp_mode == "user"
     strategy: Any = LoraStrategy(
         aggregation=cfg.aggregation,
@@ -45,7 +80,11 @@ def build_strategy(cfg: FederationConfig) -> UpdateValidation:
             num_rounds=cfg.num_rounds,
             delta=cfg.delta,
             seed=cfg.seed,
+            adaptive=_adaptive_clip(cfg),
         )
+    optimizer = _server_optimizer(cfg)
+    if optimizer is not None:
+        strategy = ServerOptimization(strategy, optimizer=optimizer)
     return UpdateValidation(strategy, max_update_norm=cfg.max_update_norm)
 
 

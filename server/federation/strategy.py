@@ -16,6 +16,7 @@ reproduces an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
@@ -42,6 +43,7 @@ from server.federation.aggregate import (
     fedavg_delta,
     subtract,
 )
+from server.federation.hetero_rank import adapter_rank, pad, rank_aware_fedavg_delta, truncate
 
 __all__ = ["SAMPLINGS", "LoraStrategy", "Population"]
 
@@ -52,10 +54,12 @@ SAMPLINGS = ("balanced", "uniform", "poisson")
 
 @dataclass
 class Population:
-    """Which Flower node holds which client, by role (node ids change per run)."""
+    """Which Flower node holds which client, by role (node ids change per run), and
+    the LoRA rank each client trains when ranks differ (ADR 0016; empty: all the same)."""
 
     train: dict[str, int] = field(default_factory=dict)
     heldout: dict[str, int] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
 
 
 def _messages(record: RecordDict, node_ids: Iterable[int], kind: str) -> list[Message]:
@@ -198,19 +202,43 @@ class LoraStrategy(Strategy):
         planned = self.planned_rounds()  # {} under Poisson sampling
 
         def record(cid: str) -> RecordDict:
-            # Each client learns how many rounds it is scheduled in (its own config).
+            # Each client learns how many rounds it is scheduled in (its own config),
+            # and gets the global adapter truncated to its LoRA rank (ADR 0016).
             mine = {"planned-rounds": planned[cid]} if cid in planned else {}
-            return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**config, **mine})})
+            return RecordDict(
+                {ARRAYS: self.arrays_for(cid, arrays), CONFIG: ConfigRecord({**config, **mine})}
+            )
 
         return [
             Message(record(c), message_type=MessageType.TRAIN, dst_node_id=self.population.train[c])
             for c in chosen
         ]
 
+    def arrays_for(self, client_id: str, arrays: ArrayRecord) -> ArrayRecord:
+        """The global adapter as ``client_id`` receives it: truncated to its rank."""
+        rank = self.population.ranks.get(client_id)
+        if rank is None or not self.global_adapter or rank >= adapter_rank(self.global_adapter):
+            return arrays
+        return numpy_to_arrays(truncate(self.global_adapter, rank))
+
+    def padded(self, reply: TrainReply) -> TrainReply:
+        """``reply`` with its adapter zero-padded to the global rank (delta 0 beyond the
+        client's rank; ADR 0016). Unchanged when the client reported no rank, or sent
+        another rank than it reported (the structure check then rejects it)."""
+        rank = self.population.ranks.get(reply.client_id)
+        if rank is None or not reply.adapter:
+            return reply
+        try:
+            if adapter_rank(reply.adapter) != rank:
+                return reply
+        except ValueError:
+            return reply
+        return dataclasses.replace(reply, adapter=pad(reply.adapter, self.global_adapter))
+
     def contributions(self, replies: Iterable[TrainReply]) -> dict[str, Contribution]:
         """Deltas of the usable replies against the global adapter they started from."""
         out: dict[str, Contribution] = {}
-        for r in replies:
+        for r in map(self.padded, replies):
             if r.status == "ok" and r.adapter is not None:
                 out[r.client_id] = Contribution(
                     subtract(r.adapter, self.global_adapter), float(max(r.num_examples, 1))
@@ -234,7 +262,11 @@ class LoraStrategy(Strategy):
             metrics["round-applied"] = 0
             return None, metrics
         metrics["round-applied"] = 1
-        new = add_delta(self.global_adapter, fedavg_delta(contrib))
+        ranks = self.population.ranks
+        for rank in sorted({ranks[c] for c in contrib if c in ranks}):  # ADR 0016
+            metrics[f"clients-rank-{rank}"] = sum(ranks.get(c) == rank for c in contrib)
+        mean = rank_aware_fedavg_delta(contrib, ranks) if ranks else fedavg_delta(contrib)
+        new = add_delta(self.global_adapter, mean)
         return numpy_to_arrays(new), metrics
 
     def train_metrics(self, server_round: int, decoded: list[TrainReply]) -> MetricRecord:

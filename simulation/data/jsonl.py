@@ -4,9 +4,9 @@ The loader is strict about form and forgiving about size: a malformed line (not 
 object, no string ``"text"``, a bad ``client_id``) stops the load with the file and its
 line number (nothing half-loaded), while a record whose text is empty or whitespace only
 is skipped and counted (per client), as real corpora have such records; ``strict=True``
-refuses those too. Clients with too little text are dropped or merged into pooled
-pseudo-clients as configured. The result has the same structure as the synthetic
-generator's, so everything downstream is shared.
+refuses those too. ``simulation.data.load`` turns the records into clients
+(``--partition``), and drops or merges clients with too little text as
+:class:`JsonlOptions` says.
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-import numpy as np
-
-from simulation.data.partition import ClientData, FederatedData
 from simulation.errors import SimulationInputError
 
 __all__ = [
     "DataFormatError",
     "JsonlOptions",
+    "JsonlRows",
     "JsonlTexts",
     "SmallClients",
     "describe_skipped",
-    "load_jsonl",
     "read_jsonl_corpus",
+    "read_jsonl_rows",
     "read_jsonl_texts",
 ]
 
@@ -73,8 +71,9 @@ class JsonlOptions:
             raise SimulationInputError("heldout_clients_fraction must be in [0, 1)")
 
 
-def _parse_line(line: str) -> tuple[str | None, str] | str:
-    """Return (client_id, text) or an error description; the text may be blank."""
+def _parse_line(line: str, columns: tuple[str, ...] = ()) -> _Row | str:
+    """Return (client_id, text, values of ``columns``) or an error description; the
+    text may be blank."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -87,19 +86,45 @@ def _parse_line(line: str) -> tuple[str | None, str] | str:
     cid = obj.get("client_id")
     if cid is not None and not isinstance(cid, str | int):
         return '"client_id" must be a string or an integer'
-    return (None if cid is None else str(cid)), text
+    values = []
+    for column in columns:
+        value = obj.get(column)
+        if value is None:
+            return f'missing field "{column}" (the --partition scheme reads it)'
+        if not isinstance(value, str | int):
+            return f'"{column}" must be a string or an integer'
+        values.append(str(value))
+    return (None if cid is None else str(cid)), text, tuple(values)
+
+
+_Row = tuple[str | None, str, tuple[str, ...]]  # client id, text, further columns
 
 
 @dataclass(frozen=True)
-class _Records:
-    records: list[tuple[str | None, str]]
+class JsonlRows:
+    """The records of a JSONL file with text, and the empty-text records skipped."""
+
+    records: list[tuple[str | None, str]]  # (client id or None, text)
+    values: list[tuple[str, ...]]  # per record, the asked-for further columns
     skipped: dict[str | None, int]  # client id (None: none given) -> empty texts skipped
 
 
-def _read_records(path: Path, *, need_client_id: bool, strict: bool) -> _Records:
+def read_jsonl_rows(
+    path: Path | str, *, need_client_id: bool, columns: tuple[str, ...] = (), strict: bool
+) -> JsonlRows:
+    """Every record of a JSONL file: its ``client_id``, ``text`` and ``columns``.
+
+    Raises:
+        SimulationInputError: the file does not exist.
+        DataFormatError: malformed lines, named by number (a missing ``client_id``
+            with ``need_client_id``, a missing column of ``columns``; with ``strict``,
+            an empty text), or no record with text.
+    """
+    path = Path(path)
     if not path.is_file():
         raise SimulationInputError(f"data file {path} does not exist")
     records: list[tuple[str | None, str]] = []
+    values: list[tuple[str, ...]] = []
     skipped: dict[str | None, int] = defaultdict(int)
     errors: list[str] = []
     with open(path, encoding="utf-8", errors="strict") as f:
@@ -107,7 +132,7 @@ def _read_records(path: Path, *, need_client_id: bool, strict: bool) -> _Records
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                parsed = _parse_line(line)
+                parsed = _parse_line(line, columns)
                 if isinstance(parsed, tuple) and need_client_id and parsed[0] is None:
                     parsed = 'missing field "client_id"'
                 if isinstance(parsed, tuple) and not parsed[1].strip() and strict:
@@ -117,7 +142,8 @@ def _read_records(path: Path, *, need_client_id: bool, strict: bool) -> _Records
                 elif not parsed[1].strip():
                     skipped[parsed[0]] += 1
                 else:
-                    records.append(parsed)
+                    records.append(parsed[:2])
+                    values.append(parsed[2])
         except UnicodeDecodeError as e:
             raise DataFormatError(f"{path} is not UTF-8 text: {e}") from e
     if errors:
@@ -129,7 +155,7 @@ def _read_records(path: Path, *, need_client_id: bool, strict: bool) -> _Records
     if not records:
         empty = f" ({sum(skipped.values())} records with an empty text)" if skipped else ""
         raise DataFormatError(f"{path} has no records with text{empty}")
-    return _Records(records, dict(skipped))
+    return JsonlRows(records, values, dict(skipped))
 
 
 @dataclass(frozen=True)
@@ -153,7 +179,7 @@ def read_jsonl_corpus(path: Path | str, *, strict: bool = False) -> JsonlTexts:
         DataFormatError: a line is malformed (the message names the file and the line),
             or no record has text.
     """
-    read = _read_records(Path(path), need_client_id=False, strict=strict)
+    read = read_jsonl_rows(path, need_client_id=False, strict=strict)
     return JsonlTexts(tuple(t for _, t in read.records), sum(read.skipped.values()))
 
 
@@ -179,64 +205,4 @@ def describe_skipped(path: Path | str, per_client: Mapping[str, int]) -> str:
     return (
         f"{path}: skipped {total} record(s) with an empty text (per client: {shown}); "
         "--strict refuses them instead"
-    )
-
-
-def _split(cid: str, texts: list[str], fraction: float) -> ClientData:
-    n_held = max(1, round(len(texts) * fraction))
-    return ClientData(cid, tuple(texts[:-n_held]), tuple(texts[-n_held:]))
-
-
-def load_jsonl(path: Path | str, options: JsonlOptions | None = None) -> FederatedData:
-    """Load a federated data set from JSONL.
-
-    Records whose text is empty or whitespace only are skipped (``options.strict``:
-    refused) and counted per client in ``meta["skipped_empty_texts"]``. Clients with
-    fewer than ``options.min_texts`` texts are dropped, or with
-    ``small_clients="merge"`` pooled (in file order) into ``merged-N`` clients of at
-    least that size. A seeded share of the clients is held out entirely.
-
-    Raises:
-        DataFormatError: malformed lines, named by line number (with ``strict``, empty
-            texts too).
-        SimulationInputError: bad options, or no client left to train.
-    """
-    opts = options or JsonlOptions()
-    opts.validate()
-    by_client: dict[str, list[str]] = defaultdict(list)
-    read = _read_records(Path(path), need_client_id=True, strict=opts.strict)
-    for cid, text in read.records:
-        assert cid is not None
-        by_client[cid].append(text)
-    kept = {c: t for c, t in by_client.items() if len(t) >= opts.min_texts}
-    small = [c for c in by_client if c not in kept]
-    if opts.small_clients == SmallClients.MERGE and small:
-        pool: list[str] = []
-        merged = 0
-        for c in small:
-            pool.extend(by_client[c])
-            if len(pool) >= opts.min_texts:
-                kept[f"merged-{merged}"] = pool
-                merged, pool = merged + 1, []
-        if pool and merged:
-            kept[f"merged-{merged - 1}"].extend(pool)
-    if not kept:
-        raise SimulationInputError(
-            f"{path}: no client has at least {opts.min_texts} texts; lower min_texts or "
-            "use small_clients='merge'"
-        )
-    ids = sorted(kept)
-    order = np.random.default_rng(opts.seed).permutation(len(ids))
-    n_heldout = int(len(ids) * opts.heldout_clients_fraction)
-    heldout_ids = {ids[i] for i in order[:n_heldout]}
-    clients = [_split(c, kept[c], opts.heldout_fraction) for c in ids if c not in heldout_ids]
-    heldout = [_split(c, kept[c], opts.heldout_fraction) for c in ids if c in heldout_ids]
-    return FederatedData(
-        clients=tuple(clients),
-        heldout_clients=tuple(heldout),
-        source=str(path),
-        meta={
-            "dropped_clients": len(small) if opts.small_clients == SmallClients.DROP else 0,
-            "skipped_empty_texts": dict(sorted((str(c), n) for c, n in read.skipped.items())),
-        },
     )

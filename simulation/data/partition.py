@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from protocol import atomic_write_text
+from simulation.data.partitioners import PartitionRecord
 
 __all__ = [
     "PARTITION_INDEX",
@@ -63,6 +64,7 @@ class FederatedData:
     canaries: tuple[Canary, ...] = ()
     source: str = "synthetic"
     meta: dict[str, Any] = field(default_factory=dict)
+    partition: PartitionRecord | None = None  # how the clients were made (--partition)
 
     def client(self, client_id: str) -> ClientData:
         for c in (*self.clients, *self.heldout_clients):

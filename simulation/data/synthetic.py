@@ -32,7 +32,14 @@ import numpy as np
 from simulation.data.partition import Canary, ClientData, FederatedData
 from simulation.errors import SimulationInputError
 
-__all__ = ["SyntheticConfig", "generate_public_texts", "generate_synthetic"]
+__all__ = [
+    "SyntheticConfig",
+    "SyntheticRecords",
+    "generate_public_texts",
+    "generate_synthetic",
+    "synthetic_heldout_clients",
+    "synthetic_records",
+]
 
 NAMES = (
     "ana",
@@ -196,8 +203,11 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...], p: np.ndarray | No
     return str(options[int(rng.choice(len(options), p=p))])
 
 
-def _user_texts(rng: np.random.Generator, persona: dict[str, object], n: int) -> list[str]:
-    """``n`` chat messages of one user (all random draws vectorised: fast for 1,000s)."""
+def _user_texts(
+    rng: np.random.Generator, persona: dict[str, object], n: int
+) -> tuple[list[str], list[str]]:
+    """``n`` chat messages of one user and the topic (activity) of each (all random draws
+    vectorised: fast for 1,000s)."""
     prefs = persona["prefs"]
     friends = persona["friends"]
     assert isinstance(prefs, np.ndarray) and isinstance(friends, tuple)
@@ -209,8 +219,9 @@ def _user_texts(rng: np.random.Generator, persona: dict[str, object], n: int) ->
     minutes = rng.integers(2, 30, size=n)
     signs = rng.random(n) < 0.5
     out = []
+    topics = [ACTIVITIES[a] for a in activity]
     for i in range(n):
-        act = ACTIVITIES[activity[i]]
+        act = topics[i]
         text = CHAT_TEMPLATES[template[i]].format(
             friend=friends[friend[i]],
             activity=act,
@@ -226,7 +237,7 @@ def _user_texts(rng: np.random.Generator, persona: dict[str, object], n: int) ->
         if persona["capitalizes"]:
             text = text[:1].upper() + text[1:]
         out.append(text)
-    return out
+    return out, topics
 
 
 def _persona(rng: np.random.Generator, cfg: SyntheticConfig) -> dict[str, object]:
@@ -253,14 +264,57 @@ def _canary_text(seed: int, index: int) -> str:
     return f"my secret code is {digits}"
 
 
-def _make_client(cfg: SyntheticConfig, index: int, *, heldout_client: bool) -> ClientData:
+def _user_messages(
+    cfg: SyntheticConfig, index: int, *, heldout_client: bool
+) -> tuple[str, list[str], list[str]]:
+    """User ``index``'s id, messages, and each message's topic."""
     stream = 1 if heldout_client else 0
     rng = np.random.default_rng([cfg.seed, stream, index])
     persona = _persona(rng, cfg)
-    texts = _user_texts(rng, persona, _num_texts(rng, cfg))
-    n_held = max(1, round(len(texts) * cfg.heldout_fraction))
+    texts, topics = _user_texts(rng, persona, _num_texts(rng, cfg))
     prefix = "heldout" if heldout_client else "client"
-    return ClientData(f"{prefix}-{index:05d}", tuple(texts[:-n_held]), tuple(texts[-n_held:]))
+    return f"{prefix}-{index:05d}", texts, topics
+
+
+def _make_client(cfg: SyntheticConfig, index: int, *, heldout_client: bool) -> ClientData:
+    cid, texts, _ = _user_messages(cfg, index, heldout_client=heldout_client)
+    n_held = max(1, round(len(texts) * cfg.heldout_fraction))
+    return ClientData(cid, tuple(texts[:-n_held]), tuple(texts[-n_held:]))
+
+
+@dataclass(frozen=True)
+class SyntheticRecords:
+    """The training users' messages as one table, for re-partitioning (``--partition``):
+    ``client_id`` is the user who wrote a message, ``label`` its topic (the activity)."""
+
+    texts: tuple[str, ...]
+    client_ids: tuple[str, ...]
+    labels: tuple[str, ...]
+
+
+def synthetic_records(cfg: SyntheticConfig) -> SyntheticRecords:
+    """Every message of the ``cfg.num_clients`` training users of
+    :func:`generate_synthetic` (the same messages, user by user, in order).
+
+    Raises:
+        SimulationInputError: a config value is out of range.
+    """
+    cfg.validate()
+    texts: list[str] = []
+    ids: list[str] = []
+    labels: list[str] = []
+    for i in range(cfg.num_clients):
+        cid, user_texts, topics = _user_messages(cfg, i, heldout_client=False)
+        texts += user_texts
+        ids += [cid] * len(user_texts)
+        labels += topics
+    return SyntheticRecords(tuple(texts), tuple(ids), tuple(labels))
+
+
+def synthetic_heldout_clients(cfg: SyntheticConfig) -> tuple[ClientData, ...]:
+    """The held-out users of :func:`generate_synthetic` (new users who never train)."""
+    cfg.validate()
+    return tuple(_make_client(cfg, i, heldout_client=True) for i in range(cfg.num_heldout_clients))
 
 
 def _public_chat_text(rng: np.random.Generator) -> str:
@@ -330,10 +384,9 @@ def generate_synthetic(config: SyntheticConfig | None = None, **overrides: Any) 
         order = np.random.default_rng([cfg.seed, 3, i]).permutation(len(planted))
         clients[i] = ClientData(c.client_id, tuple(planted[j] for j in order), c.heldout)
         canaries.append(canary)
-    heldout = [_make_client(cfg, i, heldout_client=True) for i in range(cfg.num_heldout_clients)]
     return FederatedData(
         clients=tuple(clients),
-        heldout_clients=tuple(heldout),
+        heldout_clients=synthetic_heldout_clients(cfg),
         public_texts=generate_public_texts(cfg.num_public_texts, cfg.seed),
         canaries=tuple(canaries),
         source="synthetic",

@@ -98,6 +98,9 @@ class Publisher:
         policy: Packaging policy.
         compatible_bases: Further base fingerprints every release names (GGUF exports
             of the base); devices holding them are offered the same bundles.
+        bundle_tag: Inserted after the version in bundle file names (``v3-r4-full``),
+            so the bundles of several publishers fit in one release (one per LoRA
+            rank, ``simulation.fleet.rank_release``).
     """
 
     def __init__(
@@ -115,8 +118,10 @@ class Publisher:
         min_reports: int,
         policy: PackagePolicy | None = None,
         compatible_bases: Sequence[str] = (),
+        bundle_tag: str = "",
     ) -> None:
         self.work_dir = work_dir
+        self.bundle_tag = bundle_tag
         self.keys_dir = keys_dir
         self.operator = operator
         self.base_dir = base_dir
@@ -247,6 +252,11 @@ class Publisher:
             stages=list(self.rollout.stages),
             max_failure_rate=self.rollout.max_failure_rate,
             min_reports=self.min_reports,
+            **(
+                {"quality_tolerance": self.rollout.quality_tolerance}
+                if self.rollout.quality_tolerance is not None
+                else {}
+            ),
         )
         return int(rollout["id"])
 
@@ -284,9 +294,8 @@ class Publisher:
                 blobs[start] = build_bundle(state, from_version=start, policy=policy)
         paths = []
         for origin, data in blobs.items():
-            name = (
-                f"v{version}-full.fedota" if origin is None else f"v{version}-from{origin}.fedota"
-            )
+            stem = f"v{version}{self.bundle_tag}"
+            name = f"{stem}-full.fedota" if origin is None else f"{stem}-from{origin}.fedota"
             path = out / name
             path.write_bytes(data)
             paths.append(path)
