@@ -149,9 +149,11 @@ def federated_rows(
     wanted: set[str],
 ) -> dict[str, dict[str, Any]]:
     plan = SimpleNamespace(rounds=args.rounds, heldout_clients=0)
-    common = dict(data_file=data_file, clients_per_round=args.clients_per_round)
+    extra = dict(item.split("=", 1) for item in args.set)
+    common = dict(data_file=data_file, clients_per_round=args.clients_per_round, extra=extra)
+    no_dp = dict(dp_mode="none", aggregation="fedavg", local_steps=args.local_steps)
     runs = {
-        "fed-no-dp": dict(dp_mode="none", aggregation="fedavg", local_steps=args.local_steps),
+        "fed-no-dp": {**no_dp, "learning_rate": args.learning_rate},
         "fed-record-dp": dict(dp_mode="record", target_epsilon=8.0, aggregation="ffa"),
         "fed-user-dp": dict(dp_mode="user", target_epsilon=8.0, aggregation="ffa"),
     }
@@ -210,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--clients-per-round", type=int, default=10)
     p.add_argument("--local-steps", type=int, default=10, help="of the no-DP and local rows")
+    p.add_argument(
+        "--learning-rate", type=float, help="of the no-DP federated row (default: its mode's)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config key for every federated row, e.g. strategy=fedavgm (repeatable)",
+    )
     p.add_argument("--min-docstrings", type=int, default=12, help="a module's least to be a phone")
     p.add_argument("--preset", default="tiny", help="base model preset (tiny | small)")
     p.add_argument("--seed", type=int, default=0)
