@@ -351,6 +351,14 @@ def simulate(
         help="Rollout stages in percent of the fleet, ending at 100 (auto: a first stage "
         "of about 8 phones, then 50 and 100).",
     ),
+    quality_tolerance: float = typer.Option(
+        0.5,
+        "--quality-tolerance",
+        min=0.0,
+        help="Quality gate of every rollout: a stage pauses (reason quality) when its "
+        "phones report a mean golden-prompt loss above (1 + this) x the replaced "
+        "adapter's (ADR 0014).",
+    ),
     server: str | None = typer.Option(
         None,
         "--server",
@@ -408,6 +416,7 @@ def simulate(
             publish_every,
             fleet_mode,
             stages,
+            quality_tolerance=quality_tolerance,
             faults=faults_default(faults, data=data, base_model=base_model),
             seed=seed,
             device_runtime=device_runtime,
@@ -524,6 +533,7 @@ def _fleet_config(
     mode: str,
     stages: str,
     *,
+    quality_tolerance: float = 0.5,
     faults: bool,
     seed: int,
     device_runtime: str = "mixed",
@@ -558,7 +568,7 @@ def _fleet_config(
         devices=devices,
         tiers=with_device_runtime(DEFAULT_TIERS, device_runtime),
         faults=shares,
-        rollout=RolloutPolicy(percents),
+        rollout=RolloutPolicy(percents, quality_tolerance=quality_tolerance),
         lightweight=fleet_mode == FleetMode.LIGHT,
         publish_every=publish_every,
         seed=seed,

@@ -189,3 +189,10 @@ def test_recorded_config_reproduces_the_run(tmp_path: Path, micro_base: Path) ->
     b = json.loads((second / "summary.json").read_text())
     assert _training(a) == _training(b)
     assert b["options"] == recorded | {"out": str(second)}
+
+
+def test_quality_tolerance_is_an_option_and_refuses_a_negative_value() -> None:
+    options, _ = print_config("--quality-tolerance", "0.1")
+    assert options["quality-tolerance"] == 0.1
+    result = RUNNER.invoke(app, ["simulate", "--quality-tolerance", "-1", "--print-config"])
+    assert result.exit_code == 2

@@ -183,3 +183,12 @@ def test_planted_bad_release_is_labelled_in_the_round_log_line() -> None:
     assert round_json(planted)["planted"] == [2]
     plain = _ota_line(RoundOta(round=1, releases=(1,), bundle_bytes=10, adoption=1.0))
     assert "planted" not in plain and "paused" not in plain
+
+
+def test_quality_tolerance_reaches_every_rollout_of_the_fleet() -> None:
+    from simulation.cli import _fleet_config
+
+    fleet = _fleet_config(24, 3, 1, "full", "auto", quality_tolerance=0.2, faults=True, seed=0)
+    assert fleet.rollout.quality_tolerance == 0.2
+    default = _fleet_config(24, 3, 1, "full", "auto", faults=True, seed=0)
+    assert default.rollout.quality_tolerance == 0.5
