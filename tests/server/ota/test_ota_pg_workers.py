@@ -13,20 +13,15 @@ the two copies race on two processes and must still be stored once.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from server.ota import Database, make_engine, wait_until_ready
+from server.ota import Database, make_engine
 from server.ota.models import RolloutReportRow, TelemetryEventRow
 from tests.server.ota.ota_helpers import (
     Bundle,
@@ -42,65 +37,13 @@ from tests.server.ota.ota_helpers import (
     settings_env,
 )
 from tests.server.ota.pg_cluster import PgCluster
+from tests.server.ota.serve_helpers import fedota_serve, log_tail, worker_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
-REPO = Path(__file__).resolve().parents[3]
 WORKERS = 2
 DEVICES = 30
 INSTALLED = 3  # first-stage devices that report success; every other one fails
-
-
-@contextmanager
-def fedota_serve(env: dict[str, str], port: int, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``fedota serve --workers 2 --migrate`` on loopback, stopped (whole group) on exit."""
-    keys = tmp / "keys"
-    log = (tmp / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "fedota.cli", "serve",
-            "--database-url", env["FEDOTA_OTA_DATABASE_URL"],
-            "--storage", str(tmp / "storage"),
-            "--trusted-root", str(keys / "root.json"),
-            "--snapshot-key", str(keys / "snapshot.pem"),
-            "--timestamp-key", str(keys / "timestamp.pem"),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--workers", str(WORKERS), "--migrate", "--text-logs",
-        ],
-        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        if not wait_until_ready(url, timeout_s=60, alive=lambda: proc.poll() is None):
-            raise AssertionError(f"fedota serve did not start:\n{_tail(tmp / 'serve.log')}")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # uvicorn's supervisor stops its workers
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
-
-
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-3000:]
-
-
-def _owner(workers: list[psutil.Process], port: int, client_port: int) -> int | None:
-    """The pid of the worker holding the server end of the connection from ``client_port``."""
-    for worker in workers:
-        for conn in worker.net_connections(kind="tcp"):
-            if (
-                conn.laddr
-                and conn.laddr.port == port
-                and conn.raddr
-                and conn.raddr.port == client_port
-            ):
-                return worker.pid
-    return None
 
 
 def connections_per_worker(
@@ -111,7 +54,6 @@ def connections_per_worker(
     Which worker accepts a connection is up to the kernel; connections are opened one
     at a time and each is attributed to the worker process holding its server end.
     """
-    workers = psutil.Process(server.pid).children(recursive=True)
     held: dict[int, list[httpx.Client]] = {}
     for _ in range(50 * per_worker * WORKERS):
         if len(held) == WORKERS and all(len(c) >= per_worker for c in held.values()):
@@ -119,9 +61,7 @@ def connections_per_worker(
         client = httpx.Client(base_url=url, timeout=60)
         response = client.get("/readyz")
         assert response.status_code == 200, response.text
-        client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
-        owner = _owner(workers, port, client_port)
-        assert owner is not None, "no worker process holds the connection"
+        owner = worker_of(server, port, response)
         if len(held.setdefault(owner, [])) < per_worker:
             held[owner].append(client)
             stack.callback(client.close)
@@ -140,7 +80,7 @@ def test_failure_burst_on_two_workers_pauses_the_rollout_exactly_once(
     v1, v2 = Bundle(1, bundle_bytes("k1")), Bundle(2, bundle_bytes("k2"))
 
     with (
-        fedota_serve(env, port, tmp_path) as server,
+        fedota_serve(env, port, tmp_path, workers=WORKERS) as server,
         httpx.Client(base_url=url, timeout=30) as operator,
         ExitStack() as stack,
     ):
@@ -185,7 +125,7 @@ def test_failure_burst_on_two_workers_pauses_the_rollout_exactly_once(
         ).json()
 
     statuses = sorted({code for _, code, _ in answers})
-    assert statuses == [200], f"answers other than 200: {statuses}\n{_tail(tmp_path / 'serve.log')}"
+    assert statuses == [200], f"answers other than 200: {statuses}\n{log_tail(tmp_path)}"
     assert len(answers) == WORKERS * DEVICES
     for device in devices:  # each report stored exactly once, whichever worker won
         assert sorted(s for d, _, s in answers if d == device.id) == [False, True]
