@@ -44,6 +44,7 @@ from simulation.fleet import (
     Operator,
     OtaRoundSummary,
     Publisher,
+    RankedPublisher,
     Release,
     ReleaseRole,
     RuntimePool,
@@ -119,7 +120,7 @@ class OtaContext:
     cfg: FleetConfig
     endpoint: Endpoint
     operator: Operator
-    publisher: Publisher
+    publisher: Publisher | RankedPublisher
     fleet: Fleet
     pool: RuntimePool
     server: EmbeddedServer | None
@@ -188,13 +189,17 @@ def _enroll_fleet(
     operator: Operator,
     pool: RuntimePool,
     inputs: _FleetInputs,
-) -> tuple[Publisher, Fleet]:
-    """Prepare the bases, the publisher and the phones, and enroll every phone."""
+) -> tuple[Publisher | RankedPublisher, Fleet]:
+    """Prepare the bases, the publisher and the phones, and enroll every phone.
+
+    With tiers of several LoRA ranks, one release per round carries a bundle set per
+    rank and each rank gets its own rollout (``RankedPublisher``, ADR 0016).
+    """
     bases = prepare_bases(
         inputs.base_dir, work, runtimes=fleet.runtimes, gguf_quant=fleet.gguf_quant
     )
     golden = list(inputs.golden_texts or _default_golden(fleet.golden_prompts, fleet.seed))
-    publisher = Publisher(
+    common: dict[str, Any] = dict(
         work_dir=work,
         keys_dir=inputs.keys,
         operator=operator,
@@ -208,6 +213,11 @@ def _enroll_fleet(
         min_reports=fleet.rollout.reports_needed(fleet.devices),
         policy=inputs.policy,
     )
+    publisher: Publisher | RankedPublisher = (
+        RankedPublisher(ranks=fleet.lora_ranks, **common)
+        if fleet.lora_ranks
+        else Publisher(**common)
+    )
     sim = Fleet(
         fleet,
         work_dir=work,
@@ -220,6 +230,9 @@ def _enroll_fleet(
     )
     sim.digests = publisher.digests  # shared: every release is known to the checks
     sim.full_bytes = publisher.full_sizes
+    if isinstance(publisher, RankedPublisher):
+        sim.rank_digests = {r: p.digests for r, p in publisher.publishers.items()}
+        sim.rank_full_bytes = {r: p.full_sizes for r, p in publisher.publishers.items()}
     sim.enroll_all()
     planted = planted_devices(Counter(p.fault for p in sim.profiles))
     if planted:
@@ -318,11 +331,18 @@ def _release_and_sweep(
     tensors: Mapping[str, np.ndarray],
     round: int,
     provenance: Provenance,
-    kind: ReleaseRole = ReleaseRole.GOOD,
 ) -> tuple[Release, SweepResult]:
-    """Publish one release and let the fleet poll until its rollout settles."""
-    rel = ctx.publisher.release(tensors, round=round, provenance=provenance, kind=kind)
-    return rel, ctx.fleet.sweep(ctx.operator, rel.rollout_id, round=round)
+    """Publish one release and let the fleet poll until its rollouts settle."""
+    rel = ctx.publisher.release(tensors, round=round, provenance=provenance)
+    return rel, ctx.fleet.sweep(ctx.operator, rel.rollout_ids, round=round)
+
+
+def _rollback_and_sweep(
+    ctx: OtaContext, round: int, provenance: Provenance
+) -> tuple[Release, SweepResult]:
+    """Release the last good adapter again as a new version and let the fleet poll."""
+    rel = ctx.publisher.rollback(round=round, provenance=provenance)
+    return rel, ctx.fleet.sweep(ctx.operator, rel.rollout_ids, round=round)
 
 
 def _bad_release_and_rollback(
@@ -337,14 +357,17 @@ def _bad_release_and_rollback(
         "good adapter is released again",
         planted_release(bad.version),
     )
-    bad_sweep = ctx.fleet.sweep(operator, bad.rollout_id, round=round)
-    if operator.rollout(bad.rollout_id)["state"] == "active":  # too few reports to trip it
-        logger.warning("bad release v%d was not auto-paused; pausing it", bad.version)
-        operator.action(bad.rollout_id, "pause")
-    operator.action(bad.rollout_id, "cancel")
-    assert pub.good_tensors is not None
-    rollback = _release_and_sweep(ctx, pub.good_tensors, round, provenance, ReleaseRole.ROLLBACK)
-    return [(bad, bad_sweep), rollback]
+    bad_sweep = ctx.fleet.sweep(operator, bad.rollout_ids, round=round)
+    for rollout_id in bad.rollout_ids:
+        if operator.rollout(rollout_id)["state"] == "active":  # too few reports to trip it
+            logger.warning(
+                "bad release v%d (rollout %d) was not auto-paused; pausing it",
+                bad.version,
+                rollout_id,
+            )
+            operator.action(rollout_id, "pause")
+        operator.action(rollout_id, "cancel")
+    return [(bad, bad_sweep), _rollback_and_sweep(ctx, round, provenance)]
 
 
 def run_ota_round(
@@ -428,7 +451,7 @@ def finish_rollouts(ctx: OtaContext) -> FleetOutcome:
         return ctx.finished
     last = ctx.publisher.releases[-1] if ctx.publisher.releases else None
     if last is not None and ctx.cfg.catch_up:
-        ctx.fleet.sweep(ctx.operator, last.rollout_id, round=last.round, final=True)
+        ctx.fleet.sweep(ctx.operator, last.rollout_ids, round=last.round, final=True)
     ctx.finished = fleet_outcome(
         ctx.fleet, ctx.publisher, ctx.operator, full_model_bytes=ctx.full_model_bytes
     )

@@ -168,6 +168,17 @@ def _adapter_config(expand: GlobalAdapterExpander) -> AdapterConfig:
     )
 
 
+def _fleet_ranks(cfg: FederatedConfig, fleet: FleetConfig) -> FleetConfig:
+    """With several allowed LoRA ranks (``--lora-ranks``), the fleet's phones too run
+    the rank their memory allows, each tier one (``with_lora_ranks``, ADR 0016)."""
+    from simulation.fleet import with_lora_ranks
+
+    ranks = cfg.run_config().allowed_ranks
+    if len(ranks) < 2 or fleet.lora_ranks:
+        return fleet
+    return replace(fleet, tiers=with_lora_ranks(fleet.tiers, ranks))
+
+
 def _release_each_round(
     ota: OtaContext,
     expand: GlobalAdapterExpander,
@@ -240,6 +251,7 @@ def simulate_end_to_end(
     from simulation.run_summary import write_summary
 
     cfg, nf4, expand = _ota_inputs(cfg)
+    fleet = _fleet_ranks(cfg, fleet)
     with start_ota(
         cfg.out_dir,
         base_dir=nf4,

@@ -27,6 +27,7 @@ from simulation.fleet.config import (
     Tier,
     auto_stages,
     with_device_runtime,
+    with_lora_ranks,
 )
 from simulation.fleet.faults import (
     DeviceFault,
@@ -38,6 +39,7 @@ from simulation.fleet.faults import (
 from simulation.fleet.fleet import Fleet, SweepResult
 from simulation.fleet.ota_client import EmbeddedServer, Endpoint, Operator
 from simulation.fleet.publisher import Publisher, Release, ReleaseRole
+from simulation.fleet.rank_release import RankedPublisher
 from simulation.fleet.report import (
     PLOTS,
     TABLE_KEYS,
@@ -71,6 +73,7 @@ __all__ = [
     "Operator",
     "OtaRoundSummary",
     "Publisher",
+    "RankedPublisher",
     "Release",
     "ReleaseRole",
     "RolloutPolicy",
@@ -89,5 +92,6 @@ __all__ = [
     "prepare_bases",
     "rollout_table",
     "with_device_runtime",
+    "with_lora_ranks",
     "write_fleet_report",
 ]

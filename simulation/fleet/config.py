@@ -7,6 +7,8 @@ in the names (``budget_bytes``, ``bandwidth_bps``, ``poll_interval_s``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -22,6 +24,7 @@ __all__ = [
     "Tier",
     "auto_stages",
     "with_device_runtime",
+    "with_lora_ranks",
 ]
 
 _MIB = 2**20
@@ -48,6 +51,8 @@ class Tier:
         availability: Probability the phone is online at a poll.
         runtime: The phone's inference runtime: ``llamacpp`` (a GGUF export of the
             base) or ``nf4`` (the pre-quantized checkpoint, transformers + PEFT).
+        lora_rank: The LoRA rank the tier's phones train and run when the federation
+            allows several (``with_lora_ranks``; ADR 0016); ``None``: the global rank.
     """
 
     name: str
@@ -56,6 +61,7 @@ class Tier:
     bandwidth_bps: float
     availability: float
     runtime: str = "llamacpp"
+    lora_rank: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.share <= 0:
@@ -72,6 +78,8 @@ class Tier:
             raise SimulationInputError(
                 f"tier {self.name!r}: runtime {self.runtime!r} is not one of {', '.join(RUNTIMES)}"
             )
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise SimulationInputError(f"tier {self.name!r}: lora_rank must be >= 1")
 
 
 # Phones run llama.cpp; the high tier keeps the NF4 runtime the clients train on, so
@@ -109,6 +117,29 @@ def with_device_runtime(tiers: tuple[Tier, ...], mode: str) -> tuple[Tier, ...]:
     return tuple(
         replace(t, runtime="nf4" if i == last else "llamacpp") for i, t in enumerate(tiers)
     )
+
+
+def with_lora_ranks(tiers: tuple[Tier, ...], ranks: Sequence[int]) -> tuple[Tier, ...]:
+    """``tiers`` with a LoRA rank each when the federation allows several (ADR 0016).
+
+    A phone's rank is sized to its memory (DESIGN decision 9): the tiers, ordered by
+    memory budget, take the allowed ranks in order, spread evenly over them, so the
+    smallest budget gets the smallest rank and the largest the largest (three tiers
+    and ranks 4, 8, 16 give 4, 8 and 16; tiers of equal budget get the same rank).
+
+    Args:
+        tiers: The fleet's tiers.
+        ranks: The allowed ranks (``lora-ranks``); empty or one: ``tiers`` unchanged.
+    """
+    allowed = sorted(set(ranks))
+    if len(allowed) < 2:
+        return tiers
+    budgets = sorted({t.budget_bytes for t in tiers})
+    last = max(len(budgets) - 1, 1)
+    rank_of = {
+        b: allowed[math.floor(i * (len(allowed) - 1) / last + 0.5)] for i, b in enumerate(budgets)
+    }
+    return tuple(replace(t, lora_rank=rank_of[t.budget_bytes]) for t in tiers)
 
 
 @dataclass(frozen=True)
@@ -247,6 +278,16 @@ class FleetConfig:
             raise SimulationInputError("poll_interval_s must be > 0")
         if self.golden_prompts < 1 or self.heldout_texts < 1:
             raise SimulationInputError("golden_prompts and heldout_texts must be >= 1")
+        if len({t.lora_rank is None for t in self.tiers}) > 1:
+            raise SimulationInputError(
+                "either every tier has a lora_rank or none has: "
+                + ", ".join(f"{t.name}={t.lora_rank}" for t in self.tiers)
+            )
+
+    @property
+    def lora_ranks(self) -> tuple[int, ...]:
+        """The LoRA ranks the tiers run, sorted (empty: every phone the global rank)."""
+        return tuple(sorted({t.lora_rank for t in self.tiers if t.lora_rank is not None}))
 
     @property
     def runtimes(self) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ from client.update import (
     api,
     check_and_update,
 )
+from delta_packager import rank_target
 from simulation.fleet.bases import BaseCopy
 from simulation.fleet.config import Tier
 from simulation.fleet.faults import DeviceFault, KillAt, Killed
@@ -186,7 +187,10 @@ class SimDevice:
             UpdateTransientError: the server is unavailable.
         """
         budget = self.profile.tier.budget_bytes
-        report = api.DeviceReport(self.base.fingerprint, None, budget)
+        rank = self.profile.tier.lora_rank
+        # A phone of rank r asks for the bundles of its base at that rank (ADR 0016).
+        target = self.base.fingerprint if rank is None else rank_target(self.base.fingerprint, rank)
+        report = api.DeviceReport(target, None, budget)
         retrier = Retrier(RetryPolicy(budget_s=30.0))
         device_id, token = api.enroll(http, retrier, report=report, enrollment_secret=secret)
         self.state.tuf_dir.mkdir(parents=True, exist_ok=True)
@@ -198,9 +202,10 @@ class SimDevice:
                 device_id=device_id,
                 token=token,
                 base_dir=str(self.base.path),
-                base_fingerprint=self.base.fingerprint,
+                base_fingerprint=target,
                 memory_budget_bytes=budget,
                 runtime=self.profile.tier.runtime,
+                lora_rank=rank,
             )
         )
 

@@ -209,6 +209,10 @@ class Fleet:
         self._trusted_root = trusted_root
         self.digests: dict[int, str] = {}  # version -> device-exact digest (orchestrator)
         self.full_bytes: dict[int, int] = {}  # version -> size of its full bundle
+        # With several LoRA ranks (ADR 0016), the same two per rank: a phone of rank r
+        # holds the rank-r adapter of each version.
+        self.rank_digests: dict[int, dict[int, str]] = {}
+        self.rank_full_bytes: dict[int, dict[int, int]] = {}
 
     def enroll_all(self) -> None:
         """Enroll every device (real ``POST /v1/devices``).
@@ -234,14 +238,28 @@ class Fleet:
             return self.rounds_seen == 1  # online for the first release only
         return bool(self._rng.random() < dev.profile.tier.availability)
 
+    def _digests_of(self, dev: SimDevice) -> dict[int, str]:
+        rank = dev.profile.tier.lora_rank
+        return self.digests if rank is None else self.rank_digests.get(rank, {})
+
+    def _full_bytes_of(self, dev: SimDevice) -> dict[int, int]:
+        rank = dev.profile.tier.lora_rank
+        return self.full_bytes if rank is None else self.rank_full_bytes.get(rank, {})
+
     def sweep(
-        self, operator: Operator, rollout_id: int, *, round: int, final: bool = False
+        self,
+        operator: Operator,
+        rollout_ids: Sequence[int],
+        *,
+        round: int,
+        final: bool = False,
     ) -> SweepResult:
-        """Let the fleet poll until the rollout is done, paused, or ``max_polls_per_round``.
+        """Let the fleet poll until the rollouts are done, paused, or ``max_polls_per_round``.
 
         Args:
-            operator: Reads (and advances) the rollout.
-            rollout_id: The rollout of the newest release.
+            operator: Reads (and advances) the rollouts.
+            rollout_ids: The rollouts of the newest release (one per LoRA rank when the
+                fleet runs several; ``Release.rollout_ids``).
             round: Training round (for the records).
             final: Catch-up sweep: every device online (also the far-behind ones).
 
@@ -266,16 +284,19 @@ class Fleet:
             out.polls += 1
             out.offers += offers
             self.clock_s += self.cfg.poll_interval_s
-            view = operator.rollout(rollout_id)
-            if view["state"] == "paused":
+            views = {rid: operator.rollout(rid) for rid in rollout_ids}
+            if any(v["state"] == "paused" for v in views.values()):
                 out.paused = True
                 break
-            if offers == 0 and _may_advance(view):
-                operator.action(rollout_id, "advance")
-                out.operator_advances += 1
-            elif offers == 0 and (final or _stage_healthy(view)):
+            if offers:
+                continue
+            advance = [rid for rid, v in views.items() if _may_advance(v)]
+            for rid in advance:
+                operator.action(rid, "advance")
+            out.operator_advances += len(advance)
+            if not advance and (final or all(_stage_healthy(v) for v in views.values())):
                 break  # nothing left to offer to anyone online
-            # else: failures below min_reports in this stage: wait for more reports
+            # else: failures below min_reports in a stage: wait for more reports
         logger.info("round %d sweep: %s", round, out)
         return out
 
@@ -283,7 +304,7 @@ class Fleet:
         mirror = dev.profile.fault == DeviceFault.MIRROR and self._mirror.active
         http = self._mirror_http if mirror else self._http
         counter = self._mirror_counter if mirror else self._counter
-        digests = self.digests
+        digests = self._digests_of(dev)
         # Lightweight fleets model process kills, not power cuts: writes stay atomic
         # (temp + rename) but skip fsync, which otherwise dominates at 10,000 phones.
         durability = relaxed_durability() if self.cfg.lightweight else nullcontext()
@@ -314,7 +335,7 @@ class Fleet:
         elif result.status == PollStatus.UPDATED and result.version is not None:
             s.updated_devices.add(i)
             per_runtime.updates += 1
-            full = result.bytes_downloaded == self.full_bytes.get(result.version)
+            full = result.bytes_downloaded == self._full_bytes_of(dev).get(result.version)
             s.update_kinds["full" if full else "delta"] += 1
             if dev.profile.fault == DeviceFault.FAR_BEHIND:
                 s.far_behind_last_full[i] = full
@@ -369,7 +390,7 @@ class Fleet:
         """Devices whose state is not exactly one released adapter (with why)."""
         bad = []
         for i, dev in enumerate(self.devices):
-            why = consistency(dev.state, self.digests)
+            why = consistency(dev.state, self._digests_of(dev))
             if why is not None:
                 bad.append((i, why))
         return bad

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -34,11 +34,12 @@ from delta_packager import (
     save_state,
 )
 from delta_packager.trust import release as sign_release
+from simulation.errors import SimulationInputError
 from simulation.fleet.config import RolloutPolicy
 from simulation.fleet.ota_client import Operator
 from simulation.fleet.runtimes import RuntimePool, adapter_digest
 
-__all__ = ["CATCH_UP_DELTAS", "Publisher", "Release", "ReleaseRole"]
+__all__ = ["CATCH_UP_DELTAS", "Publisher", "Release", "ReleaseRole", "StagedRelease"]
 
 logger = logging.getLogger(__name__)
 CATCH_UP_DELTAS = 3  # deltas published from this many earlier versions (older: full)
@@ -64,6 +65,10 @@ class Release:
         golden_loss: Golden-prompt loss recorded in the provenance.
         bundles: ``from_version`` (``None``: full) -> bundle size in bytes.
         rollout_id: The rollout started for it.
+        lora_rank: The LoRA rank of its bundles when the fleet runs several ranks
+            (``None``: the one global rank).
+        by_rank: When the fleet runs several ranks, the release of every rank (this
+            one is the largest rank's); empty otherwise.
     """
 
     version: int
@@ -73,12 +78,46 @@ class Release:
     golden_loss: float
     bundles: Mapping[int | None, int]
     rollout_id: int
+    lora_rank: int | None = None
+    by_rank: Mapping[int, Release] = field(default_factory=dict)
+
+    @property
+    def rollout_ids(self) -> tuple[int, ...]:
+        """Every rollout of this release: one per rank, or the one."""
+        return tuple(r.rollout_id for r in self.by_rank.values()) or (self.rollout_id,)
+
+    @property
+    def ranks(self) -> tuple[Release, ...]:
+        """This release per LoRA rank (itself alone when the fleet runs one rank)."""
+        return tuple(self.by_rank.values()) or (self,)
 
     @property
     def primary_bytes(self) -> int:
         """Size of the bundle most devices download (delta from the previous version)."""
         delta = self.bundles.get(self.version - 1)
         return delta if delta is not None else self.bundles[None]
+
+
+@dataclass(frozen=True)
+class StagedRelease:
+    """A packaged version whose bundles are written but not yet published
+    (``Publisher.stage``; ``Publisher.commit`` finishes it).
+
+    Attributes:
+        state: The packager state with this version in it.
+        paths: The bundle files to sign and publish.
+        sizes: ``from_version`` (``None``: full) -> bundle size in bytes.
+        golden_loss: Golden-prompt loss recorded in the provenance.
+        round: Training round it came from.
+        kind: What the release is.
+    """
+
+    state: PackagerState
+    paths: tuple[Path, ...]
+    sizes: Mapping[int | None, int]
+    golden_loss: float
+    round: int
+    kind: ReleaseRole
 
 
 class Publisher:
@@ -98,9 +137,10 @@ class Publisher:
         policy: Packaging policy.
         compatible_bases: Further base fingerprints every release names (GGUF exports
             of the base); devices holding them are offered the same bundles.
-        bundle_tag: Inserted after the version in bundle file names (``v3-r4-full``),
-            so the bundles of several publishers fit in one release (one per LoRA
-            rank, ``simulation.fleet.rank_release``).
+        lora_rank: Set when the fleet runs several LoRA ranks and this publisher
+            ships one of them (``simulation.fleet.rank_release``): recorded in its
+            releases and inserted after the version in bundle file names
+            (``v3-r4-full``), so the bundles of every rank fit in one release.
     """
 
     def __init__(
@@ -118,10 +158,11 @@ class Publisher:
         min_reports: int,
         policy: PackagePolicy | None = None,
         compatible_bases: Sequence[str] = (),
-        bundle_tag: str = "",
+        lora_rank: int | None = None,
     ) -> None:
         self.work_dir = work_dir
-        self.bundle_tag = bundle_tag
+        self.lora_rank = lora_rank
+        self.bundle_tag = "" if lora_rank is None else f"-r{lora_rank}"
         self.keys_dir = keys_dir
         self.operator = operator
         self.base_dir = base_dir
@@ -181,26 +222,65 @@ class Publisher:
             PackagerInputError: the adapter is empty, non-finite or mis-shaped.
             RemoteRejectedError: the server refused the bundles, release or rollout.
         """
+        staged = self.stage(tensors, round=round, provenance=provenance, kind=kind)
+        self.operator.publish(list(staged.paths), sign_release(list(staged.paths), self.keys_dir))
+        return self.commit(staged)
+
+    def rollback(self, *, round: int, provenance: Provenance | None = None) -> Release:
+        """Release the last good adapter again, bit-identical, as a new higher version.
+
+        Raises:
+            SimulationInputError: nothing good was released yet.
+            RemoteRejectedError: the server refused the bundles, release or rollout.
+        """
+        if self.good_tensors is None:
+            raise SimulationInputError("a rollback needs a good release before it")
+        return self.release(
+            self.good_tensors, round=round, provenance=provenance, kind=ReleaseRole.ROLLBACK
+        )
+
+    def stage(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        *,
+        round: int,
+        provenance: Provenance | None = None,
+        kind: ReleaseRole = ReleaseRole.GOOD,
+    ) -> StagedRelease:
+        """The first half of ``release``: package the next version and write its
+        bundles; nothing is published and the packager state is not yet advanced.
+
+        Raises:
+            PackagerInputError: the adapter is empty, non-finite or mis-shaped.
+        """
         policy = self.policy
         if kind == ReleaseRole.ROLLBACK:  # exact payload of the last good adapter, as a new anchor
             policy = replace(policy, chain_limit=0, full_encoding="fp32")
         result, loss = self._package(
             tensors, round, provenance or Provenance(round=round), policy, kind
         )
-        state = result.state
-        paths, sizes = self._write_bundles(state, result.bundle_bytes, policy)
-        targets = sign_release(paths, self.keys_dir)
-        self.operator.publish(paths, targets)
+        paths, sizes = self._write_bundles(result.state, result.bundle_bytes, policy)
+        return StagedRelease(result.state, tuple(paths), sizes, loss, round, kind)
+
+    def commit(self, staged: StagedRelease) -> Release:
+        """The second half of ``release``, once ``staged``'s bundles are published:
+        advance the packager state and start the version's rollout.
+
+        Raises:
+            RemoteRejectedError: the server refused the rollout.
+        """
+        state = staged.state
         save_state(state, self.work_dir / "packager-state")
         self.state = state
         rel = Release(
             version=state.latest_version,
-            round=round,
-            kind=kind,
+            round=staged.round,
+            kind=staged.kind,
             digest=adapter_digest(dict(state.current.tensors)),
-            golden_loss=loss,
-            bundles=sizes,
+            golden_loss=staged.golden_loss,
+            bundles=staged.sizes,
             rollout_id=self._start_rollout(state.latest_version),
+            lora_rank=self.lora_rank,
         )
         self._record(rel, state)
         return rel

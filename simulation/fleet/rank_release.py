@@ -20,20 +20,24 @@ from pathlib import Path
 
 import numpy as np
 
-from delta_packager import AdapterConfig, PackagePolicy, Provenance, rank_target, save_state
+from delta_packager import AdapterConfig, PackagePolicy, Provenance, rank_target
 from delta_packager.trust import release as sign_release
 from protocol import truncate_to_rank
 from simulation.errors import SimulationInputError
 from simulation.fleet.config import RolloutPolicy
 from simulation.fleet.ota_client import Operator
-from simulation.fleet.publisher import Publisher, Release, ReleaseRole
-from simulation.fleet.runtimes import RuntimePool, adapter_digest
+from simulation.fleet.publisher import Publisher, Release, ReleaseRole, StagedRelease
+from simulation.fleet.runtimes import RuntimePool
 
 __all__ = ["RankedPublisher"]
 
 
 class RankedPublisher:
     """One publisher per LoRA rank; one signed release per round with every rank in it.
+
+    It answers what :class:`Publisher` answers (``release``, ``rollback``,
+    ``releases``, ``last_good``, ``digests``, ``full_sizes``), so ``fedota simulate``
+    drives either; per-rank state is in ``publishers``.
 
     Args:
         ranks: The ranks present in the fleet (one bundle set each).
@@ -91,8 +95,30 @@ class RankedPublisher:
                 min_reports=min_reports,
                 policy=policy,
                 compatible_bases=sorted(rank_target(b, r) for b in compatible_bases),
-                bundle_tag=f"-r{r}",
+                lora_rank=r,
             )
+        self.releases: list[Release] = []
+
+    @property
+    def top(self) -> Publisher:
+        """The largest rank's publisher: its releases stand for the round's."""
+        return self.publishers[max(self.publishers)]
+
+    @property
+    def last_good(self) -> Release | None:
+        """The newest release that is not the injected bad one."""
+        good = [r for r in self.releases if r.kind != ReleaseRole.BAD]
+        return good[-1] if good else None
+
+    @property
+    def digests(self) -> dict[int, str]:
+        """Version -> device-exact digest of the largest rank's adapter."""
+        return self.top.digests
+
+    @property
+    def full_sizes(self) -> dict[int, int]:
+        """Version -> the largest rank's full bundle size."""
+        return self.top.full_sizes
 
     def targets(self) -> dict[int, str]:
         """Rank → the base fingerprint its bundles name (what its phones ask for)."""
@@ -104,12 +130,14 @@ class RankedPublisher:
         *,
         round: int,
         provenance: Provenance | None = None,
-    ) -> dict[int, Release]:
+        kind: ReleaseRole = ReleaseRole.GOOD,
+    ) -> Release:
         """Package ``tensors`` (the global adapter, A and B) truncated to every rank,
         publish all the bundles as one signed release, and start one rollout per rank.
 
         Returns:
-            Rank → its release (all of the same version).
+            The largest rank's release, with every rank's in ``by_rank`` (all of the
+            same version).
 
         Raises:
             PackagerInputError: the adapter is empty, non-finite or mis-shaped.
@@ -117,32 +145,42 @@ class RankedPublisher:
             SimulationInputError: the ranks' versions diverged (a rank was released
                 alone before).
         """
-        prov = provenance or Provenance(round=round)
+        return self._release_all(
+            {
+                r: pub.stage(_sliced(tensors, r), round=round, provenance=provenance, kind=kind)
+                for r, pub in self.publishers.items()
+            }
+        )
+
+    def rollback(self, *, round: int, provenance: Provenance | None = None) -> Release:
+        """Every rank's last good adapter again, bit-identical, as one new release.
+
+        Raises:
+            SimulationInputError: nothing good was released yet.
+            RemoteRejectedError: the server refused the bundles, release or rollout.
+        """
         staged = {}
         for r, pub in self.publishers.items():
-            sliced = {k: np.ascontiguousarray(v) for k, v in truncate_to_rank(tensors, r).items()}
-            result, loss = pub._package(sliced, round, prov, pub.policy, ReleaseRole.GOOD)
-            paths, sizes = pub._write_bundles(result.state, result.bundle_bytes, pub.policy)
-            staged[r] = (result.state, paths, sizes, loss)
-        versions = {state.latest_version for state, *_ in staged.values()}
+            if pub.good_tensors is None:
+                raise SimulationInputError("a rollback needs a good release before it")
+            staged[r] = pub.stage(
+                pub.good_tensors, round=round, provenance=provenance, kind=ReleaseRole.ROLLBACK
+            )
+        return self._release_all(staged)
+
+    def _release_all(self, staged: Mapping[int, StagedRelease]) -> Release:
+        """Sign and publish every rank's staged bundles as one release, then commit
+        each rank (its packager state and its rollout)."""
+        versions = {s.state.latest_version for s in staged.values()}
         if len(versions) != 1:
             raise SimulationInputError(f"the ranks' adapter versions diverged: {sorted(versions)}")
-        paths = [p for _, rank_paths, _, _ in staged.values() for p in rank_paths]
+        paths = [p for s in staged.values() for p in s.paths]
         self.operator.publish(paths, sign_release(paths, self.keys_dir))
-        out = {}
-        for r, (state, _, sizes, loss) in staged.items():
-            pub = self.publishers[r]
-            save_state(state, pub.work_dir / "packager-state")
-            pub.state = state
-            rel = Release(
-                version=state.latest_version,
-                round=round,
-                kind=ReleaseRole.GOOD,
-                digest=adapter_digest(dict(state.current.tensors)),
-                golden_loss=loss,
-                bundles=sizes,
-                rollout_id=pub._start_rollout(state.latest_version),
-            )
-            pub._record(rel, state)
-            out[r] = rel
-        return out
+        by_rank = {r: self.publishers[r].commit(s) for r, s in staged.items()}
+        rel = dataclasses.replace(by_rank[max(by_rank)], by_rank=by_rank)
+        self.releases.append(rel)
+        return rel
+
+
+def _sliced(tensors: Mapping[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v) for k, v in truncate_to_rank(tensors, rank).items()}

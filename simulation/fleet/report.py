@@ -116,7 +116,7 @@ def rollout_table(rollouts: Sequence[Mapping[str, Any]]) -> TextTable:
     """Every release and its rollout, from ``summary.json``'s ``rollouts`` (JSON form)."""
     rows = tuple(
         (
-            f"v{r['version']}",
+            f"v{r['version']}" + (f" (rank {r['lora_rank']})" if r.get("lora_rank") else ""),
             release_kind(str(r["kind"])),
             f"{r['stages_reached']}/{len(r['stages'])} ({r['percent_reached']}%)",
             str(r["state"]),
@@ -171,7 +171,12 @@ def _bundles(path: Path, rollouts: Sequence[RolloutSummary]) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     short = {ReleaseRole.BAD: "planted bad"}
-    labels = [f"v{r.version}\n{short.get(r.kind, r.kind)}" for r in rollouts]
+    labels = [
+        f"v{r.version}"
+        + (f" r{r.lora_rank}" if r.lora_rank else "")
+        + f"\n{short.get(r.kind, r.kind)}"
+        for r in rollouts
+    ]
     xs = list(range(len(rollouts)))
     ax.bar([x - 0.2 for x in xs], [r.bundle_bytes / 1024 for r in rollouts], 0.4, label="primary")
     ax.bar([x + 0.2 for x in xs], [r.full_bundle_bytes / 1024 for r in rollouts], 0.4, label="full")

@@ -17,6 +17,7 @@ from simulation.fleet.faults import DeviceFault
 from simulation.fleet.fleet import Fleet
 from simulation.fleet.ota_client import Operator
 from simulation.fleet.publisher import Publisher, Release, ReleaseRole
+from simulation.fleet.rank_release import RankedPublisher
 from simulation.json_form import JsonRecord, json_form
 
 __all__ = [
@@ -42,6 +43,7 @@ class TierSummary(JsonRecord):
     availability: float
     runtime: str
     peak_memory_bytes_max: int | None
+    lora_rank: int | None = None  # with several LoRA ranks (ADR 0016)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class RolloutSummary(JsonRecord):
     reported_golden_loss: float | None = None  # mean the phones measured for this release
     reported_previous_golden_loss: float | None = None  # ... for the adapter it replaced
     quality_reports: int = 0
+    # heterogeneous LoRA ranks (ADR 0016): one rollout per rank and release
+    lora_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ def _tiers(fleet: Fleet) -> dict[str, TierSummary]:
             availability=t.availability,
             runtime=t.runtime,
             peak_memory_bytes_max=peaks.get(t.name),
+            lora_rank=t.lora_rank,
         )
         for t in fleet.cfg.tiers
     }
@@ -190,7 +195,9 @@ def _runtimes(fleet: Fleet) -> dict[str, RuntimeSummary]:
     }
 
 
-def fleet_summary(fleet: Fleet, publisher: Publisher, *, full_model_bytes: int) -> FleetSummary:
+def fleet_summary(
+    fleet: Fleet, publisher: Publisher | RankedPublisher, *, full_model_bytes: int
+) -> FleetSummary:
     """Outcomes over the whole run, read from the devices' state directories."""
     s = fleet.stats
     mixed = fleet.mixed_states()
@@ -276,22 +283,32 @@ def _rollout(rel: Release, operator: Operator, rolled_back_by: int | None) -> Ro
         reported_golden_loss=new_loss,
         reported_previous_golden_loss=old_loss,
         quality_reports=quality_reports,
+        lora_rank=rel.lora_rank,
     )
 
 
-def rollouts_summary(publisher: Publisher, operator: Operator) -> tuple[RolloutSummary, ...]:
-    """Per release: stages reached, paused or not, and what rolled it back."""
+def rollouts_summary(
+    publisher: Publisher | RankedPublisher, operator: Operator
+) -> tuple[RolloutSummary, ...]:
+    """Per release (and LoRA rank): stages reached, paused or not, and what rolled it
+    back."""
     rollback_of: dict[int, int] = {}
     for prev, rel in zip(publisher.releases, publisher.releases[1:], strict=False):
         if rel.kind == ReleaseRole.ROLLBACK and prev.kind == ReleaseRole.BAD:
             rollback_of[prev.version] = rel.version
     return tuple(
-        _rollout(rel, operator, rollback_of.get(rel.version)) for rel in publisher.releases
+        _rollout(per_rank, operator, rollback_of.get(rel.version))
+        for rel in publisher.releases
+        for per_rank in rel.ranks
     )
 
 
 def fleet_outcome(
-    fleet: Fleet, publisher: Publisher, operator: Operator, *, full_model_bytes: int
+    fleet: Fleet,
+    publisher: Publisher | RankedPublisher,
+    operator: Operator,
+    *,
+    full_model_bytes: int,
 ) -> FleetOutcome:
     """The ``fleet`` and ``rollouts`` parts of the summary."""
     return FleetOutcome(

@@ -197,3 +197,55 @@ def test_lightweight_fleet_through_the_on_round_end_callback(
     assert fleet["final_versions"] == {"2": 12}
     # 2 releases: one publisher measurement each + at most one per (tier, release).
     assert fleet["inferences"] <= 2 + 2 * 3 < 2 * 12
+
+
+def test_phones_of_each_rank_get_their_rank_through_the_ota_path(
+    micro_base: Path, tmp_path: Path
+) -> None:
+    """Tiers of several LoRA ranks (ADR 0016): one signed release per round with a
+    bundle set per rank, one rollout per rank, and each phone ends on the global
+    adapter truncated to its tier's rank, the planted bad release stopped in both."""
+    from client.update import DeviceState
+    from simulation.fleet import with_lora_ranks
+
+    tiers = tuple(
+        Tier(t.name, t.share, t.budget_bytes, t.bandwidth_bps, 1.0, t.runtime)
+        for t in DEFAULT_TIERS
+    )
+    cfg = FleetConfig(
+        devices=12,
+        tiers=with_lora_ranks(tiers, [2, 4]),
+        faults=FaultShares(0.0, 0.0, 0.0, 0.0, bad_release_round=2),
+        rollout=RolloutPolicy((50, 100), max_failure_rate=0.5, min_reports=2),
+        lightweight=True,
+        max_polls_per_round=4,
+        golden_prompts=2,
+        seed=3,
+    )
+    result = run_fleet_demo(tmp_path, base_dir=micro_base / "nf4", fleet=cfg, rounds=3)
+    fleet = result["fleet"]
+    assert {n: t["lora_rank"] for n, t in fleet["tiers"].items()} == {
+        "low": 2, "mid": 4, "high": 4,
+    }  # fmt: skip
+    assert fleet["mixed_state"] == 0, fleet["mixed_examples"]
+    assert fleet["healthy_not_on_latest"] == 0 and fleet["final_versions"] == {"4": 12}
+    rows = [(r["version"], r["lora_rank"], r["kind"]) for r in result["rollouts"]]
+    kinds = ["good", "bad", "rollback", "good"]
+    assert rows == [(v, r, kinds[v - 1]) for v in (1, 2, 3, 4) for r in (2, 4)]
+    for r in result["rollouts"]:
+        if r["kind"] == "bad":
+            assert r["state"] == "cancelled" and r["installed"] == 0
+            assert r["rolled_back_by"] == 3
+        else:
+            assert r["stages_reached"] == 2 and not r["paused"] and r["installed"] > 0
+    by_rank: dict[int, int] = {}
+    for d in sorted((tmp_path / "ota" / "devices").iterdir()):
+        state = DeviceState(d)
+        rank = state.read_config().lora_rank
+        active = state.read_active()
+        assert rank in (2, 4) and active is not None and active.version == 4
+        shapes = {k.rsplit(".", 2)[-2]: v.shape for k, v in active.tensors.items()}
+        assert shapes["lora_A"][0] == rank and shapes["lora_B"][1] == rank
+        by_rank[rank] = by_rank.get(rank, 0) + 1
+    assert set(by_rank) == {2, 4}
+    assert "| v4 (rank 2) | good |" in (tmp_path / "fleet.md").read_text()

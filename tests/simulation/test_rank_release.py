@@ -104,8 +104,13 @@ def test_one_signed_release_per_round_holds_a_bundle_set_per_rank(
     assert pub.targets() == {r: rank_target(FP, r) for r in (2, 4, 8)}
     for round_ in (1, 2):
         glob = _global(round_)
-        releases = pub.release(glob, round=round_)
+        top = pub.release(glob, round=round_)
+        releases = top.by_rank
+        assert sorted(releases) == [2, 4, 8] and top is not releases[8]
+        assert (top.version, top.lora_rank, top.rollout_id) == (round_, 8, releases[8].rollout_id)
+        assert top.rollout_ids == tuple(releases[r].rollout_id for r in (2, 4, 8))
         assert {rel.version for rel in releases.values()} == {round_}
+        assert {r: rel.lora_rank for r, rel in releases.items()} == {2: 2, 4: 4, 8: 8}
         assert len(operator.published) == round_  # one publish (one release) per round
         paths = operator.published[-1]
         assert len({p.name for p in paths}) == len(paths)  # names never collide
@@ -139,6 +144,25 @@ def test_one_signed_release_per_round_holds_a_bundle_set_per_rank(
         (v, rank_target(FP, r)) for v in (1, 2) for r in (2, 4, 8)
     )
     assert sorted({(c[0], c[1]) for c in pool.configs}) == [(2, 4.0), (4, 8.0), (8, 16.0)]
+
+
+def test_bad_release_and_rollback_go_out_for_every_rank(
+    publisher: tuple[RankedPublisher, FakeOperator, FakePool],
+) -> None:
+    from simulation.fleet import ReleaseRole
+
+    pub, operator, _ = publisher
+    good = pub.release(_global(1), round=1)
+    bad = pub.release(_global(99), round=2, kind=ReleaseRole.BAD)
+    assert bad.kind == ReleaseRole.BAD and {r.kind for r in bad.ranks} == {ReleaseRole.BAD}
+    back = pub.rollback(round=2)
+    assert back.version == 3 and {r.kind for r in back.ranks} == {ReleaseRole.ROLLBACK}
+    assert pub.last_good is back and [r.version for r in pub.releases] == [1, 2, 3]
+    for r in (2, 4, 8):  # each rank re-releases its own good adapter, bit for bit
+        assert back.by_rank[r].digest == good.by_rank[r].digest != bad.by_rank[r].digest
+        assert pub.publishers[r].digests[3] == good.by_rank[r].digest
+    assert pub.digests is pub.publishers[8].digests and pub.full_sizes[3] > 0
+    assert len(operator.published) == 3 and len(operator.rollouts) == 9
 
 
 def test_fleet_ranks_above_the_global_rank_are_refused(tmp_path: Path) -> None:
@@ -279,3 +303,45 @@ def test_real_server_gives_each_phone_the_bundle_of_its_rank(tmp_path: Path) -> 
         for k, v in exact.current.tensors.items():  # device-exact, bit for bit
             np.testing.assert_array_equal(active.tensors[k], v)
     assert outcomes["plain"] == ("no_update", None, None)
+
+
+def test_fleet_tiers_take_the_ranks_in_order_of_memory() -> None:
+    from simulation.errors import SimulationInputError
+    from simulation.fleet import DEFAULT_TIERS, FleetConfig, with_lora_ranks
+
+    def ranks(tiers: tuple[Any, ...]) -> dict[str, int | None]:
+        return {t.name: t.lora_rank for t in tiers}
+
+    assert ranks(with_lora_ranks(DEFAULT_TIERS, [16, 4, 8])) == {"low": 4, "mid": 8, "high": 16}
+    assert ranks(with_lora_ranks(DEFAULT_TIERS, [4, 16])) == {"low": 4, "mid": 16, "high": 16}
+    assert ranks(with_lora_ranks(DEFAULT_TIERS, [2, 4, 8, 16, 32])) == {
+        "low": 2, "mid": 8, "high": 32,
+    }  # fmt: skip
+    assert with_lora_ranks(DEFAULT_TIERS, [8]) == DEFAULT_TIERS  # one rank: nothing to size
+    assert FleetConfig(tiers=with_lora_ranks(DEFAULT_TIERS, [4, 8])).lora_ranks == (4, 8)
+    assert FleetConfig().lora_ranks == ()
+    low, *rest = DEFAULT_TIERS
+    import dataclasses
+
+    with pytest.raises(SimulationInputError, match="every tier has a lora_rank or none"):
+        FleetConfig(tiers=(dataclasses.replace(low, lora_rank=4), *rest))
+    with pytest.raises(SimulationInputError, match="lora_rank must be >= 1"):
+        dataclasses.replace(low, lora_rank=0)
+
+
+def test_simulate_gives_the_fleet_the_runs_ranks(tmp_path: Path) -> None:
+    """``fedota simulate --lora-ranks`` sizes the fleet's tiers too; one rank or none
+    leaves the tiers as they are."""
+    from simulation.federated import FederatedConfig
+    from simulation.fleet import FleetConfig
+    from simulation.pipeline import _fleet_ranks
+
+    def run(**extra: Any) -> FederatedConfig:
+        return FederatedConfig(out_dir=tmp_path, dp_mode="none", extra=extra)
+
+    fleet = FleetConfig()
+    sized = _fleet_ranks(run(**{"lora-ranks": "4,16,8"}), fleet)
+    assert {t.name: t.lora_rank for t in sized.tiers} == {"low": 4, "mid": 8, "high": 16}
+    assert _fleet_ranks(run(), fleet) is fleet
+    assert _fleet_ranks(run(**{"lora-ranks": "8"}), fleet) is fleet
+    assert _fleet_ranks(run(**{"lora-ranks": "2,4"}), sized) is sized  # tiers keep theirs
