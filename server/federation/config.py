@@ -92,6 +92,7 @@ class FederationConfig:
     user_clip_quantile: float | None = _RUN.user_clip_quantile
     user_clip_lr: float = _RUN.user_clip_lr
     user_clip_count_stddev: float | None = _RUN.user_clip_count_stddev
+    lora_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -143,6 +144,7 @@ class FederationConfig:
             user_clip_quantile=self.user_clip_quantile,
             user_clip_lr=self.user_clip_lr,
             user_clip_count_stddev=self.user_clip_count_stddev,
+            lora_ranks=",".join(map(str, self.lora_ranks)),
         )
 
     @classmethod
@@ -192,13 +194,14 @@ class FederationConfig:
             user_clip_quantile=run.user_clip_quantile,
             user_clip_lr=run.user_clip_lr,
             user_clip_count_stddev=run.user_clip_count_stddev,
+            lora_ranks=run.allowed_ranks,
         )
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the checkpoint it resumes.
 
-        The strategy and the adaptive clip join it only when they differ from the
-        defaults, so checkpoints made before they existed still resume.
+        The strategy, the adaptive clip and the LoRA ranks join it only when they
+        differ from the defaults, so checkpoints made before they existed still resume.
         """
         out: dict[str, Any] = {
             "aggregation": self.aggregation,
@@ -213,4 +216,6 @@ class FederationConfig:
             out["strategy"] = self.strategy
         if self.user_clip_quantile is not None:
             out["user_clip_quantile"] = self.user_clip_quantile
+        if self.lora_ranks:
+            out["lora_ranks"] = list(self.lora_ranks)
         return out

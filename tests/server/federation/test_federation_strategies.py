@@ -284,6 +284,20 @@ def test_resume_refuses_a_checkpoint_of_another_strategy(tmp_path: Path) -> None
         run(cfg(num_rounds=2, checkpoint_dir=tmp_path, strategy="fedyogi"))
 
 
+def test_checkpoint_fingerprint_holds_the_lora_ranks_when_set() -> None:
+    from server.federation import FederationConfig
+
+    assert "lora_ranks" not in FederationConfig().fingerprint()  # old checkpoints resume
+    ranked = FederationConfig.from_run_config({"lora-ranks": "16,4,8"})
+    assert ranked.lora_ranks == (4, 8, 16)
+    assert ranked.fingerprint()["lora_ranks"] == [4, 8, 16]
+    assert (
+        ranked.fingerprint()
+        != FederationConfig.from_run_config({"lora-ranks": "4,8"}).fingerprint()
+    )
+    assert ranked.run_config().allowed_ranks == (4, 8, 16)
+
+
 # -- adaptive clipping (Andrew et al. 2021) -------------------------------------------
 def test_update_noise_leaves_the_count_its_share_of_the_calibrated_sigma() -> None:
     # z⁻² = σ_Δ⁻² + (2σ_b)⁻²: at z = 1, σ_b = 2.5 (m = 50, the paper's m/20)
