@@ -244,9 +244,10 @@ def simulate(
         None,
         "--partition",
         help="How records become clients: SCHEME[:KEY=VALUE,...] with SCHEME natural, iid, "
-        "dirichlet, shard, pathological, linear, square or exponential, e.g. "
-        "dirichlet:alpha=0.3,by=label (default: natural, one client per client_id or "
-        "synthetic user). Every scheme but natural makes --clients clients.",
+        "dirichlet, shard, pathological, linear, square, exponential or size, e.g. "
+        "dirichlet:alpha=0.3,by=label or size:sizes=400/100/50 (default: natural, one "
+        "client per client_id or synthetic user). Every scheme but natural and size makes "
+        "--clients clients.",
     ),
     base_model: Path | None = typer.Option(
         None, "--base-model", help="Base model directory (default: the cached tiny base)."

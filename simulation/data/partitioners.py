@@ -15,12 +15,15 @@
   (random | deterministic | first-deterministic) — ``PathologicalPartitioner``;
 * ``linear``, ``square``, ``exponential``: no keys — client i's share of the records
   grows as i, i², eⁱ (``LinearPartitioner``, ``SquarePartitioner``,
-  ``ExponentialPartitioner``).
+  ``ExponentialPartitioner``);
+* ``size``: ``sizes`` (records per client, ``/``-separated, e.g. ``sizes=40/10/10``) —
+  ``SizePartitioner``; the records left over are used by no client.
 
-``natural`` makes one client per distinct value of its column; every other scheme makes
-as many clients as asked. ``by`` names the column whose value is a record's label:
-label skew (``dirichlet``, ``shard``, ``pathological``) needs one on text, e.g. a topic
-(the synthetic generator gives every message its topic as ``label``).
+``natural`` makes one client per distinct value of its column and ``size`` one per size
+given; every other scheme makes as many clients as asked. ``by`` names the column whose
+value is a record's label: label skew (``dirichlet``, ``shard``, ``pathological``) needs
+one on text, e.g. a topic (the synthetic generator gives every message its topic as
+``label``).
 
 Invariants: the same records, spec, client count and seed give the same partition.
 ``natural`` keeps the records' order within a client; the other schemes shuffle the
@@ -52,7 +55,7 @@ __all__ = [
     "partitioner_name",
 ]
 
-Param = str | int | float | bool
+Param = str | int | float | bool | tuple[int, ...]
 
 
 class PartitionSpecError(SimulationInputError):
@@ -97,7 +100,9 @@ SCHEMES: Mapping[str, tuple[_Key, ...]] = {
     "linear": (),
     "square": (),
     "exponential": (),
+    "size": (_Key("sizes", tuple, None, minimum=1),),
 }
+_SIZED_BY_SPEC = ("natural", "size")  # schemes whose spec, not the caller, sets the clients
 _GRAMMAR = "SCHEME[:KEY=VALUE,...]"
 
 
@@ -149,6 +154,8 @@ NATURAL = PartitionSpec("natural", (("by", "client_id"),))
 
 
 def _show(value: Param) -> str:
+    if isinstance(value, tuple):
+        return "/".join(map(str, value))
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -159,6 +166,14 @@ def _value(spec: str, key: _Key, raw: str) -> Param:
         )
 
     value: int | float
+    if key.kind is tuple:  # integers >= minimum, "/"-separated
+        try:
+            sizes = tuple(int(part) for part in raw.split("/"))
+        except ValueError:
+            raise bad("integers separated by /, e.g. 40/10/10") from None
+        if key.minimum is not None and min(sizes) < key.minimum:
+            raise bad(f"integers ≥ {key.minimum:g}")
+        return sizes
     if key.kind is bool:
         if raw.lower() not in ("true", "false"):
             raise bad("true or false")
@@ -212,6 +227,11 @@ def parse_partition_spec(spec: str) -> PartitionSpec:
         if name in given:
             raise PartitionSpecError(f"--partition {spec!r}: {name} is given twice")
         given[name] = _value(spec, keys[name], raw)
+    missing = [k.name for k in SCHEMES[scheme] if k.kind is tuple and k.name not in given]
+    if missing:
+        raise PartitionSpecError(
+            f"--partition {spec!r}: {scheme} needs {missing[0]}=..., e.g. {scheme}:sizes=40/10/10"
+        )
     params = ((k.name, given.get(k.name, k.default)) for k in SCHEMES[scheme])
     return PartitionSpec(scheme, tuple((k, v) for k, v in params if v is not None))
 
@@ -220,7 +240,7 @@ def _partitioner(spec: PartitionSpec, num_partitions: int, seed: int) -> Any:
     from flwr_datasets import partitioner as fp
 
     p = dict(spec.params)
-    kwargs: dict[str, Any] = {
+    by_scheme: dict[str, dict[str, Any]] = {
         "natural": {"partition_by": p.get("by")},
         "dirichlet": {
             "num_partitions": num_partitions,
@@ -244,8 +264,14 @@ def _partitioner(spec: PartitionSpec, num_partitions: int, seed: int) -> Any:
             "class_assignment_mode": p.get("assignment"),
             "seed": seed,
         },
-    }.get(spec.scheme, {"num_partitions": num_partitions})  # iid and the size-skewed
+        "size": {"partition_sizes": _sizes(p.get("sizes"))},
+    }
+    kwargs = by_scheme.get(spec.scheme, {"num_partitions": num_partitions})  # iid, skewed
     return getattr(fp, _CLASSES[spec.scheme])(**kwargs)
+
+
+def _sizes(value: Param | None) -> list[int]:
+    return list(value) if isinstance(value, tuple) else []
 
 
 def partitioner_name(spec: PartitionSpec) -> str:
@@ -262,6 +288,7 @@ _CLASSES = {
     "linear": "LinearPartitioner",
     "square": "SquarePartitioner",
     "exponential": "ExponentialPartitioner",
+    "size": "SizePartitioner",
 }
 
 
@@ -280,7 +307,8 @@ def partition_texts(
         columns: further columns, one value per record, as strings; ``spec.column``
             must be among them.
         spec: the scheme and its parameters.
-        num_partitions: the clients to make (``natural`` makes one per distinct value).
+        num_partitions: the clients to make (``natural`` makes one per distinct value,
+            ``size`` one per size).
         seed: seeds the shuffle and the partitioner.
 
     Returns:
@@ -303,7 +331,7 @@ def partition_texts(
     table: dict[str, list[str]] = {"text": list(texts)}
     if column is not None:
         table[column] = list(columns[column])
-    if spec.scheme != "natural" and num_partitions < 1:
+    if spec.scheme not in _SIZED_BY_SPEC and num_partitions < 1:
         raise PartitionError(f"--partition {spec}: need at least 1 client, got {num_partitions}")
     datasets.disable_progress_bars()
     dataset = datasets.Dataset.from_dict(table)
@@ -322,7 +350,7 @@ def partition_texts(
         reason = " ".join(str(e).split())
         raise PartitionError(
             f"--partition {spec}: cannot split {len(table['text'])} records over "
-            f"{num_partitions} clients: {reason}"
+            f"{len(_sizes(spec.param('sizes'))) or num_partitions} clients: {reason}"
         ) from e
     if spec.scheme == "natural":
         names = [str(part.partition_id_to_natural_id[i]) for i in range(count)]

@@ -254,6 +254,9 @@ _VENUES = ("the blue door", "noodle corner", "river park", "iron works", "the ol
         pytest.param("dirichlet:alpha=1,alpha=2", "alpha is given twice", id="repeated"),
         pytest.param("pathological:assignment=best", "one of random, deterministic", id="mode"),
         pytest.param("dirichlet:self_balancing=1", "is not true or false", id="bool"),
+        pytest.param("size", "size needs sizes=..., e.g. size:sizes=40/10/10", id="no-sizes"),
+        pytest.param("size:sizes=4/x", "is not integers separated by /", id="sizes-text"),
+        pytest.param("size:sizes=4/0", "sizes='4/0' is not integers ≥ 1", id="sizes-zero"),
     ],
 )
 def test_bad_specs_are_one_clear_line(spec: str, message: str) -> None:
@@ -269,6 +272,21 @@ def test_spec_round_trips_with_defaults_filled_in() -> None:
     assert parse_partition_spec(str(spec)) == spec
     assert parse_partition_spec("natural") == NATURAL
     assert str(parse_partition_spec("shard:shard_size=10")).startswith("shard:shards_per_client=2")
+
+
+def test_size_makes_one_client_per_size_given(tmp_path: Path) -> None:
+    spec = parse_partition_spec("size: sizes = 200/50/10")
+    assert str(spec) == "size:sizes=200/50/10" and parse_partition_spec(str(spec)) == spec
+    path = _write_jsonl(_records(), tmp_path / "d.jsonl")
+    data = _load(path, str(spec), clients=9)  # the sizes, not --clients, set the count
+    parts = _by_client(data)
+    assert [len(t) for t in parts.values()] == [200, 50, 10]
+    texts = [t for ts in parts.values() for t in ts]
+    assert len(set(texts)) == len(texts)  # disjoint; the 160 left over go unused
+    assert data.partition is not None and data.partition.partitioner == "SizePartitioner"
+    assert _by_client(_load(path, str(spec), seed=1)) != parts  # shuffled by the seed
+    with pytest.raises(PartitionError, match="cannot split 420 records over 2 clients"):
+        _load(path, "size:sizes=400/40")
 
 
 def test_records_that_cannot_be_partitioned_are_refused(tmp_path: Path) -> None:
