@@ -249,18 +249,28 @@ def simulate_end_to_end(
     from simulation.ota_rollout import finish_rollouts, start_ota
     from simulation.report import write_run_report
     from simulation.run_summary import write_summary
+    from simulation.tracking import OtaTracker
 
     cfg, nf4, expand = _ota_inputs(cfg)
     fleet = _fleet_ranks(cfg, fleet)
-    with start_ota(
-        cfg.out_dir,
-        base_dir=nf4,
-        adapter_config=_adapter_config(expand),
-        fleet=fleet,
-        server=server,
-        keys_dir=keys_dir,
-    ) as ota:
-        release = _release_each_round(ota, expand, notify, dp_mode=cfg.dp_mode, delta=cfg.delta)
+    with (
+        start_ota(
+            cfg.out_dir,
+            base_dir=nf4,
+            adapter_config=_adapter_config(expand),
+            fleet=fleet,
+            server=server,
+            keys_dir=keys_dir,
+        ) as ota,
+        OtaTracker(cfg.out_dir) as ota_events,
+    ):
+
+        def track(result: RoundResult, ota_round: RoundOta | None = None) -> None:
+            if ota_round is not None:
+                ota_events.log_round(ota_round)
+            notify(result, ota_round)
+
+        release = _release_each_round(ota, expand, track, dp_mode=cfg.dp_mode, delta=cfg.delta)
         trained = run_federated(cfg, on_round_end=release)
         outcome = finish_rollouts(ota)
         write_fleet_report(cfg.out_dir, ota.fleet, outcome)

@@ -18,6 +18,12 @@ Invariants:
   the rounds this process trains follow. A resumed run thus holds each round once,
   as ``summary.json`` does.
 * The run's options (``OUT/config.toml``) are logged once as the text ``config``.
+* **The OTA half** (``fedota simulate`` with a fleet) logs each published round to
+  ``OUT/tensorboard/ota`` (:class:`OtaTracker`; TensorBoard shows it as the run
+  ``RUN/ota``): ``ota/bundle-bytes``, ``ota/adoption``, ``ota/releases``,
+  ``ota/updated``, ``ota/rolled-back``, ``ota/rejected`` and ``ota/paused``, step =
+  round. A run resumed with ``--resume`` trains without the fleet, so its OTA events
+  are those of the first start.
 """
 
 from __future__ import annotations
@@ -29,10 +35,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from server.federation import RoundCallback, RoundResult
+    from simulation.ota_rollout import RoundOta
 
-__all__ = ["EVENTS_DIR", "RunTracker", "round_scalars"]
+__all__ = [
+    "EVENTS_DIR",
+    "OTA_EVENTS_DIR",
+    "OtaTracker",
+    "RunTracker",
+    "ota_scalars",
+    "round_scalars",
+]
 
 EVENTS_DIR = "tensorboard"
+OTA_EVENTS_DIR = f"{EVENTS_DIR}/ota"
 _EPSILON = {"record": "record-epsilon", "user": "user-epsilon"}  # dp-mode -> its ε metric
 _EVENT_FILES = "events.out.tfevents.*"
 
@@ -142,6 +157,61 @@ class RunTracker:
         self._writer.close()
 
     def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ota_scalars(ota_round: RoundOta) -> dict[str, float]:
+    """The scalars one published round of the OTA half is logged as, tag → value."""
+    sweeps = ota_round.sweeps
+    return {
+        "ota/bundle-bytes": float(ota_round.bundle_bytes),
+        "ota/adoption": float(ota_round.adoption),
+        "ota/releases": float(len(ota_round.releases)),
+        "ota/updated": float(sum(s.updated for s in sweeps)),
+        "ota/rolled-back": float(sum(s.rolled_back for s in sweeps)),
+        "ota/rejected": float(sum(s.rejected for s in sweeps)),
+        "ota/paused": float(ota_round.paused),
+    }
+
+
+class OtaTracker:
+    """The TensorBoard event writer of the OTA half, in ``out_dir/tensorboard/ota``.
+
+    A context manager; :meth:`log_round` logs (and flushes) one published round.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        """Open ``out_dir/tensorboard/ota`` afresh.
+
+        Raises:
+            ModuleNotFoundError: the ``tensorboard`` package (sim extra) is missing.
+            OSError: the directory cannot be written.
+        """
+        import tensorboard  # noqa: F401  # named in the error if the sim extra is missing
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = out_dir / OTA_EVENTS_DIR
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.log_dir.glob(_EVENT_FILES):
+            stale.unlink()
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=30)
+
+    def log_round(self, ota_round: RoundOta) -> None:
+        """Log a round the OTA half published (rounds it skipped are not logged)."""
+        if not ota_round.releases:
+            return
+        for tag, value in ota_scalars(ota_round).items():
+            self._writer.add_scalar(tag, value, global_step=ota_round.round)
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self._writer.close()
+
+    def __enter__(self) -> OtaTracker:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -106,3 +106,23 @@ def test_outputs_report_and_progress(run: dict[str, Any]) -> None:
     assert "mixed_state" in run["stdout"] and "report in" in run["stdout"]
     assert "phones on llamacpp" in run["stdout"] and "phones on nf4" in run["stdout"]
     assert "Loading weights" not in run["stderr"]  # library chatter stays hidden
+
+
+def test_each_published_round_is_in_tensorboard(run: dict[str, Any]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from simulation.tracking import OTA_EVENTS_DIR
+
+    events = EventAccumulator(str(run["out"] / OTA_EVENTS_DIR))
+    events.Reload()
+    ota = run["summary"]["ota_rounds"]
+
+    def logged(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    assert logged("ota/bundle-bytes") == [(r["round"], r["bundle_bytes"]) for r in ota]
+    assert logged("ota/releases") == [(r["round"], len(r["releases"])) for r in ota]
+    assert logged("ota/paused") == [(r["round"], float(r["paused"])) for r in ota]
+    adoption = logged("ota/adoption")
+    assert [s for s, _ in adoption] == [r["round"] for r in ota]
+    assert [v for _, v in adoption] == pytest.approx([r["adoption"] for r in ota], rel=1e-6)

@@ -129,3 +129,33 @@ def test_a_real_run_logs_what_its_summary_reports(tmp_path: Path, micro_base: Pa
     assert epsilon[-1][1] > 0
     config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert 'dp-mode = "record"' in config and "rounds = 2" in config
+
+
+def test_the_ota_half_logs_each_published_round(tmp_path: Path) -> None:
+    from simulation.fleet import SweepResult
+    from simulation.ota_rollout import RoundOta
+    from simulation.tracking import OTA_EVENTS_DIR, OtaTracker
+
+    bad = SweepResult(polls=2, offers=5, updated=0, rolled_back=3, rejected=1, paused=True)
+    rollback = SweepResult(polls=1, offers=4, updated=4)
+    rounds = [
+        RoundOta(1, (1,), 900, 0.5, (SweepResult(updated=6),)),
+        RoundOta(2),  # not published (publish_every): no point
+        RoundOta(3, (2, 3), 1200, 0.75, (bad, rollback), paused=True, planted=(2,)),
+    ]
+    with OtaTracker(tmp_path) as tracker:
+        for r in rounds:
+            tracker.log_round(r)
+    events = EventAccumulator(str(tmp_path / OTA_EVENTS_DIR))
+    events.Reload()
+    assert scalars(events, "ota/bundle-bytes") == [(1, 900.0), (3, 1200.0)]
+    assert scalars(events, "ota/adoption") == [(1, 0.5), (3, 0.75)]
+    assert scalars(events, "ota/releases") == [(1, 1.0), (3, 2.0)]
+    assert scalars(events, "ota/updated") == [(1, 6.0), (3, 4.0)]
+    assert scalars(events, "ota/rolled-back") == [(1, 0.0), (3, 3.0)]
+    assert scalars(events, "ota/rejected") == [(1, 0.0), (3, 1.0)]
+    assert scalars(events, "ota/paused") == [(1, 0.0), (3, 1.0)]
+    # The training tracker, opened afterwards, leaves the OTA events alone.
+    with RunTracker(tmp_path, dp_mode="none"):
+        pass
+    assert list((tmp_path / OTA_EVENTS_DIR).glob("events.out.tfevents.*"))
