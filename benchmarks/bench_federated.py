@@ -34,9 +34,12 @@ defaults), base model and seed:
                       ``no-dp`` (the non-private reference, M per round), ``user-dp``
                       (today's DP-FedAvg: fedavg, fixed clip) and ``user-dp+S`` for each
                       ``--strategies`` S (adaptive clip at the median, Andrew et al.
-                      2021, then S on the noised update). Reported: the share of the
-                      ``no-dp`` row's gain each DP row keeps. ``--populations-only``
-                      skips every other row.
+                      2021, then S on the noised update); ``no-dp+S``, S without DP
+                      (the reference that separates what S gains from what the
+                      adaptive clip recovers); ``user-dp+adaptive``, the adaptive clip
+                      with plain fedavg. Reported: the share of the ``no-dp`` row's
+                      gain each DP row keeps (and of ``no-dp+S``'s for ``user-dp+S``).
+                      ``--populations-only`` skips every other row.
 
 Reported for each: loss and next-token accuracy on the training clients' held-out text
 and on held-out clients (new users). Also: upload bytes per client per round for
@@ -270,19 +273,28 @@ def population_rows(
                     f"{name}-no-dp", base, out, plan, seed, dp_mode="none", **common,
                     extra={**ev, "client-sampling": "uniform"},
                 )  # fmt: skip
+            for strategy in pplan.strategies:
+                if _wanted(pplan, f"no-dp+{strategy}"):
+                    keys = {"strategy": strategy, **pplan.server.get(strategy, {})}
+                    rows[f"{name}-no-dp+{strategy}"] = federated_row(
+                        f"{name}-no-dp+{strategy}", base, out, plan, seed, dp_mode="none",
+                        **common, extra={**ev, "client-sampling": "uniform", **keys},
+                    )  # fmt: skip
             dp = dict(dp_mode="user", target_epsilon=8.0, **common)
             if _wanted(pplan, "user-dp"):
                 rows[f"{name}-user-dp"] = federated_row(
                     f"{name}-user-dp", base, out, plan, seed, **dp, user_clip=1.0, extra=ev
                 )
+            adaptive = {"user-clip-quantile": pplan.clip_quantile, "user-clip-lr": pplan.clip_lr}
+            if _wanted(pplan, "adaptive"):
+                rows[f"{name}-user-dp+adaptive"] = federated_row(
+                    f"{name}-user-dp+adaptive", base, out, plan, seed, **dp,
+                    user_clip=pplan.initial_clip, extra={**ev, **adaptive},
+                )  # fmt: skip
             for strategy in pplan.strategies:
                 if not _wanted(pplan, strategy):
                     continue
                 keys = {"strategy": strategy, **pplan.server.get(strategy, {})}
-                adaptive = {
-                    "user-clip-quantile": pplan.clip_quantile,
-                    "user-clip-lr": pplan.clip_lr,
-                }
                 rows[f"{name}-user-dp+{strategy}"] = federated_row(
                     f"{name}-user-dp+{strategy}", base, out, plan, seed, **dp,
                     user_clip=pplan.initial_clip, extra={**ev, **keys, **adaptive},
@@ -295,17 +307,24 @@ def _wanted(pplan: PopulationPlan, row: str) -> bool:
 
 
 def population_shares(rows: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """Each population DP row's gain over its round 0, as a share of its ``no-dp`` row's."""
+    """Each population DP row's gain over its round 0, as a share of its ``no-dp`` row's
+    (and, for ``user-dp+S``, of its ``no-dp+S`` row's)."""
+
+    def gain(r: dict[str, Any]) -> float:
+        return float(r["eval_accuracy"] - r["baseline_accuracy"])
+
     out: dict[str, float | None] = {}
     for name, r in rows.items():
-        if not name.startswith("pop-") or name.endswith("-no-dp"):
+        if not name.startswith("pop-") or "-user-dp" not in name:
             continue
-        ref = rows.get(name.split("-user-dp")[0] + "-no-dp")
-        if ref is None:
-            continue
-        ref_gain = ref["eval_accuracy"] - ref["baseline_accuracy"]
-        gain = r["eval_accuracy"] - r["baseline_accuracy"]
-        out[f"{name}_share_of_no_dp_gain"] = gain / ref_gain if ref_gain > 0 else None
+        stem, _, variant = name.partition("-user-dp")
+        refs = {"no_dp": rows.get(f"{stem}-no-dp")}
+        if variant.startswith("+") and variant != "+adaptive":
+            refs[f"no_dp{variant}"] = rows.get(f"{stem}-no-dp{variant}")
+        for label, ref in refs.items():
+            if ref is not None:
+                ref_gain = gain(ref)
+                out[f"{name}_share_of_{label}_gain"] = gain(r) / ref_gain if ref_gain > 0 else None
     return out
 
 
@@ -538,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         "--population-rows",
         nargs="+",
         default=[],
-        help="run only these population rows: no-dp, user-dp and/or strategy names "
-        "(to split a long run; shares need the no-dp row in the same file)",
+        help="run only these population rows: no-dp, user-dp, adaptive, no-dp+S and/or "
+        "strategy names S (to split a long run; shares need the no-dp row in the same file)",
     )
     parser.add_argument(
         "--populations-only", action="store_true", help="run only the --populations rows"

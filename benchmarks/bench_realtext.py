@@ -207,6 +207,17 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _preset(args: argparse.Namespace) -> Any:
+    """The base preset with ``--base-steps`` and ``--base-lr`` applied."""
+    import dataclasses
+
+    from simulation.base_model import PRESETS
+
+    preset = PRESETS[args.preset]
+    changes = {"steps": args.base_steps, "learning_rate": args.base_lr}
+    return dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -224,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--min-docstrings", type=int, default=12, help="a module's least to be a phone")
     p.add_argument("--preset", default="tiny", help="base model preset (tiny | small)")
+    p.add_argument(
+        "--base-steps", type=int, help="pretraining steps of the base (default: the preset's)"
+    )
+    p.add_argument(
+        "--base-lr", type=float, help="pretraining learning rate (default: the preset's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
     p.add_argument("--out", type=Path, help="write the result as JSON here too")
@@ -251,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (base / "fedota_base.json").exists():
             logger.info("pretraining the base on %d public docstrings ...", len(public))
             init_base_model(
-                base, public_texts=public, preset=args.preset, seed=args.seed,
+                base, public_texts=public, preset=_preset(args), seed=args.seed,
                 data_label="python-stdlib-docstrings (public half)",
             )  # fmt: skip
         info = json.loads((base / "fedota_base.json").read_text())

@@ -89,3 +89,26 @@ def test_repeated_seeds_are_refused(bench: ModuleType, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         bench.main(["--seeds", "0", "0"])
     assert "--seeds repeats a seed" in capsys.readouterr().err
+
+
+def test_population_shares_against_no_dp_and_the_same_strategy_without_dp(
+    bench: ModuleType,
+) -> None:
+    rows = {
+        "pop-1000-100-no-dp": _row(0.50, start=0.40),
+        "pop-1000-100-no-dp+fedavgm": _row(0.60, start=0.40),
+        "pop-1000-100-user-dp": _row(0.43, start=0.40),
+        "pop-1000-100-user-dp+adaptive": _row(0.45, start=0.40),
+        "pop-1000-100-user-dp+fedavgm": _row(0.55, start=0.40),
+        "pop-1000-100-user-dp+fedadam": _row(0.40, start=0.40),  # no no-dp+fedadam row
+        "pop-10-5-user-dp": _row(0.5, start=0.4),  # its no-dp row is missing: no share
+    }
+    assert bench.population_shares(rows) == pytest.approx(
+        {
+            "pop-1000-100-user-dp_share_of_no_dp_gain": 0.3,
+            "pop-1000-100-user-dp+adaptive_share_of_no_dp_gain": 0.5,
+            "pop-1000-100-user-dp+fedavgm_share_of_no_dp_gain": 1.5,
+            "pop-1000-100-user-dp+fedavgm_share_of_no_dp+fedavgm_gain": 0.75,
+            "pop-1000-100-user-dp+fedadam_share_of_no_dp_gain": 0.0,
+        }
+    )
