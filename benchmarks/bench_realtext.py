@@ -211,7 +211,7 @@ def _preset(args: argparse.Namespace) -> Any:
     """The base preset with ``--base-steps`` and ``--base-lr`` applied."""
     import dataclasses
 
-    from simulation.base_model import PRESETS
+    from simulation import PRESETS
 
     preset = PRESETS[args.preset]
     changes = {"steps": args.base_steps, "learning_rate": args.base_lr}
