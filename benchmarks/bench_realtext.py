@@ -208,14 +208,15 @@ def report(result: dict[str, Any]) -> str:
 
 
 def _preset(args: argparse.Namespace) -> Any:
-    """The base preset with ``--base-steps`` and ``--base-lr`` applied."""
+    """The base preset with ``--base-lr`` applied."""
     import dataclasses
 
     from simulation import PRESETS
 
     preset = PRESETS[args.preset]
-    changes = {"steps": args.base_steps, "learning_rate": args.base_lr}
-    return dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
+    if args.base_lr is None:
+        return preset
+    return dataclasses.replace(preset, learning_rate=args.base_lr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-docstrings", type=int, default=12, help="a module's least to be a phone")
     p.add_argument("--preset", default="tiny", help="base model preset (tiny | small)")
     p.add_argument(
-        "--base-steps", type=int, help="pretraining steps of the base (default: the preset's)"
+        "--base-steps", type=int, help="pretraining steps of the base (default: as base-model init)"
     )
     p.add_argument(
         "--base-lr", type=float, help="pretraining learning rate (default: the preset's)"
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("pretraining the base on %d public docstrings ...", len(public))
             init_base_model(
                 base, public_texts=public, preset=_preset(args), seed=args.seed,
+                steps=args.base_steps,
                 data_label="python-stdlib-docstrings (public half)",
             )  # fmt: skip
         info = json.loads((base / "fedota_base.json").read_text())

@@ -36,6 +36,7 @@ __all__ = [
     "ensure_base_model",
     "init_base_model",
     "load_base_info",
+    "pretraining_steps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,12 @@ SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
 
 @dataclass(frozen=True)
 class BasePreset:
-    """Architecture and pretraining schedule of a generated base model."""
+    """Architecture and pretraining schedule of a generated base model.
+
+    ``steps`` is the least number of optimizer steps; on a larger corpus pretraining runs
+    until it has seen the text ``min_epochs`` times (:func:`pretraining_steps`; 0, the
+    default, makes ``steps`` exact).
+    """
 
     name: str
     vocab_size: int
@@ -63,11 +69,12 @@ class BasePreset:
     steps: int
     batch_size: int
     learning_rate: float
+    min_epochs: float = 0.0
 
 
 PRESETS: dict[str, BasePreset] = {
-    "tiny": BasePreset("tiny", 2048, 192, 4, 6, 2, 512, 64, 400, 16, 3e-3),
-    "small": BasePreset("small", 4096, 384, 6, 6, 2, 1024, 128, 1500, 16, 2e-3),
+    "tiny": BasePreset("tiny", 2048, 192, 4, 6, 2, 512, 64, 400, 16, 3e-3, min_epochs=8),
+    "small": BasePreset("small", 4096, 384, 6, 6, 2, 1024, 128, 1500, 16, 2e-3, min_epochs=8),
 }
 
 
@@ -143,6 +150,18 @@ def _build_model(preset: BasePreset, tokenizer: Any) -> Any:
     return LlamaForCausalLM(config)
 
 
+def pretraining_steps(preset: BasePreset, n_blocks: int) -> int:
+    """Steps to pretrain ``preset`` on ``n_blocks`` blocks of ``preset.seq_len`` tokens:
+    the preset's ``steps``, or ``min_epochs`` passes over the text if that is more.
+
+    The synthetic public split (≈530 blocks of 64 tokens) is seen 12 times in the tiny
+    preset's 400 steps; a real corpus a few times larger would be seen only twice, and
+    a base that has barely learned its language leaves federated fine-tuning little to
+    build on (docs/benchmarks.md, "Federated training on real text").
+    """
+    return max(preset.steps, math.ceil(preset.min_epochs * n_blocks / preset.batch_size))
+
+
 def _pretrain(
     model: Any,
     blocks: Any,
@@ -188,6 +207,7 @@ def init_base_model(
     preset: BasePreset | str = "tiny",
     seed: int = 0,
     data_label: str = "synthetic",
+    steps: int | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> BaseModelInfo:
     """Train a tokenizer and pretrain a Llama base on ``public_texts``; write ``out_dir``.
@@ -198,17 +218,24 @@ def init_base_model(
         preset: ``"tiny"``, ``"small"`` or a :class:`BasePreset`.
         seed: makes the result reproducible bit for bit.
         data_label: where the text came from, recorded in ``fedota_base.json``.
+        steps: optimizer steps; default :func:`pretraining_steps` (the preset's steps,
+            more on a corpus too large to see ``min_epochs`` times in them).
         on_step: progress callback ``(step, total_steps, smoothed_loss)``.
 
     Raises:
-        SimulationInputError: unknown preset, ``out_dir`` not empty, or too little text.
+        SimulationInputError: unknown preset, ``out_dir`` not empty, too little text, or
+            ``steps`` below 1.
     """
+    import dataclasses
+
     import torch
 
     from client.runtime import quantize_checkpoint
     from delta_packager import fingerprint_checkpoint
 
     spec = _resolve_preset(preset)
+    if steps is not None and steps < 1:
+        raise SimulationInputError(f"steps must be at least 1, got {steps}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise SimulationInputError(f"{out} exists and is not empty; choose a new --out")
@@ -216,6 +243,7 @@ def init_base_model(
         torch.manual_seed(seed)
         tokenizer = _train_tokenizer(public_texts, spec.vocab_size)
         blocks = _token_blocks(public_texts, tokenizer, spec.seq_len)
+        spec = dataclasses.replace(spec, steps=steps or pretraining_steps(spec, blocks.shape[0]))
         model = _build_model(spec, tokenizer)
         final_loss = _pretrain(model, blocks, spec, seed, on_step)
         model.save_pretrained(tmp, safe_serialization=True)

@@ -48,6 +48,13 @@ def base_model_init(
         help="Refuse --data records whose text is empty or whitespace (default: skip them "
         "and say how many).",
     ),
+    steps: int | None = typer.Option(
+        None,
+        "--steps",
+        min=1,
+        help="Pretraining steps (default: the preset's, 400 for tiny, or enough to see "
+        "the text 8 times if that is more).",
+    ),
 ) -> None:
     """Train a byte-level BPE tokenizer and pretrain a Llama base on public text."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -80,7 +87,7 @@ def base_model_init(
         task = progress.add_task("train", total=PRESETS[preset].steps, loss="")
 
         def on_step(step: int, total: int, loss: float) -> None:
-            progress.update(task, completed=step, loss=f"loss {loss:.3f}")
+            progress.update(task, completed=step, total=total, loss=f"loss {loss:.3f}")
 
         info = init_base_model(
             out,
@@ -88,11 +95,12 @@ def base_model_init(
             preset=preset,
             seed=seed,
             data_label=str(data) if data else "synthetic",
+            steps=steps,
             on_step=on_step,
         )
     typer.echo(
         f"base model ({info.preset}, {info.num_parameters:,} parameters) written to {out}; "
-        f"final loss {info.final_loss:.4f}; NF4 copy in {info.nf4_path}; "
+        f"{info.steps} steps, final loss {info.final_loss:.4f}; NF4 copy in {info.nf4_path}; "
         f"fingerprint {info.fingerprint}"
     )
 
@@ -522,7 +530,7 @@ def _default_base(seed: int) -> Path:
         task = progress.add_task("pretrain", total=PRESETS["tiny"].steps, loss="")
 
         def on_step(step: int, total: int, loss: float) -> None:
-            progress.update(task, completed=step, loss=f"loss {loss:.3f}")
+            progress.update(task, completed=step, total=total, loss=f"loss {loss:.3f}")
 
         return ensure_base_model(default_cache_dir(), preset="tiny", seed=seed, on_step=on_step)
 

@@ -135,3 +135,21 @@ def test_tiny_base_is_sane_on_users_chat_text(tiny_base: Path) -> None:
     with torch.no_grad():
         loss = model(**batch, labels=labels).loss.item()
     assert loss < math.log(len(tok)) - 1.5, loss  # the old base was ≈ 10 nats
+
+
+def test_pretraining_length_follows_the_size_of_the_text(micro_preset) -> None:  # type: ignore[no-untyped-def]
+    """The tiny preset sees the built-in public split (529 blocks) 12 times in its 400
+    steps; the stdlib docstrings' public half (3,446 blocks) would get under 2 passes in
+    400 steps, so it gets 8: 1,723 steps. A preset without ``min_epochs`` is exact."""
+    from simulation.base_model import PRESETS, pretraining_steps
+
+    assert pretraining_steps(PRESETS["tiny"], 529) == 400
+    assert pretraining_steps(PRESETS["tiny"], 3446) == 1723
+    assert pretraining_steps(micro_preset, 100_000) == micro_preset.steps
+
+
+def test_init_cli_steps_overrides_the_schedule(tmp_path: Path) -> None:
+    result = fedota_cli("base-model", "init", "--out", str(tmp_path / "m"), "--steps", "3")
+    assert result.returncode == 0, result.stderr
+    assert "3 steps, final loss" in result.stdout
+    assert load_base_info(tmp_path / "m").steps == 3
