@@ -132,6 +132,7 @@ class PopulationPlan:
     eval_max_clients: int
     clip_lr: float = 0.2  # η_C of the adaptive clip
     rows: tuple[str, ...] = ()  # run only these rows ("no-dp", "user-dp", a strategy)
+    round_timeout_s: float = 600.0  # late replies are dropouts (the run config's default)
 
 
 # Server optimizer settings of the strategy rows (the run config's defaults otherwise).
@@ -237,6 +238,7 @@ def federated_row(
         "clients": summary["config"]["clients"],
         "clients_per_round": cfg.clients_per_round,
         "rounds": cfg.rounds,
+        "clients_trained_per_round": [r["clients_trained"] for r in rounds],
         "client_settings": cfg.client_hyperparameters(),
         "aggregation": summary["config"]["aggregation"],
         # over the rounds someone trained in: Poisson sampling (user-level DP) can pick
@@ -266,7 +268,10 @@ def population_rows(
                 aggregation="ffa", num_clients=n, clients_per_round=m, rounds=pplan.rounds,
                 **pplan.client,
             )  # fmt: skip
-            ev = {"eval-max-clients": pplan.eval_max_clients}
+            ev = {
+                "eval-max-clients": pplan.eval_max_clients,
+                "round-timeout-s": pplan.round_timeout_s,
+            }
             name = f"pop-{n}-{m}"
             if _wanted(pplan, "no-dp"):
                 rows[f"{name}-no-dp"] = federated_row(
@@ -467,6 +472,7 @@ def _population_plan(args: argparse.Namespace) -> PopulationPlan:
         eval_max_clients=args.population_eval_clients,
         clip_lr=args.population_clip_lr,
         rows=tuple(args.population_rows),
+        round_timeout_s=args.population_round_timeout,
     )
 
 
@@ -559,6 +565,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="run only these population rows: no-dp, user-dp, adaptive, no-dp+S and/or "
         "strategy names S (to split a long run; shares need the no-dp row in the same file)",
+    )
+    parser.add_argument(
+        "--population-round-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a round waits for its cohort; late replies are dropouts (raise it on a "
+        "loaded machine, where a round of 200 clients can take longer)",
     )
     parser.add_argument(
         "--populations-only", action="store_true", help="run only the --populations rows"
