@@ -2,6 +2,8 @@
 
 * ``REPO`` — the repository root;
 * ``fedota_cli`` — run this venv's ``fedota`` CLI in a fresh process;
+* ``load_benchmark`` — import a script of ``benchmarks/`` as a module, to test its
+  arithmetic without running it;
 * ``make_device_venv`` — ``pip install 'fedota[device]'`` of this checkout into a fresh
   virtualenv (what the ``device_venv`` fixture and ``benchmarks/bench_device_install.py``
   build), with llama.cpp's CMake flags from ``llama_cmake_args``.
@@ -9,13 +11,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
-__all__ = ["LLAMA_CMAKE_ARGS_FILE", "REPO", "fedota_cli", "llama_cmake_args", "make_device_venv"]
+__all__ = [
+    "LLAMA_CMAKE_ARGS_FILE",
+    "REPO",
+    "fedota_cli",
+    "llama_cmake_args",
+    "load_benchmark",
+    "make_device_venv",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_CMAKE_ARGS_FILE = REPO / ".ci" / "llama-cmake-args"
@@ -33,6 +44,17 @@ def fedota_cli(
         cwd=REPO,
         env=env,
     )
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as the module ``name`` (registered in
+    ``sys.modules``, so its dataclasses resolve their module)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def llama_cmake_args() -> str:

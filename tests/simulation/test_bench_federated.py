@@ -8,27 +8,17 @@ quotes.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.repo_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_federated", REPO / "benchmarks" / "bench_federated.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_federated"] = module  # dataclasses resolve their module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_federated")
 
 
 def _row(acc: float, start: float | None = None) -> dict[str, Any]:

@@ -8,29 +8,19 @@ gains are computed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from simulation import FederatedConfig, load_data
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.repo_helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_realtext", REPO / "benchmarks" / "bench_realtext.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_realtext"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_realtext")
 
 
 @pytest.fixture(scope="module")
