@@ -19,7 +19,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -226,8 +226,6 @@ def init_base_model(
         SimulationInputError: unknown preset, ``out_dir`` not empty, too little text, or
             ``steps`` below 1.
     """
-    import dataclasses
-
     import torch
 
     from client.runtime import quantize_checkpoint
@@ -243,7 +241,7 @@ def init_base_model(
         torch.manual_seed(seed)
         tokenizer = _train_tokenizer(public_texts, spec.vocab_size)
         blocks = _token_blocks(public_texts, tokenizer, spec.seq_len)
-        spec = dataclasses.replace(spec, steps=steps or pretraining_steps(spec, blocks.shape[0]))
+        spec = replace(spec, steps=steps or pretraining_steps(spec, blocks.shape[0]))
         model = _build_model(spec, tokenizer)
         final_loss = _pretrain(model, blocks, spec, seed, on_step)
         model.save_pretrained(tmp, safe_serialization=True)
